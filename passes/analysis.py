@@ -1,0 +1,208 @@
+"""Graph analysis: trace with torch.fx, propagate shapes, find the convolutions.
+
+``trace(model, args, leaves)`` returns a GraphModule whose nodes carry
+``meta["tensor_meta"]`` from one run on the example input, and ``find_convs`` lists every
+``nn.Conv2d`` module call and ``F.conv2d`` call as a :class:`ConvSite` with its
+hyper-parameters normalised (explicit 4-sided padding, 2-tuples) and its shapes.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["ConvSite", "ReuseTraceError", "trace", "find_convs", "conv_operands"]
+
+
+class ReuseTraceError(RuntimeError):
+    """torch.fx could not trace the model; the message names the place and the way on."""
+
+
+class _Tracer(fx.Tracer):
+    """fx.Tracer that treats the excluded submodules as leaves and remembers in which
+    submodule tracing failed."""
+
+    def __init__(self, leaves):
+        super().__init__()
+        self.leaves = set(leaves)
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        self.stack.append(name)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = name
+            raise
+        finally:
+            self.stack.pop()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """'file:line (code)' of the innermost traceback frame outside torch."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename.replace("\\", "/")]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} (`{(f.line or '').strip()}`)"
+
+
+def trace(model: nn.Module, args: tuple, leaves=()) -> fx.GraphModule:
+    """Symbolically trace ``model`` and annotate shapes from one run on ``args``.
+
+    The shape run happens in eval mode under ``no_grad`` so that it changes no state of
+    the model (BatchNorm statistics, dropout RNG use).
+    """
+    tracer = _Tracer(leaves)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        where = tracer.failed_in
+        owner = (
+            f"submodule {where!r} ({type(model.get_submodule(where)).__name__})"
+            if where
+            else (f"the forward of {type(model).__name__}")
+        )
+        way = (
+            f"pass ReuseConfig(exclude=[{where!r}]) to keep that submodule out of the trace (it "
+            f"then runs as written and its convolutions stay exact), or make its control flow "
+            f"independent of tensor values"
+            if where
+            else "move the data-dependent code into a submodule and list it in ReuseConfig(exclude=[...]) "
+            "(it then runs as written and its convolutions stay exact), or make the control flow "
+            "independent of tensor values"
+        )
+        raise ReuseTraceError(
+            f"reuse_compile: torch.fx cannot trace {owner} at {_user_frame(e)}: {type(e).__name__}: {e}. Way on: {way}."
+        ) from e
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    was_training = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*args)
+    except Exception as e:
+        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+        raise ValueError(
+            f"reuse_compile: running {name} on example_input (shapes {shapes}) failed: {e}. "
+            f"Pass an example batch the model accepts (ideally one training batch)."
+        ) from e
+    finally:
+        for m, mode in was_training:
+            m.training = mode
+    return gm
+
+
+@dataclass
+class ConvSite:
+    """One 2-D convolution call in the traced graph."""
+
+    name: str  # plan row name: module path, or the node's name for F.conv2d
+    node: str  # node name in the graph
+    kind: str  # "module" | "function"
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, bottom, left, right
+    dilation: tuple[int, int]
+    groups: int
+    bias: bool
+    padding_mode: str = "zeros"
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _explicit_padding(padding, kernel, dilation) -> tuple[int, int, int, int]:
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":  # PyTorch's convention: the extra pixel goes after
+        out = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    ph, pw = _pair(padding)
+    return (ph, ph, pw, pw)
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def find_convs(gm: fx.GraphModule) -> list[ConvSite]:
+    """Every nn.Conv2d module call and F.conv2d call, in graph order."""
+    modules = dict(gm.named_modules())
+    sites, seen = [], {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.Conv2d:
+            m = modules[node.target]
+            count = seen.get(node.target, 0)
+            seen[node.target] = count + 1
+            sites.append(
+                ConvSite(
+                    name=node.target if count == 0 else f"{node.target}:{count}",
+                    node=node.name,
+                    kind="module",
+                    in_shape=_shape(node.args[0]),
+                    out_shape=_shape(node),
+                    weight_shape=tuple(m.weight.shape),
+                    stride=_pair(m.stride),
+                    padding=_explicit_padding(m.padding, m.kernel_size, _pair(m.dilation)),
+                    dilation=_pair(m.dilation),
+                    groups=m.groups,
+                    bias=m.bias is not None,
+                    padding_mode=m.padding_mode,
+                )
+            )
+        elif node.op == "call_function" and node.target in (torch.conv2d, F.conv2d):
+            a = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+            kw = a.kwargs if a is not None else {}
+            w = kw.get("weight")
+            wshape = _shape(w)
+            if wshape is None:
+                continue
+            dil = _pair(kw.get("dilation", 1))
+            sites.append(
+                ConvSite(
+                    name=node.name,
+                    node=node.name,
+                    kind="function",
+                    in_shape=_shape(kw.get("input")),
+                    out_shape=_shape(node),
+                    weight_shape=wshape,
+                    stride=_pair(kw.get("stride", 1)),
+                    padding=_explicit_padding(kw.get("padding", 0), wshape[2:], dil),
+                    dilation=dil,
+                    groups=int(kw.get("groups", 1)),
+                    bias=kw.get("bias") is not None,
+                )
+            )
+    return sites
+
+
+def conv_operands(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, kind: str):
+    """(input, weight, bias) nodes of a conv node, emitting get_attr nodes for a module's
+    parameters at the current insertion point."""
+    if kind == "module":
+        m = gm.get_submodule(node.target)
+        w = graph.get_attr(f"{node.target}.weight")
+        b = graph.get_attr(f"{node.target}.bias") if m.bias is not None else None
+        return node.args[0], w, b
+    a = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
+    return a["input"], a["weight"], a.get("bias")

@@ -1,0 +1,84 @@
+"""The rewrite: every convolution whose plan row is not exact becomes the chain
+
+    im2col -> lsh_hash -> cluster -> centroid_gemm -> reconstruct
+
+of ``reuse`` custom ops (one chain per group), plus a call to the layer's state module that
+records the clustering for the plan. The traced source graph is kept on the module, and
+``rebuild`` regenerates the rewritten graph from it whenever a stage changes, so switching a
+layer between stages or back to exact never touches its parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import fx
+
+from .analysis import conv_operands
+
+__all__ = ["emit_reuse_conv", "rebuild", "state_path"]
+
+_ops = torch.ops.reuse
+
+
+def state_path(layer: str) -> str:
+    """Attribute path of a layer's :class:`ReuseLayer` inside the compiled module."""
+    return "reuse_state." + layer.replace(".", "_").replace(":", "_call")
+
+
+def _node(graph: fx.Graph, target, args, name: str) -> fx.Node:
+    return graph.create_node("call_function", target, args, name=name)
+
+
+def emit_reuse_conv(graph: fx.Graph, x, weight, bias, row, scope: str, base: str, group: int = 0) -> fx.Node:
+    """Emit one chain at the graph's insertion point and return its output node."""
+    k = list(row.kernel_size)
+    s = list(row.stride)
+    d = list(row.dilation)
+    xp = _node(graph, _ops.im2col.default, (x, k, s, list(row.padding), d), f"{base}_xp")
+    planes = graph.get_attr(state_path(row.name) + ".planes")
+    ids = _node(graph, _ops.lsh_hash.default, (xp, planes, k, s, d), f"{base}_ids")
+    cl = _node(graph, _ops.cluster.default, (xp, ids, k, s, d, row.L, row.H, scope), f"{base}_cluster")
+    inverse = _node(graph, operator.getitem, (cl, 0), f"{base}_inverse")
+    counts = _node(graph, operator.getitem, (cl, 1), f"{base}_counts")
+    centroids = _node(graph, operator.getitem, (cl, 3), f"{base}_centroids")
+    yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
+    y = _node(graph, _ops.reconstruct.default, (yc, inverse, bias), f"{base}_y")
+    graph.call_module(state_path(row.name), (counts, group))
+    return y
+
+
+def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str) -> None:
+    base = row.name.replace(".", "_").replace(":", "_call")
+    with graph.inserting_before(node):
+        x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
+        g = row.groups
+        if g == 1:
+            out = emit_reuse_conv(graph, x, w, b, row, scope, base)
+        else:
+            cg, mg = row.in_channels // g, row.out_channels // g
+            parts = []
+            for i in range(g):
+                xi = _node(graph, torch.narrow, (x, 1, i * cg, cg), f"{base}_g{i}_x")
+                wi = _node(graph, torch.narrow, (w, 0, i * mg, mg), f"{base}_g{i}_w")
+                bi = None if b is None else _node(graph, torch.narrow, (b, 0, i * mg, mg), f"{base}_g{i}_b")
+                parts.append(emit_reuse_conv(graph, xi, wi, bi, row, scope, f"{base}_g{i}", group=i))
+            out = _node(graph, torch.cat, (parts, 1), f"{base}_cat")
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+def rebuild(gm: fx.GraphModule) -> fx.GraphModule:
+    """Regenerate ``gm``'s graph from its traced source and its plan's current stages."""
+    graph = copy.deepcopy(gm._reuse_source)
+    nodes = {n.name: n for n in graph.nodes}
+    scope = "input" if gm.reuse_config.scope == "input" else "batch"
+    for row in gm.reuse_plan.rows():
+        if row.rewritable and not row.exact:
+            _rewrite_node(gm, graph, nodes[row.node], row, scope)
+    graph.lint()
+    gm.graph = graph
+    gm.recompile()
+    return gm

@@ -1,0 +1,238 @@
+"""``reuse_compile`` and ``set_stage``: the entry points of the compiler pass.
+
+>>> import torch
+>>> from reuse_compiler.models import cifarnet
+>>> gm = reuse_compile(cifarnet(in_channels=1, image_size=28), torch.randn(8, 1, 28, 28))
+>>> [(r.name, r.L, r.H) for r in gm.reuse_plan]
+[('conv1', 5, 7), ('conv2', 32, 6)]
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from reuse_compiler.passes.analysis import ConvSite, find_convs, trace
+from reuse_compiler.passes.conv_rewrite import rebuild, state_path
+from reuse_compiler.runtime.state import ReuseLayer
+
+from . import policies
+from .config import MAX_H, ReuseConfig
+from .plan import LayerPlan, ReusePlan
+
+__all__ = ["reuse_compile", "set_stage", "MAX_GROUPS"]
+
+# Grouped convolutions become one chain per group; beyond this they stay exact.
+MAX_GROUPS = 8
+
+
+def _not_rewritable(site: ConvSite, config: ReuseConfig) -> str | None:
+    if site.name in config.exclude:
+        return "excluded by ReuseConfig.exclude"
+    if site.padding_mode != "zeros":
+        return f"padding_mode={site.padding_mode!r} (the lazy im2col zero-pads); kept exact"
+    if site.in_shape is None or len(site.in_shape) != 4:
+        return "input is not a 4-D (N, C, H, W) tensor in the example run; kept exact"
+    if site.groups > MAX_GROUPS:
+        return f"groups={site.groups} > {MAX_GROUPS}: one reuse chain per group would be too many; kept exact"
+    return None
+
+
+def _plan_row(site: ConvSite, first: bool, config: ReuseConfig) -> LayerPlan:
+    M, cg, kh, kw = site.weight_shape
+    Nb, _, oh, ow = site.out_shape
+    row = LayerPlan(
+        name=site.name,
+        in_channels=site.in_shape[1] if site.in_shape else cg * site.groups,
+        out_channels=M,
+        kernel_size=(kh, kw),
+        stride=site.stride,
+        padding=site.padding,
+        dilation=site.dilation,
+        groups=site.groups,
+        bias=site.bias,
+        K=cg * kh * kw,
+        N=Nb * oh * ow,
+        node=site.node,
+    )
+    row.reason = _not_rewritable(site, config)
+    if row.reason is not None:
+        row.exact = True
+        return row
+    row.L_range = policies.l_range(kw, cg, first)
+    row.H_range = policies.h_range(row.N)
+    row.L_values = policies.l_values(*row.L_range, kh=kh, kw=kw, in_channels=cg, mode=config.l_values)
+    row.candidates = policies.candidates(row.L_values, list(range(row.H_range[0], row.H_range[1] + 1)), row.M)
+    L0, H0 = row.candidates[0]
+    row.L = config.for_layer("L", row.name) or L0
+    row.H = config.for_layer("H", row.name) or H0
+    _check_LH(row, row.L, row.H, "ReuseConfig")
+    row.cluster_reuse = config.scope == "across-batch"
+    return row
+
+
+def _check_LH(row: LayerPlan, L, H, who: str) -> None:
+    if L is not None and (isinstance(L, bool) or not isinstance(L, int) or not 1 <= L <= row.K):
+        raise ValueError(f"{who}: L for layer {row.name!r} must be an int in [1, K={row.K}]; got {L!r}")
+    if H is not None and (isinstance(H, bool) or not isinstance(H, int) or not 1 <= H <= MAX_H):
+        raise ValueError(f"{who}: H for layer {row.name!r} must be an int in [1, {MAX_H}]; got {H!r}")
+
+
+def _excluded_convs(model: nn.Module, excluded: list[str]) -> list[str]:
+    """Convolutions hidden inside excluded (untraced) submodules."""
+    out = []
+    for prefix in excluded:
+        try:
+            sub = model.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if isinstance(sub, nn.Conv2d):
+            continue
+        out += [f"{prefix}.{n}" for n, m in sub.named_modules() if isinstance(m, nn.Conv2d) and n]
+    return out
+
+
+def _measure(gm: fx.GraphModule):
+    def measure(plan: ReusePlan) -> None:
+        for row in plan.rows():
+            if row.exact:
+                continue
+            state = gm.get_submodule(state_path(row.name))
+            r_c = state.remaining_ratio()
+            if r_c is not None:
+                row.r_c = r_c
+                row.flop_ratio = row.predicted_flop_ratio(r_c)
+                row.reuse_rate = state.reuse_rate() if hasattr(state, "reuse_rate") else None
+
+    return measure
+
+
+def reuse_compile(
+    model: nn.Module, example_input, *, config: ReuseConfig | None = None, inplace: bool = False
+) -> fx.GraphModule:
+    """Rewrite every eligible convolution of ``model`` for adaptive deep reuse.
+
+    Args:
+        model: an ``nn.Module`` that torch.fx can trace.
+        example_input: a tensor or tuple of positional inputs, ideally one training batch;
+            the plan's N (rows per convolution) comes from it.
+        config: a :class:`ReuseConfig` (default: all from the plan).
+        inplace: if False (default) the model is deep-copied and left untouched; if True
+            the returned module shares the model's parameters.
+
+    Returns a ``torch.fx.GraphModule`` that trains and infers like the model, with
+    ``reuse_plan`` (the per-layer table), ``reuse_config`` and ``reuse_state`` attached.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"reuse_compile: model must be a torch.nn.Module, got {type(model).__name__}")
+    config = ReuseConfig() if config is None else config
+    if not isinstance(config, ReuseConfig):
+        raise TypeError(f"reuse_compile: config must be a ReuseConfig, got {type(config).__name__}")
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    if not args or not any(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError(
+            "reuse_compile: example_input must be a tensor or a tuple of positional inputs holding at "
+            f"least one tensor (one training batch); got {type(example_input).__name__}"
+        )
+    target = model if inplace else copy.deepcopy(model)
+    gm = trace(target, args, leaves=config.exclude)
+    sites = find_convs(gm)
+    rows = [_plan_row(site, i == 0, config) for i, site in enumerate(sites)]
+    for name in _excluded_convs(target, config.exclude):
+        rows.append(
+            LayerPlan(
+                name=name,
+                in_channels=0,
+                out_channels=0,
+                kernel_size=(0, 0),
+                stride=(0, 0),
+                padding=(0, 0, 0, 0),
+                K=0,
+                N=0,
+                exact=True,
+                reason="inside a module excluded by ReuseConfig.exclude (not traced)",
+            )
+        )
+    names = {r.name for r in rows}
+    for field_name in ("L", "H"):
+        v = getattr(config, field_name)
+        unknown = sorted(set(v) - names) if isinstance(v, dict) else []
+        if unknown:
+            raise ValueError(f"ReuseConfig.{field_name} names unknown layers {unknown}; layers: {sorted(names)}")
+    unknown = [e for e in config.exclude if e not in names and not _is_module(target, e)]
+    if unknown:
+        raise ValueError(
+            f"ReuseConfig.exclude names unknown layers or modules {unknown}; convolutions: {sorted(names)}"
+        )
+
+    gm._reuse_source = copy.deepcopy(gm.graph)
+    gm.reuse_config = config
+    gm.add_module("reuse_state", nn.Module())
+    for row in rows:
+        if row.rewritable:
+            state = ReuseLayer(row.name, config.seed)
+            state.set_params(row.L, row.H)
+            _register(gm, state_path(row.name), state)
+    gm.reuse_plan = ReusePlan(rows, measure=_measure(gm))
+    return rebuild(gm)
+
+
+def _is_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _register(gm: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    gm.get_submodule(parent).add_module(leaf, module)
+
+
+def _compiled(gm) -> ReusePlan:
+    plan = getattr(gm, "reuse_plan", None)
+    if not isinstance(plan, ReusePlan):
+        raise TypeError(f"expected a module returned by reuse_compile (with .reuse_plan), got {type(gm).__name__}")
+    return plan
+
+
+def set_stage(gm: fx.GraphModule, layer: str | None = None, *, L=None, H=None, cluster_reuse=None, exact=None):
+    """Set the stage of one layer (or of every rewritable layer when ``layer`` is None).
+
+    ``L``/``H`` choose the sub-vector length and hash count, ``cluster_reuse`` turns
+    across-batch reuse (Algorithm 1) on or off, ``exact=True`` runs the original
+    convolution. Unspecified fields keep their value. The graph is regenerated; parameters
+    and optimizer state are untouched.
+
+    >>> import torch
+    >>> from reuse_compiler.models import cifarnet
+    >>> gm = reuse_compile(cifarnet(in_channels=1, image_size=28), torch.randn(8, 1, 28, 28))
+    >>> set_stage(gm, "conv2", L=16, H=10); (gm.reuse_plan["conv2"].L, gm.reuse_plan["conv2"].H)
+    (16, 10)
+    """
+    plan = _compiled(gm)
+    if layer is None:
+        rows = [r for r in plan.rows() if r.rewritable]
+    else:
+        row = plan[layer]
+        if not row.rewritable and exact is not True:
+            raise ValueError(f"set_stage: layer {layer!r} cannot run with reuse: {row.reason}")
+        rows = [row]
+    for row in rows:
+        _check_LH(row, L, H, "set_stage")
+    for row in rows:
+        if L is not None:
+            row.L = L
+        if H is not None:
+            row.H = H
+        if cluster_reuse is not None:
+            row.cluster_reuse = bool(cluster_reuse)
+        if exact is not None:
+            row.exact = bool(exact) or not row.rewritable
+        if row.rewritable:
+            gm.get_submodule(state_path(row.name)).set_params(row.L, row.H)
+            row.r_c = row.flop_ratio = row.reuse_rate = None
+    rebuild(gm)

@@ -1,0 +1,92 @@
+"""``ReuseConfig``: every knob of ``reuse_compile`` in one validated dataclass.
+
+>>> ReuseConfig(L=16, H={"conv2": 10}, scope="input").scope
+'input'
+>>> ReuseConfig(scope="global")
+Traceback (most recent call last):
+...
+ValueError: ReuseConfig.scope must be one of 'input', 'batch', 'across-batch'; got 'global'
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["ReuseConfig", "SCOPES", "L_CHOICES"]
+
+SCOPES = ("input", "batch", "across-batch")
+L_CHOICES = ("fast", "all")
+MAX_H = 62
+
+
+def _check_int_or_map(name: str, value, lo: int, hi: int | None) -> None:
+    if value is None:
+        return
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    for layer, v in items:
+        if layer is not None and not isinstance(layer, str):
+            raise ValueError(f"ReuseConfig.{name}: keys must be layer names (str), got {layer!r}")
+        where = f"[{layer!r}]" if layer is not None else ""
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            allowed = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
+            raise ValueError(
+                f"ReuseConfig.{name}{where} must be None (from the plan), {allowed}, or a dict "
+                f"from layer name to such an int; got {v!r}"
+            )
+
+
+@dataclass
+class ReuseConfig:
+    """Configuration of :func:`reuse_compiler.reuse_compile`.
+
+    Attributes:
+        L: sub-vector length. None: each layer starts at its plan's first candidate; an int:
+            every layer; a dict: per layer name (others from the plan).
+        H: number of hash functions (1..62), same forms as ``L``.
+        scope: clustering scope, "input" (never mix images), "batch" (default) or
+            "across-batch" (Algorithm 1: reuse stored centroid outputs across batches).
+        seed: seed of the hash planes (one family per layer and (L, H)).
+        exclude: layer names (convolutions, or any submodule: it is then not traced and
+            its convolutions stay exact) kept exact.
+        cache_size: across-batch store capacity per layer and sub-matrix, in clusters.
+        refresh: across-batch: stored outputs are recomputed for the current weights at
+            least every ``refresh`` training steps.
+        l_values: which L values of Policy 1's range the candidate list holds: "fast"
+            (those with a fast path; the range's ends if none has) or "all".
+    """
+
+    L: int | dict[str, int] | None = None
+    H: int | dict[str, int] | None = None
+    scope: str = "batch"
+    seed: int = 0
+    exclude: list[str] | tuple[str, ...] = field(default_factory=list)
+    cache_size: int = 65536
+    refresh: int = 50
+    l_values: str = "fast"
+
+    def __post_init__(self):
+        _check_int_or_map("L", self.L, 1, None)
+        _check_int_or_map("H", self.H, 1, MAX_H)
+        if self.scope not in SCOPES:
+            raise ValueError(f"ReuseConfig.scope must be one of {', '.join(map(repr, SCOPES))}; got {self.scope!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"ReuseConfig.seed must be an int; got {self.seed!r}")
+        if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
+            raise ValueError(f"ReuseConfig.exclude must be a list of layer or module names; got {self.exclude!r}")
+        self.exclude = list(self.exclude)
+        for name in ("cache_size", "refresh"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ReuseConfig.{name} must be an int >= 1; got {v!r}")
+        if self.l_values not in L_CHOICES:
+            raise ValueError(
+                f"ReuseConfig.l_values must be one of {', '.join(map(repr, L_CHOICES))}; got {self.l_values!r}"
+            )
+
+    def for_layer(self, field_name: str, layer: str):
+        """This config's fixed value of ``L`` or ``H`` for ``layer``, or None."""
+        v = getattr(self, field_name)
+        return v.get(layer) if isinstance(v, dict) else v
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,172 @@
+"""Implementations behind the ``reuse`` custom ops, in plain PyTorch.
+
+Every function here works on the lazy im2col view (see :mod:`.geometry`) and never builds
+the N x K matrix. The naive oracle is :mod:`.reference`; tests compare the two.
+
+Cluster table layout, shared by all ops: each sub-matrix b owns ``Cmax`` slots, so a
+cluster's global index is ``b * Cmax + local``; ``local`` ranks the cluster's hash id among
+the ids present in sub-matrix b (in the "input" scope, among (image, id) pairs), so the
+order equals ``torch.unique``'s. Slots past a block's cluster count are empty (count 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import Geometry
+from .reference import pack_bits
+
+__all__ = [
+    "compute_dtype",
+    "hash_ids",
+    "compact",
+    "centroid_sums",
+    "centroid_sums_backward",
+    "reconstruct_rows",
+    "reconstruct_rows_backward",
+]
+
+# Above this many table slots the clustering sorts instead of counting.
+_DENSE_SLOTS = 1 << 22
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are hashed and averaged in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """Cluster ids (nb, Nb, Oh, Ow) int64 of every sub-vector, Eq. 4 with H = planes.shape[1].
+
+    Sub-vectors that are the same piece of the input (one pixel's channel chunk, or one run
+    of pixels of a kernel row) are hashed once and their id gathered into every row that
+    contains them, so equal sub-vectors get equal ids wherever they occur.
+    """
+    ct = compute_dtype(xp.dtype)
+    planes = planes.to(device=xp.device, dtype=ct)
+    H = planes.shape[1]
+    oh, ow = g.out_hw
+    kind = g.kind
+    if kind == "window":
+        v = planes.view(g.kh, g.kw, g.C, H).permute(3, 2, 0, 1)
+        proj = F.conv2d(xp.permute(0, 3, 1, 2).to(ct), v, stride=(g.sh, g.sw), dilation=(g.dh, g.dw))
+        return pack_bits(proj.permute(0, 2, 3, 1)).unsqueeze(0)
+    if kind in ("chunk", "row"):
+        P = g.Nb * g.Hp * g.Wp
+        rows = xp.reshape(P, g.C).to(ct)
+        if kind == "chunk":
+            nq = g.C // g.L
+            unit = pack_bits((rows.view(P, nq, g.L) @ planes).view(P, nq, H))
+            taps, per_tap = range(g.kh * g.kw), nq
+        else:  # m pixels of a kernel row, all channels: sum of per-pixel projections
+            m = g.L // g.C
+            proj = (rows @ planes.view(m, g.C, H).permute(1, 0, 2).reshape(g.C, m * H)).view(P, m, H)
+            span = (m - 1) * g.dw
+            acc = proj[: P - span, 0].clone()
+            for u in range(1, m):
+                acc += proj[u * g.dw : P - span + u * g.dw, u]
+            unit = F.pad(pack_bits(acc), (0, span))
+            taps = [i * g.kw + jj * m for i in range(g.kh) for jj in range(g.kw // m)]
+            per_tap = 1
+        unit4 = unit.view(g.Nb, g.Hp, g.Wp, per_tap)
+        ids = torch.stack([g.tap_view(unit4, t).permute(3, 0, 1, 2) for t in taps])
+        return ids.reshape(g.nb, g.Nb, oh, ow)
+    ids = torch.empty(g.nb, g.N, dtype=torch.int64, device=xp.device)
+    for b in range(g.nb):
+        ids[b] = pack_bits(g.gather_block(xp, b).to(ct) @ planes)
+    return ids.view(g.nb, g.Nb, oh, ow)
+
+
+def compact(ids: torch.Tensor, H: int, scope: str):
+    """Cluster each sub-matrix: ids (nb, Nb, Oh, Ow) -> (inverse, counts, keys).
+
+    ``inverse`` (same shape as ids) holds global slot indices ``b * Cmax + local``;
+    ``counts`` and ``keys`` are (nb, Cmax): members per slot and the slot's hash id (-1 for
+    empty slots). Scope "input" keeps images apart; "batch" clusters the whole batch.
+    """
+    nb = ids.shape[0]
+    Nb = ids.shape[1]
+    flat = ids.reshape(nb, -1)
+    N = flat.shape[1]
+    dev = ids.device
+    base = torch.arange(nb, device=dev)[:, None]
+    if N == 0:
+        empty = torch.zeros(nb, 0, dtype=torch.int64, device=dev)
+        return ids.clone(), empty, empty.clone()
+    if scope == "batch" and H <= 20 and nb << H <= max(_DENSE_SLOTS, 4 * nb * N):
+        S = 1 << H
+        present = torch.bincount((flat + base * S).view(-1), minlength=nb * S).view(nb, S)
+        occupied = present > 0
+        rank = occupied.cumsum(1) - 1
+        cmax = int(rank[:, -1].max()) + 1
+        inverse = rank.gather(1, flat) + base * cmax
+        slot = (rank + base * cmax)[occupied]
+        counts = torch.zeros(nb * cmax, dtype=torch.int64, device=dev)
+        counts[slot] = present[occupied]
+        keys = torch.full((nb * cmax,), -1, dtype=torch.int64, device=dev)
+        keys[slot] = torch.arange(S, device=dev).expand(nb, S)[occupied]
+        return inverse.view_as(ids), counts.view(nb, cmax), keys.view(nb, cmax)
+    seg = Nb if scope == "input" else 1
+    srt, perm = torch.sort(flat.reshape(nb * seg, N // seg), dim=1)
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    local = new.view(nb, N).cumsum(1) - 1
+    cmax = int(local[:, -1].max()) + 1
+    slot_sorted = local + base * cmax
+    inverse = torch.empty_like(srt).scatter_(1, perm, slot_sorted.view(nb * seg, N // seg))
+    counts = torch.bincount(inverse.view(-1), minlength=nb * cmax)
+    keys = torch.full((nb * cmax,), -1, dtype=torch.int64, device=dev)
+    keys[slot_sorted.view(-1)[new.view(-1)]] = srt.view(-1)[new.view(-1)]
+    return inverse.view_as(ids), counts.view(nb, cmax), keys.view(nb, cmax)
+
+
+def centroid_sums(xp: torch.Tensor, inverse: torch.Tensor, cmax: int, g: Geometry) -> torch.Tensor:
+    """Per slot, the sum of its members' sub-vectors: (nb, Cmax, L) in the compute dtype."""
+    ct = compute_dtype(xp.dtype)
+    sums = torch.zeros(g.nb, cmax, g.L, dtype=ct, device=xp.device)
+    inv = inverse.reshape(g.nb, g.N)
+    for b, pieces in enumerate(g.pieces):
+        local = inv[b] - b * cmax
+        for t, c0, c1, e0 in pieces:
+            src = g.tap_view(xp, t, c0, c1).reshape(g.N, c1 - c0).to(ct)
+            sums[b, :, e0 : e0 + c1 - c0].index_add_(0, local, src)
+    return sums
+
+
+def centroid_sums_backward(
+    dcent: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g: Geometry, dtype: torch.dtype
+) -> torch.Tensor:
+    """Gradient of the centroids (means) w.r.t. the padded input: every member of a
+    cluster receives the cluster's gradient divided by its size (Eq. 13), added into the
+    pixels its sub-vector came from (col2im)."""
+    nb, cmax, L = dcent.shape
+    share = (dcent / counts.clamp(min=1).unsqueeze(-1).to(dcent.dtype)).reshape(nb * cmax, L)
+    dxp = torch.zeros(g.Nb, g.Hp, g.Wp, g.C, dtype=dcent.dtype, device=dcent.device)
+    oh, ow = g.out_hw
+    inv = inverse.reshape(nb, g.N)
+    for b, pieces in enumerate(g.pieces):
+        for t, c0, c1, e0 in pieces:
+            part = share[:, e0 : e0 + c1 - c0].index_select(0, inv[b])
+            g.tap_view(dxp, t, c0, c1).add_(part.view(g.Nb, oh, ow, c1 - c0))
+    return dxp.to(dtype)
+
+
+def reconstruct_rows(yc: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """y[n] = sum_b y_c[inverse[b, n]]: (N, M) rows in (b, oh, ow) order."""
+    nb = inverse.shape[0]
+    table = yc.reshape(-1, yc.shape[-1])
+    inv = inverse.reshape(nb, -1)
+    if nb == 1:
+        return table.index_select(0, inv[0])
+    return F.embedding_bag(inv.t().contiguous(), table, mode="sum")
+
+
+def reconstruct_rows_backward(dy_rows: torch.Tensor, inverse: torch.Tensor, slots: int) -> torch.Tensor:
+    """dy_c,s (Eq. 8): per slot, the sum of the output gradient over the slot's members."""
+    nb = inverse.shape[0]
+    inv = inverse.reshape(nb, -1)
+    dyc = dy_rows.new_zeros(slots, dy_rows.shape[1])
+    for b in range(nb):
+        dyc.index_add_(0, inv[b], dy_rows)
+    return dyc

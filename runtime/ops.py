@@ -1,0 +1,264 @@
+"""The ``reuse`` custom operators: one per stage of the rewritten convolution.
+
+Each op is a ``torch.library.custom_op`` with its fake (shape) function and its backward
+next to its forward. A rewritten ``y = conv2d(x, W, b)`` reads, in ``print_readable()``::
+
+    xp        = reuse.im2col(x, kernel, stride, padding, dilation)    # lazy im2col view
+    ids       = reuse.lsh_hash(xp, planes, kernel, stride, dilation)  # Eq. 4, per sub-vector
+    inverse, counts, keys, centroids = reuse.cluster(xp, ids, ...)    # per sub-matrix
+    y_c       = reuse.centroid_gemm(centroids, W)                     # y_c,b = x_c,b . W_b
+    y         = reuse.reconstruct(y_c, inverse, b)                    # sum_b y_c,b[inverse_b] + b
+
+Backward (Section IV) never runs a GEMM over N rows: ``reconstruct`` sums the output
+gradient per cluster (dy_c,s, Eq. 8), ``centroid_gemm`` forms dW_b = x_c,b^T dy_c,s,b
+(Eq. 10) and the centroid gradient dy_c,s,b W_b^T, and ``cluster`` hands each member its
+cluster's share (Eq. 13-18) and adds it back into the input pixels (col2im).
+
+Tensors: ``xp`` (Nb, Hp, Wp, C) padded channels-last input; ``planes`` (L, H) hyperplanes;
+``ids`` and ``inverse`` (nb, Nb, Oh, Ow) int64; ``counts``, ``keys`` (nb, Cmax) int64;
+``centroids`` (nb, Cmax, L); ``y_c`` (nb, Cmax, M); ``y`` (Nb, M, Oh, Ow), channels-last
+strided. Cmax is data-dependent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .geometry import Geometry, conv_out_size
+
+__all__ = ["im2col", "lsh_hash", "cluster", "centroid_gemm", "reconstruct", "SCOPES"]
+
+SCOPES = ("input", "batch")
+
+
+def _padded_geometry(xp_shape, kernel, stride, dilation, L: int) -> Geometry:
+    return Geometry.of(xp_shape, kernel, stride, dilation, L)
+
+
+# --------------------------------------------------------------------------- im2col
+
+
+@torch.library.custom_op("reuse::im2col", mutates_args=())
+def im2col(
+    x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int]
+) -> torch.Tensor:
+    """The lazy im2col view: ``x`` zero-padded by ``padding`` = (top, bottom, left, right) and
+    laid out channels-last, (Nb, Hp, Wp, C). Row n of the paper's x is the window of it
+    anchored at (oh * stride_h, ow * stride_w)."""
+    _check_window(x.shape, kernel_size, padding, dilation)
+    t, b, left, r = padding
+    xp = F.pad(x, (left, r, t, b)).permute(0, 2, 3, 1).contiguous()
+    if xp.data_ptr() == x.data_ptr():  # an op's output must not alias its input
+        xp = xp.clone()
+    return xp
+
+
+@im2col.register_fake
+def _(x, kernel_size, stride, padding, dilation):
+    _check_window(x.shape, kernel_size, padding, dilation)
+    t, b, left, r = padding
+    return x.new_empty(x.shape[0], x.shape[2] + t + b, x.shape[3] + left + r, x.shape[1])
+
+
+def _check_window(shape, kernel_size, padding, dilation):
+    if len(shape) != 4:
+        raise ValueError(f"reuse.im2col expects a 4-D (N, C, H, W) input, got shape {tuple(shape)}")
+    t, b, left, r = padding
+    for size, k, d, name in (
+        (shape[2] + t + b, kernel_size[0], dilation[0], "height"),
+        (shape[3] + left + r, kernel_size[1], dilation[1], "width"),
+    ):
+        if isinstance(size, int) and size < d * (k - 1) + 1:
+            raise ValueError(
+                f"reuse.im2col: padded input {name} {size} is smaller than the dilated kernel "
+                f"extent {d * (k - 1) + 1}; use a larger input or keep this layer exact"
+            )
+
+
+def _im2col_setup(ctx, inputs, output):
+    ctx.padding = inputs[3]
+    ctx.hw = inputs[0].shape[2:]
+
+
+def _im2col_backward(ctx, grad):
+    t, _, left, _ = ctx.padding
+    h, w = ctx.hw
+    return grad.permute(0, 3, 1, 2)[:, :, t : t + h, left : left + w], None, None, None, None
+
+
+im2col.register_autograd(_im2col_backward, setup_context=_im2col_setup)
+
+
+# --------------------------------------------------------------------------- lsh_hash
+
+
+@torch.library.custom_op("reuse::lsh_hash", mutates_args=())
+def lsh_hash(
+    xp: torch.Tensor, planes: torch.Tensor, kernel_size: list[int], stride: list[int], dilation: list[int]
+) -> torch.Tensor:
+    """Eq. 4 on every sub-vector: bit k of a sub-vector's id is ``planes[:, k] . v > 0``.
+    L and H are ``planes.shape``; one hash family serves every sub-matrix and batch."""
+    g = _padded_geometry(xp.shape, kernel_size, stride, dilation, planes.shape[0])
+    return kernels.hash_ids(xp, planes, g)
+
+
+@lsh_hash.register_fake
+def _(xp, planes, kernel_size, stride, dilation):
+    Nb, Hp, Wp, C = xp.shape
+    L = planes.shape[0]
+    nb = -(-(kernel_size[0] * kernel_size[1] * C) // L)
+    oh = conv_out_size(Hp, kernel_size[0], stride[0], dilation[0])
+    ow = conv_out_size(Wp, kernel_size[1], stride[1], dilation[1])
+    return xp.new_empty(nb, Nb, oh, ow, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+@torch.library.custom_op("reuse::cluster", mutates_args=())
+def cluster(
+    xp: torch.Tensor,
+    ids: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    L: int,
+    H: int,
+    scope: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cluster each sub-matrix by id within ``scope`` and average the members.
+
+    Returns ``(inverse, counts, keys, centroids)``; see the module docstring for shapes.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"reuse.cluster: scope must be one of {SCOPES}, got {scope!r}")
+    g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+    inverse, counts, keys = kernels.compact(ids, H, scope)
+    sums = kernels.centroid_sums(xp, inverse, counts.shape[1], g)
+    centroids = (sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)).to(xp.dtype)
+    return inverse, counts, keys, centroids
+
+
+@cluster.register_fake
+def _(xp, ids, kernel_size, stride, dilation, L, H, scope):
+    cmax = torch.library.get_ctx().new_dynamic_size()
+    nb = ids.shape[0]
+    return (
+        torch.empty_like(ids),
+        ids.new_empty(nb, cmax),
+        ids.new_empty(nb, cmax),
+        xp.new_empty(nb, cmax, L),
+    )
+
+
+def _cluster_setup(ctx, inputs, output):
+    xp, _, kernel_size, stride, dilation, L, _, _ = inputs
+    inverse, counts, _, _ = output
+    ctx.save_for_backward(inverse, counts)
+    ctx.geometry = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+    ctx.dtype = xp.dtype
+
+
+def _cluster_backward(ctx, _g_inverse, _g_counts, _g_keys, g_centroids):
+    inverse, counts = ctx.saved_tensors
+    dxp = None
+    if ctx.needs_input_grad[0]:
+        dxp = kernels.centroid_sums_backward(g_centroids, inverse, counts, ctx.geometry, ctx.dtype)
+    return dxp, None, None, None, None, None, None, None
+
+
+cluster.register_autograd(_cluster_backward, setup_context=_cluster_setup)
+
+
+# --------------------------------------------------------------------------- centroid_gemm
+
+
+def _weight_geometry(weight_shape, L: int) -> Geometry:
+    M, C, kh, kw = weight_shape
+    return Geometry(0, kh, kw, C, kh, kw, 1, 1, 1, 1, L)
+
+
+@torch.library.custom_op("reuse::centroid_gemm", mutates_args=())
+def centroid_gemm(centroids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y_c,b = x_c,b . W_b for every sub-matrix b: (nb, Cmax, L) x (M, C, kh, kw) -> (nb, Cmax, M)."""
+    wb = _weight_geometry(weight.shape, centroids.shape[-1]).weight_blocks(weight)
+    _check_blocks(centroids, wb)
+    return torch.bmm(centroids.to(wb.dtype), wb)
+
+
+@centroid_gemm.register_fake
+def _(centroids, weight):
+    return centroids.new_empty(centroids.shape[0], centroids.shape[1], weight.shape[0], dtype=weight.dtype)
+
+
+def _check_blocks(centroids, wb):
+    if centroids.shape[0] != wb.shape[0]:
+        raise ValueError(
+            f"reuse.centroid_gemm: {centroids.shape[0]} sub-matrices of centroids but the weight "
+            f"splits into {wb.shape[0]} blocks of L={centroids.shape[-1]}"
+        )
+
+
+def _gemm_setup(ctx, inputs, output):
+    centroids, weight = inputs
+    ctx.save_for_backward(centroids, weight)
+
+
+def _gemm_backward(ctx, g_yc):
+    centroids, weight = ctx.saved_tensors
+    geom = _weight_geometry(weight.shape, centroids.shape[-1])
+    wb = geom.weight_blocks(weight)
+    g_yc = g_yc.to(wb.dtype)
+    d_cent = d_w = None
+    if ctx.needs_input_grad[0]:
+        d_cent = torch.bmm(g_yc, wb.transpose(1, 2)).to(centroids.dtype)  # dy_c,s,b . W_b^T
+    if ctx.needs_input_grad[1]:
+        d_w = geom.weight_from_blocks(torch.bmm(centroids.to(wb.dtype).transpose(1, 2), g_yc))  # Eq. 10
+    return d_cent, d_w
+
+
+centroid_gemm.register_autograd(_gemm_backward, setup_context=_gemm_setup)
+
+
+# --------------------------------------------------------------------------- reconstruct
+
+
+@torch.library.custom_op("reuse::reconstruct", mutates_args=())
+def reconstruct(yc: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = sum_b y_c,b[inverse_b] + bias, as (Nb, M, Oh, Ow) in channels-last memory."""
+    nb, Nb, oh, ow = inverse.shape
+    rows = kernels.reconstruct_rows(yc, inverse)
+    if bias is not None:
+        rows = rows + bias.to(rows.dtype)
+    return rows.view(Nb, oh, ow, yc.shape[-1]).permute(0, 3, 1, 2)
+
+
+@reconstruct.register_fake
+def _(yc, inverse, bias):
+    nb, Nb, oh, ow = inverse.shape
+    return yc.new_empty(Nb, oh, ow, yc.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _reconstruct_setup(ctx, inputs, output):
+    yc, inverse, bias = inputs
+    ctx.save_for_backward(inverse)
+    ctx.slots = yc.shape[0] * yc.shape[1]
+    ctx.yc_shape = yc.shape
+    ctx.has_bias = bias is not None
+
+
+def _reconstruct_backward(ctx, g_y):
+    (inverse,) = ctx.saved_tensors
+    M = g_y.shape[1]
+    rows = g_y.permute(0, 2, 3, 1).reshape(-1, M)
+    d_yc = d_bias = None
+    if ctx.needs_input_grad[0]:
+        d_yc = kernels.reconstruct_rows_backward(rows, inverse, ctx.slots).view(ctx.yc_shape)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        d_bias = rows.sum(0)
+    return d_yc, None, d_bias
+
+
+reconstruct.register_autograd(_reconstruct_backward, setup_context=_reconstruct_setup)
