@@ -140,6 +140,19 @@ def _explicit_padding(padding, kernel, dilation) -> tuple[int, int, int, int]:
     return (ph, ph, pw, pw)
 
 
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV2D_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def conv2d_arguments(node: fx.Node) -> dict:
+    """The arguments of an ``F.conv2d`` call node by name (its two schemas differ only in
+    the type of ``padding``, which defeats FX's schema normalisation)."""
+    out = dict(_CONV2D_DEFAULTS)
+    out.update(zip(_CONV2D_ARGS, node.args))
+    out.update(node.kwargs)
+    return out
+
+
 def _shape(node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -171,8 +184,7 @@ def find_convs(gm: fx.GraphModule) -> list[ConvSite]:
                 )
             )
         elif node.op == "call_function" and node.target in (torch.conv2d, F.conv2d):
-            a = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
-            kw = a.kwargs if a is not None else {}
+            kw = conv2d_arguments(node)
             w = kw.get("weight")
             wshape = _shape(w)
             if wshape is None:
@@ -204,5 +216,5 @@ def conv_operands(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, kind: str)
         w = graph.get_attr(f"{node.target}.weight")
         b = graph.get_attr(f"{node.target}.bias") if m.bias is not None else None
         return node.args[0], w, b
-    a = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
-    return a["input"], a["weight"], a.get("bias")
+    a = conv2d_arguments(node)
+    return a["input"], a["weight"], a["bias"]

@@ -4,7 +4,7 @@
 >>> from reuse_compiler.models import cifarnet
 >>> gm = reuse_compile(cifarnet(in_channels=1, image_size=28), torch.randn(8, 1, 28, 28))
 >>> [(r.name, r.L, r.H) for r in gm.reuse_plan]
-[('conv1', 5, 7), ('conv2', 32, 6)]
+[('conv1', 5, 6), ('conv2', 32, 4)]
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
 (9, 14)
 >>> l_values(5, 40, kh=5, kw=5, in_channels=64)         # fast-path values in [5, 40]
 [32, 16, 8]
->>> candidates([32, 16, 8], [9, 10], M=64)
-[(32, 9), (16, 9), (16, 10), (8, 10)]
+>>> candidates([32, 16, 8], [9, 10], M=64)  # an H step costs 1/64 < 1/16 - 1/32
+[(32, 9), (32, 10), (16, 10), (8, 10)]
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 Every function here works on the lazy im2col view (see :mod:`.geometry`) and never builds
 the N x K matrix. The naive oracle is :mod:`.reference`; tests compare the two.
 
-Cluster table layout, shared by all ops: each sub-matrix b owns ``Cmax`` slots, so a
-cluster's global index is ``b * Cmax + local``; ``local`` ranks the cluster's hash id among
-the ids present in sub-matrix b (in the "input" scope, among (image, id) pairs), so the
-order equals ``torch.unique``'s. Slots past a block's cluster count are empty (count 0).
+Cluster table layout, shared by all ops: each sub-matrix b owns ``Cmax`` slots and
+``inverse[b, n]`` is row n's slot in sub-matrix b. Slots rank the clusters' hash ids among
+the ids present in sub-matrix b (in the "input" scope, (image, id) pairs), so the order
+equals ``torch.unique``'s. Slots past a block's cluster count are empty (count 0).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ __all__ = [
     "compute_dtype",
     "hash_ids",
     "compact",
+    "slot_keys",
     "centroid_sums",
     "centroid_sums_backward",
     "reconstruct_rows",
@@ -47,6 +48,8 @@ def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tenso
     planes = planes.to(device=xp.device, dtype=ct)
     H = planes.shape[1]
     oh, ow = g.out_hw
+    if g.N == 0:
+        return torch.zeros(g.nb, g.Nb, oh, ow, dtype=torch.int64, device=xp.device)
     kind = g.kind
     if kind == "window":
         v = planes.view(g.kh, g.kw, g.C, H).permute(3, 2, 0, 1)
@@ -79,11 +82,11 @@ def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tenso
 
 
 def compact(ids: torch.Tensor, H: int, scope: str):
-    """Cluster each sub-matrix: ids (nb, Nb, Oh, Ow) -> (inverse, counts, keys).
+    """Cluster each sub-matrix: ids (nb, Nb, Oh, Ow) -> (inverse, counts).
 
-    ``inverse`` (same shape as ids) holds global slot indices ``b * Cmax + local``;
-    ``counts`` and ``keys`` are (nb, Cmax): members per slot and the slot's hash id (-1 for
-    empty slots). Scope "input" keeps images apart; "batch" clusters the whole batch.
+    ``inverse`` (same shape as ids) holds each row's slot in its sub-matrix, ``counts``
+    (nb, Cmax) the members per slot. Scope "input" keeps images apart; "batch"
+    clusters the whole batch.
     """
     nb = ids.shape[0]
     Nb = ids.shape[1]
@@ -92,33 +95,34 @@ def compact(ids: torch.Tensor, H: int, scope: str):
     dev = ids.device
     base = torch.arange(nb, device=dev)[:, None]
     if N == 0:
-        empty = torch.zeros(nb, 0, dtype=torch.int64, device=dev)
-        return ids.clone(), empty, empty.clone()
+        return ids.clone(), torch.zeros(nb, 0, dtype=torch.int64, device=dev)
     if scope == "batch" and H <= 20 and nb << H <= max(_DENSE_SLOTS, 4 * nb * N):
         S = 1 << H
         present = torch.bincount((flat + base * S).view(-1), minlength=nb * S).view(nb, S)
         occupied = present > 0
         rank = occupied.cumsum(1) - 1
         cmax = int(rank[:, -1].max()) + 1
-        inverse = rank.gather(1, flat) + base * cmax
+        inverse = rank.gather(1, flat)
         slot = (rank + base * cmax)[occupied]
         counts = torch.zeros(nb * cmax, dtype=torch.int64, device=dev)
         counts[slot] = present[occupied]
-        keys = torch.full((nb * cmax,), -1, dtype=torch.int64, device=dev)
-        keys[slot] = torch.arange(S, device=dev).expand(nb, S)[occupied]
-        return inverse.view_as(ids), counts.view(nb, cmax), keys.view(nb, cmax)
+        return inverse.view_as(ids), counts.view(nb, cmax)
     seg = Nb if scope == "input" else 1
     srt, perm = torch.sort(flat.reshape(nb * seg, N // seg), dim=1)
     new = torch.ones_like(srt, dtype=torch.bool)
     new[:, 1:] = srt[:, 1:] != srt[:, :-1]
     local = new.view(nb, N).cumsum(1) - 1
     cmax = int(local[:, -1].max()) + 1
-    slot_sorted = local + base * cmax
-    inverse = torch.empty_like(srt).scatter_(1, perm, slot_sorted.view(nb * seg, N // seg))
-    counts = torch.bincount(inverse.view(-1), minlength=nb * cmax)
-    keys = torch.full((nb * cmax,), -1, dtype=torch.int64, device=dev)
-    keys[slot_sorted.view(-1)[new.view(-1)]] = srt.view(-1)[new.view(-1)]
-    return inverse.view_as(ids), counts.view(nb, cmax), keys.view(nb, cmax)
+    inverse = torch.empty_like(srt).scatter_(1, perm, local.view(nb * seg, N // seg)).view(nb, N)
+    counts = torch.bincount((inverse + base * cmax).view(-1), minlength=nb * cmax)
+    return inverse.view_as(ids), counts.view(nb, cmax)
+
+
+def slot_keys(ids: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each slot's hash id, (nb, Cmax) int64, -1 for empty slots."""
+    nb = counts.shape[0]
+    keys = torch.full_like(counts, -1)
+    return keys.scatter_(1, inverse.reshape(nb, -1), ids.reshape(nb, -1))
 
 
 def centroid_sums(xp: torch.Tensor, inverse: torch.Tensor, cmax: int, g: Geometry) -> torch.Tensor:
@@ -127,10 +131,9 @@ def centroid_sums(xp: torch.Tensor, inverse: torch.Tensor, cmax: int, g: Geometr
     sums = torch.zeros(g.nb, cmax, g.L, dtype=ct, device=xp.device)
     inv = inverse.reshape(g.nb, g.N)
     for b, pieces in enumerate(g.pieces):
-        local = inv[b] - b * cmax
         for t, c0, c1, e0 in pieces:
             src = g.tap_view(xp, t, c0, c1).reshape(g.N, c1 - c0).to(ct)
-            sums[b, :, e0 : e0 + c1 - c0].index_add_(0, local, src)
+            sums[b, :, e0 : e0 + c1 - c0].index_add_(0, inv[b], src)
     return sums
 
 
@@ -140,33 +143,31 @@ def centroid_sums_backward(
     """Gradient of the centroids (means) w.r.t. the padded input: every member of a
     cluster receives the cluster's gradient divided by its size (Eq. 13), added into the
     pixels its sub-vector came from (col2im)."""
-    nb, cmax, L = dcent.shape
-    share = (dcent / counts.clamp(min=1).unsqueeze(-1).to(dcent.dtype)).reshape(nb * cmax, L)
+    share = dcent / counts.clamp(min=1).unsqueeze(-1).to(dcent.dtype)
     dxp = torch.zeros(g.Nb, g.Hp, g.Wp, g.C, dtype=dcent.dtype, device=dcent.device)
     oh, ow = g.out_hw
-    inv = inverse.reshape(nb, g.N)
+    inv = inverse.reshape(g.nb, g.N)
     for b, pieces in enumerate(g.pieces):
         for t, c0, c1, e0 in pieces:
-            part = share[:, e0 : e0 + c1 - c0].index_select(0, inv[b])
+            part = share[b, :, e0 : e0 + c1 - c0].index_select(0, inv[b])
             g.tap_view(dxp, t, c0, c1).add_(part.view(g.Nb, oh, ow, c1 - c0))
     return dxp.to(dtype)
 
 
 def reconstruct_rows(yc: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """y[n] = sum_b y_c[inverse[b, n]]: (N, M) rows in (b, oh, ow) order."""
-    nb = inverse.shape[0]
-    table = yc.reshape(-1, yc.shape[-1])
+    """y[n] = sum_b y_c[b, inverse[b, n]]: (N, M) rows in (b, oh, ow) order."""
+    nb, cmax, M = yc.shape
     inv = inverse.reshape(nb, -1)
     if nb == 1:
-        return table.index_select(0, inv[0])
-    return F.embedding_bag(inv.t().contiguous(), table, mode="sum")
+        return yc[0].index_select(0, inv[0])
+    slots = inv + torch.arange(nb, device=inv.device)[:, None] * cmax
+    return F.embedding_bag(slots.t().contiguous(), yc.reshape(nb * cmax, M), mode="sum")
 
 
-def reconstruct_rows_backward(dy_rows: torch.Tensor, inverse: torch.Tensor, slots: int) -> torch.Tensor:
-    """dy_c,s (Eq. 8): per slot, the sum of the output gradient over the slot's members."""
-    nb = inverse.shape[0]
-    inv = inverse.reshape(nb, -1)
-    dyc = dy_rows.new_zeros(slots, dy_rows.shape[1])
-    for b in range(nb):
-        dyc.index_add_(0, inv[b], dy_rows)
+def reconstruct_rows_backward(dy_rows: torch.Tensor, inverse: torch.Tensor, dyc: torch.Tensor) -> torch.Tensor:
+    """dy_c,s (Eq. 8): per slot, the sum of the output gradient over the slot's members,
+    accumulated into the zeroed (nb, Cmax, M) ``dyc``."""
+    inv = inverse.reshape(inverse.shape[0], -1)
+    for b in range(inv.shape[0]):
+        dyc[b].index_add_(0, inv[b], dy_rows)
     return dyc

@@ -5,7 +5,7 @@ next to its forward. A rewritten ``y = conv2d(x, W, b)`` reads, in ``print_reada
 
     xp        = reuse.im2col(x, kernel, stride, padding, dilation)    # lazy im2col view
     ids       = reuse.lsh_hash(xp, planes, kernel, stride, dilation)  # Eq. 4, per sub-vector
-    inverse, counts, keys, centroids = reuse.cluster(xp, ids, ...)    # per sub-matrix
+    centroids, inverse, counts = reuse.cluster(xp, ids, ...)         # per sub-matrix
     y_c       = reuse.centroid_gemm(centroids, W)                     # y_c,b = x_c,b . W_b
     y         = reuse.reconstruct(y_c, inverse, b)                    # sum_b y_c,b[inverse_b] + b
 
@@ -15,7 +15,8 @@ gradient per cluster (dy_c,s, Eq. 8), ``centroid_gemm`` forms dW_b = x_c,b^T dy_
 cluster's share (Eq. 13-18) and adds it back into the input pixels (col2im).
 
 Tensors: ``xp`` (Nb, Hp, Wp, C) padded channels-last input; ``planes`` (L, H) hyperplanes;
-``ids`` and ``inverse`` (nb, Nb, Oh, Ow) int64; ``counts``, ``keys`` (nb, Cmax) int64;
+``ids`` and ``inverse`` (nb, Nb, Oh, Ow) int64 (``inverse[b]``: each row's slot in
+sub-matrix b); ``counts`` (nb, Cmax) int64;
 ``centroids`` (nb, Cmax, L); ``y_c`` (nb, Cmax, M); ``y`` (Nb, M, Oh, Ow), channels-last
 strided. Cmax is data-dependent.
 """
@@ -127,18 +128,19 @@ def cluster(
     L: int,
     H: int,
     scope: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cluster each sub-matrix by id within ``scope`` and average the members.
 
-    Returns ``(inverse, counts, keys, centroids)``; see the module docstring for shapes.
+    Returns ``(centroids, inverse, counts)``; see the module docstring for shapes. A slot's
+    hash id is ``kernels.slot_keys(ids, inverse, counts)``.
     """
     if scope not in SCOPES:
         raise ValueError(f"reuse.cluster: scope must be one of {SCOPES}, got {scope!r}")
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
-    inverse, counts, keys = kernels.compact(ids, H, scope)
+    inverse, counts = kernels.compact(ids, H, scope)
     sums = kernels.centroid_sums(xp, inverse, counts.shape[1], g)
     centroids = (sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)).to(xp.dtype)
-    return inverse, counts, keys, centroids
+    return centroids, inverse, counts
 
 
 @cluster.register_fake
@@ -146,22 +148,21 @@ def _(xp, ids, kernel_size, stride, dilation, L, H, scope):
     cmax = torch.library.get_ctx().new_dynamic_size()
     nb = ids.shape[0]
     return (
+        xp.new_empty(nb, cmax, L),
         torch.empty_like(ids),
         ids.new_empty(nb, cmax),
-        ids.new_empty(nb, cmax),
-        xp.new_empty(nb, cmax, L),
     )
 
 
 def _cluster_setup(ctx, inputs, output):
     xp, _, kernel_size, stride, dilation, L, _, _ = inputs
-    inverse, counts, _, _ = output
+    _, inverse, counts = output
     ctx.save_for_backward(inverse, counts)
     ctx.geometry = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
     ctx.dtype = xp.dtype
 
 
-def _cluster_backward(ctx, _g_inverse, _g_counts, _g_keys, g_centroids):
+def _cluster_backward(ctx, g_centroids, _g_inverse, _g_counts):
     inverse, counts = ctx.saved_tensors
     dxp = None
     if ctx.needs_input_grad[0]:
@@ -185,7 +186,7 @@ def centroid_gemm(centroids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     """y_c,b = x_c,b . W_b for every sub-matrix b: (nb, Cmax, L) x (M, C, kh, kw) -> (nb, Cmax, M)."""
     wb = _weight_geometry(weight.shape, centroids.shape[-1]).weight_blocks(weight)
     _check_blocks(centroids, wb)
-    return torch.bmm(centroids.to(wb.dtype), wb)
+    return torch.bmm(centroids, wb)
 
 
 @centroid_gemm.register_fake
@@ -194,6 +195,11 @@ def _(centroids, weight):
 
 
 def _check_blocks(centroids, wb):
+    if centroids.dtype != wb.dtype:
+        raise TypeError(
+            f"reuse.centroid_gemm: input dtype {centroids.dtype} differs from weight dtype {wb.dtype}; "
+            f"convert the input or the model (model.to(dtype)), as F.conv2d requires"
+        )
     if centroids.shape[0] != wb.shape[0]:
         raise ValueError(
             f"reuse.centroid_gemm: {centroids.shape[0]} sub-matrices of centroids but the weight "
@@ -231,20 +237,27 @@ def reconstruct(yc: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | No
     nb, Nb, oh, ow = inverse.shape
     rows = kernels.reconstruct_rows(yc, inverse)
     if bias is not None:
-        rows = rows + bias.to(rows.dtype)
-    return rows.view(Nb, oh, ow, yc.shape[-1]).permute(0, 3, 1, 2)
+        rows += bias.to(rows.dtype)
+    # The (N, M) rows are the output in channels-last memory. Re-wrap the storage as a
+    # fresh tensor rather than a permuted view: autograd forbids in-place ops (ReLU(inplace))
+    # on views returned by custom functions.
+    size, stride = _out_geometry(Nb, yc.shape[-1], oh, ow)
+    return rows.new_empty(0).set_(rows.untyped_storage(), rows.storage_offset(), size, stride)
+
+
+def _out_geometry(Nb, M, oh, ow):
+    return (Nb, M, oh, ow), (oh * ow * M, 1, ow * M, M)
 
 
 @reconstruct.register_fake
 def _(yc, inverse, bias):
     nb, Nb, oh, ow = inverse.shape
-    return yc.new_empty(Nb, oh, ow, yc.shape[-1]).permute(0, 3, 1, 2)
+    return yc.new_empty_strided(*_out_geometry(Nb, yc.shape[-1], oh, ow))
 
 
 def _reconstruct_setup(ctx, inputs, output):
     yc, inverse, bias = inputs
     ctx.save_for_backward(inverse)
-    ctx.slots = yc.shape[0] * yc.shape[1]
     ctx.yc_shape = yc.shape
     ctx.has_bias = bias is not None
 
@@ -255,7 +268,7 @@ def _reconstruct_backward(ctx, g_y):
     rows = g_y.permute(0, 2, 3, 1).reshape(-1, M)
     d_yc = d_bias = None
     if ctx.needs_input_grad[0]:
-        d_yc = kernels.reconstruct_rows_backward(rows, inverse, ctx.slots).view(ctx.yc_shape)
+        d_yc = kernels.reconstruct_rows_backward(rows, inverse, rows.new_zeros(ctx.yc_shape))
     if ctx.has_bias and ctx.needs_input_grad[2]:
         d_bias = rows.sum(0)
     return d_yc, None, d_bias

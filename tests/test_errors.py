@@ -1,0 +1,191 @@
+"""SPEC section 6: bad input works or fails with a message naming the thing and the way on;
+nothing hangs and no parameter changes on a forward."""
+
+import pytest
+import torch
+from torch import nn
+
+from reuse_compiler import ReuseConfig, ReuseTraceError, reuse_compile, set_stage
+from reuse_compiler.models import cifarnet
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.conv(x)
+        return x
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = Gate()
+        self.head = nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        return self.head(self.gate(self.stem(x)))
+
+
+class RootBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        return self.conv(x) if x.mean() > 0 else x
+
+
+def test_untraceable_submodule_names_place_and_way_on():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ReuseTraceError) as e:
+        reuse_compile(Untraceable(), x)
+    msg = str(e.value)
+    assert "'gate'" in msg and "Gate" in msg and "test_errors.py" in msg and "x.sum() > 0" in msg
+    assert "exclude=['gate']" in msg
+    gm = reuse_compile(Untraceable(), x, config=ReuseConfig(exclude=["gate"]))  # the way on works
+    plan = gm.reuse_plan
+    assert not plan["stem"].exact and not plan["head"].exact
+    assert plan["gate.conv"].exact and "excluded" in plan["gate.conv"].reason
+    assert gm(x).shape == (2, 2, 6, 6)
+
+
+def test_untraceable_root_forward():
+    with pytest.raises(ReuseTraceError, match="forward of RootBranch.*exclude"):
+        reuse_compile(RootBranch(), torch.randn(1, 3, 5, 5))
+
+
+@pytest.fixture
+def compiled():
+    torch.manual_seed(0)
+    model = cifarnet(in_channels=1, image_size=28)
+    gm = reuse_compile(model, torch.randn(16, 1, 28, 28))
+    return model, gm
+
+
+def _params(gm):
+    return {k: v.detach().clone() for k, v in gm.named_parameters()}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_inf_input_propagates_like_stock(compiled, bad):
+    model, gm = compiled
+    x = torch.randn(16, 1, 28, 28)
+    x[3, 0, 5, 5] = bad
+    before = _params(gm)
+    y = gm(x)
+    assert y.shape == (16, 10)
+    assert not torch.isfinite(y[3]).all()  # stock conv propagates it too
+    assert not torch.isfinite(model(x)[3]).all()
+    _assert_same(before, _params(gm))
+
+
+def test_all_zero_images(compiled):
+    model, gm = compiled
+    x = torch.zeros(16, 1, 28, 28)
+    y = gm(x)
+    assert torch.isfinite(y).all()
+    # conv1 sees only zero sub-vectors: one cluster, centroid 0, output = bias (exact)
+    assert gm.reuse_plan["conv1"].r_c == pytest.approx(1 / (16 * 28 * 28))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16, 40])
+def test_batch_sizes_other_than_the_example(compiled, batch):
+    model, gm = compiled
+    y = gm(torch.randn(batch, 1, 28, 28))
+    assert y.shape == (batch, 10)
+    loss = y.logsumexp(1).mean()
+    loss.backward()
+
+
+def test_empty_batch(compiled):
+    _, gm = compiled
+    assert gm(torch.randn(0, 1, 28, 28)).shape == (0, 10)
+
+
+def test_channels_last_input_gives_the_same_result(compiled):
+    _, gm = compiled
+    x = torch.randn(16, 1, 28, 28)
+    x4 = torch.randn(16, 3, 32, 32)
+    gm3 = reuse_compile(cifarnet(), x4)
+    torch.testing.assert_close(gm(x.to(memory_format=torch.channels_last)), gm(x))
+    torch.testing.assert_close(gm3(x4.to(memory_format=torch.channels_last)), gm3(x4))
+
+
+def test_float64_and_bfloat16_models():
+    x = torch.randn(8, 1, 28, 28)
+    model = cifarnet(in_channels=1, image_size=28)
+    gm = reuse_compile(model, x)
+    y64 = gm.double()(x.double())
+    assert y64.dtype == torch.float64 and torch.isfinite(y64).all()
+    y16 = gm.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16.float()).all()
+    y16.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in gm.parameters())
+
+
+def test_dtype_mismatch_is_a_clear_error(compiled):
+    _, gm = compiled
+    with pytest.raises(TypeError, match="dtype.*model.to"):
+        gm(torch.randn(2, 1, 28, 28, dtype=torch.float64))
+
+
+def test_forward_never_changes_parameters_bn_stats_move_in_train_mode():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(4, 3, 10, 10)
+    gm = reuse_compile(model, x)
+    assert torch.equal(gm.get_submodule("1").running_mean, torch.zeros(8))  # compiling ran nothing in train mode
+    before = _params(gm)
+    gm.train()
+    gm(x)
+    _assert_same(before, _params(gm))
+    assert not torch.equal(gm.get_submodule("1").running_mean, torch.zeros(8))
+    gm.eval()
+    stats = gm.get_submodule("1").running_mean.clone()
+    gm(x)
+    assert torch.equal(stats, gm.get_submodule("1").running_mean)
+
+
+def test_too_small_input_names_the_layer_extent():
+    gm = reuse_compile(nn.Sequential(nn.Conv2d(2, 2, 5)), torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel extent 5"):
+        gm(torch.randn(1, 2, 3, 3))
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"L": 0}, "L"), ({"L": "5"}, "L"), ({"H": 63}, "H"), ({"H": {"conv1": 0}}, "H"),
+    ({"scope": "global"}, "scope"), ({"seed": 1.5}, "seed"), ({"exclude": "conv1"}, "exclude"),
+    ({"cache_size": 0}, "cache_size"), ({"refresh": -1}, "refresh"), ({"l_values": "odd"}, "l_values"),
+])
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"ReuseConfig\.{field}"):
+        ReuseConfig(**kwargs)
+
+
+def test_bad_arguments():
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(TypeError, match="nn.Module"):
+        reuse_compile(lambda x: x, x)
+    with pytest.raises(TypeError, match="example_input"):
+        reuse_compile(cifarnet(), None)
+    with pytest.raises(TypeError, match="ReuseConfig"):
+        reuse_compile(cifarnet(), x, config={"L": 5})
+    with pytest.raises(ValueError, match=r"example_input \(shapes \[\(2, 1, 32, 32\)\]\)"):
+        reuse_compile(cifarnet(), torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"L for layer 'conv1' must be an int in \[1, K=75\]"):
+        reuse_compile(cifarnet(), x, config=ReuseConfig(L=100))
+    gm = reuse_compile(cifarnet(), x)
+    with pytest.raises(ValueError, match="H for layer 'conv2'"):
+        set_stage(gm, "conv2", H=70)
+    with pytest.raises(KeyError, match="conv7.*conv1"):
+        set_stage(gm, "conv7", L=5)
+    with pytest.raises(TypeError, match="reuse_compile"):
+        set_stage(cifarnet(), L=5)

@@ -1,0 +1,199 @@
+"""The reuse ops against the naive reference and against F.conv2d, forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_chain
+from torch.utils.flop_counter import FlopCounterMode
+
+from reuse_compiler.runtime.geometry import Geometry, block_kind
+from reuse_compiler.runtime.kernels import slot_keys
+from reuse_compiler.runtime.reference import lsh_planes, reference_reuse_conv2d
+
+# (C, M, kernel, stride, padding (t, b, l, r), dilation, L)
+SHAPES = [
+    (4, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 36),  # window: L = K
+    (4, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2),  # chunk: L | C
+    (4, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4),  # chunk: L = C
+    (4, 5, (3, 3), (2, 2), (1, 0, 1, 0), (1, 1), 12),  # row: 3 pixels
+    (8, 6, (3, 2), (2, 1), (1, 2, 0, 1), (1, 2), 16),  # row: 2 pixels, dilation
+    (4, 5, (3, 3), (1, 2), (0, 0, 0, 0), (2, 1), 7),  # general, L does not divide K
+    (3, 6, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 10),  # general, RGB-like
+    (2, 3, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # 1x1 conv, L = 1
+    (6, 4, (2, 3), (3, 2), (2, 0, 1, 1), (1, 1), 5),  # general, asymmetric everything
+]
+KINDS = {block_kind(k[0], k[1], C, L) for C, _, k, _, _, _, L in SHAPES}
+# The exact limit needs every distinct sub-vector in its own cluster. Sign hashing splits
+# R^L into few regions when L is small (2H sectors for L = 2), and zero padding makes
+# collinear sub-vectors when a sub-vector keeps a single real entry, so this grid uses
+# L >= 8 and pads only where padded parts are whole pixels of several channels.
+EXACT_SHAPES = [
+    (4, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 36),  # window
+    (16, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8),  # chunk, L | C
+    (16, 5, (3, 3), (2, 1), (1, 1, 1, 1), (1, 1), 16),  # chunk, L = C
+    (4, 5, (3, 3), (2, 2), (1, 0, 1, 0), (1, 1), 12),  # row
+    (8, 6, (3, 2), (2, 1), (1, 2, 0, 1), (1, 2), 16),  # row, dilation
+    (4, 5, (3, 3), (1, 2), (0, 0, 0, 0), (2, 1), 10),  # general, L does not divide K
+    (3, 6, (5, 5), (1, 1), (0, 0, 0, 0), (1, 1), 10),  # general
+    (6, 4, (2, 3), (3, 2), (0, 0, 0, 0), (1, 1), 9),  # general, asymmetric
+]
+
+
+def _inputs(C, M, k, dtype=torch.float64, Nb=3, H=9, W=8):
+    x = torch.randn(Nb, C, H, W, dtype=dtype, requires_grad=True)
+    w = torch.randn(M, C, *k, dtype=dtype, requires_grad=True)
+    b = torch.randn(M, dtype=dtype, requires_grad=True)
+    return x, w, b
+
+
+def test_grid_covers_every_fast_path():
+    assert KINDS == {"window", "chunk", "row", "general"}
+
+
+@pytest.mark.parametrize("scope", ["batch", "input"])
+@pytest.mark.parametrize("C,M,k,s,p,d,L", SHAPES)
+def test_ops_match_reference(C, M, k, s, p, d, L, scope):
+    """Same ids as the reference; on those ids, the same clusters, output and gradients."""
+    x, w, b = _inputs(C, M, k)
+    planes = lsh_planes(L, 5, seed=1, dtype=torch.float64)
+    y, st = run_chain(x, w, b, k=k, s=s, p=p, d=d, planes=planes, scope=scope)
+    _, ref_ids = reference_reuse_conv2d(x, w, b, stride=s, padding=p, dilation=d, L=L, planes=planes, scope=scope)
+    assert torch.equal(st["ids"], ref_ids["ids"])
+    y_ref, ref = reference_reuse_conv2d(
+        x, w, b, stride=s, padding=p, dilation=d, L=L, planes=planes, scope=scope, ids=st["ids"]
+    )
+    keys = slot_keys(st["ids"], st["inverse"], st["counts"])
+    for blk in range(st["ids"].shape[0]):
+        n = len(ref["counts"][blk])
+        assert torch.equal(st["counts"][blk, :n], ref["counts"][blk])
+        assert (st["counts"][blk, n:] == 0).all()
+        assert torch.equal(keys[blk, :n], ref["keys"][blk])
+        assert torch.equal(st["inverse"][blk].reshape(-1), ref["inverse"][blk])
+        torch.testing.assert_close(st["centroids"][blk, :n], ref["centroids"][blk], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), gy)
+    want = torch.autograd.grad(y_ref, (x, w, b), gy)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("scope", ["batch", "input"])
+@pytest.mark.parametrize("C,M,k,s,p,d,L", EXACT_SHAPES)
+def test_exact_when_every_cluster_is_one_vector(C, M, k, s, p, d, L, scope):
+    """Gaussian input, H = 62: each cluster holds one distinct sub-vector (zero-padding
+    sub-vectors only share clusters with identical ones), so reuse equals F.conv2d."""
+    x, w, b = _inputs(C, M, k)
+    planes = lsh_planes(L, 62, seed=2, dtype=torch.float64)
+    y, st = run_chain(x, w, b, k=k, s=s, p=p, d=d, planes=planes, scope=scope)
+    g = Geometry.of(st["xp"].shape, k, s, d, L)
+    for blk in range(g.nb):  # the premise: members of a cluster are identical
+        sub = g.gather_block(st["xp"].detach(), blk)
+        torch.testing.assert_close(sub, st["centroids"][blk][st["inverse"][blk].reshape(-1)], rtol=0, atol=0)
+    if p == (0, 0, 0, 0):
+        assert (st["counts"] <= 1).all()  # r_c = 1 in the strict sense
+    xpad = F.pad(x, (p[2], p[3], p[0], p[1]))
+    y_ref = F.conv2d(xpad, w, b, stride=s, dilation=d)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    for g1, g2 in zip(torch.autograd.grad(y, (x, w, b), gy), torch.autograd.grad(y_ref, (x, w, b), gy)):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_exact_limit_in_lower_precision(dtype, tol):
+    x, w, b = _inputs(16, 6, (3, 3), dtype=dtype)
+    planes = lsh_planes(16, 62, seed=3)
+    y, _ = run_chain(x, w, b, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), planes=planes)
+    assert y.dtype == dtype
+    y_ref = F.conv2d(x.float(), w.float(), b.float(), padding=1)
+    torch.testing.assert_close(y.float(), y_ref, rtol=tol, atol=tol * y_ref.abs().max().item())
+
+
+def test_equal_sub_vectors_hash_equally_wherever_they_occur():
+    """One hash family per layer: a pixel chunk gets the same id in every row and block."""
+    x = torch.randn(2, 8, 5, 5)
+    v = x[0, :, 0, 0].clone()
+    x[:, :, 1, 1] = v
+    x[:, :, 3, 2] = v
+    planes = lsh_planes(4, 12, seed=0)
+    _, st = run_chain(x, torch.randn(3, 8, 3, 3), None, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), planes=planes)
+    g = Geometry.of(st["xp"].shape, (3, 3), (1, 1), (1, 1), 4)
+    ids = st["ids"].reshape(g.nb, -1)
+    seen = {}
+    for blk in range(g.nb):
+        sub = g.gather_block(st["xp"], blk)
+        for n in range(g.N):
+            key = tuple(sub[n].tolist())
+            assert seen.setdefault(key, ids[blk, n].item()) == ids[blk, n].item()
+
+
+def test_zero_vector_hashes_to_zero():
+    x = torch.zeros(1, 4, 4, 4)
+    _, st = run_chain(x, torch.randn(2, 4, 3, 3), None, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1),
+                      planes=lsh_planes(6, 62, seed=0))
+    assert (st["ids"] == 0).all() and st["counts"].shape[1] == 1
+
+
+@pytest.mark.parametrize("L", [9, 3, 4])
+def test_backward_matmul_flops_scale_with_clusters_not_rows(L):
+    """Backward GEMMs run over |C| rows: duplicating the batch doubles N but, with batch scope,
+    adds no cluster, so the backward's matmul FLOPs stay the same, and they equal
+    2 GEMMs x 2 x nb x Cmax x L x M."""
+    w = torch.randn(8, 3, 3, 3, requires_grad=True)
+    planes = lsh_planes(L, 6, seed=0)
+    x = torch.randn(4, 3, 10, 10)
+    flops, cmaxes = [], []
+    for xb in (x, torch.cat([x, x])):
+        xb = xb.clone().requires_grad_()
+        y, st = run_chain(xb, w, None, k=(3, 3), s=(1, 1), p=(0, 0, 0, 0), d=(1, 1), planes=planes)
+        with FlopCounterMode(display=False) as fc:
+            y.backward(torch.randn_like(y))
+        nb, cmax, _ = st["centroids"].shape
+        assert fc.get_total_flops() == 2 * 2 * nb * cmax * L * 8
+        assert cmax < y.shape[0] * y.shape[2] * y.shape[3]  # per sub-matrix, fewer rows than N
+        flops.append(fc.get_total_flops())
+        cmaxes.append(cmax)
+    assert cmaxes[0] == cmaxes[1] and flops[0] == flops[1]
+
+
+def _op_args(dtype):
+    ops = torch.ops.reuse
+    x, w, b = _inputs(4, 5, (3, 3), dtype=dtype, Nb=2, H=6, W=5)
+    k, s, p, d = [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]
+    planes = lsh_planes(8, 4, seed=0, dtype=dtype)
+    xp = ops.im2col(x, k, s, p, d)
+    ids = ops.lsh_hash(xp, planes, k, s, d)
+    cent, inv, _ = ops.cluster(xp, ids, k, s, d, 8, 4, "batch")
+    yc = ops.centroid_gemm(cent, w)
+    leaf = lambda t: t.detach().requires_grad_()
+    return {
+        "im2col": (x, k, s, p, d),
+        "lsh_hash": (xp.detach(), planes, k, s, d),
+        "cluster": (leaf(xp), ids, k, s, d, 8, 4, "batch"),
+        "cluster_input_scope": (leaf(xp), ids, k, s, d, 8, 4, "input"),
+        "centroid_gemm": (leaf(cent), w),
+        "reconstruct": (leaf(yc), inv, b),
+        "reconstruct_no_bias": (leaf(yc), inv, None),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "name", ["im2col", "lsh_hash", "cluster", "cluster_input_scope", "centroid_gemm", "reconstruct",
+             "reconstruct_no_bias"]
+)
+def test_opcheck(name, dtype):
+    op = getattr(torch.ops.reuse, name.split("_input")[0].split("_no_bias")[0]).default
+    torch.library.opcheck(op, _op_args(dtype)[name])
+
+
+def test_gradcheck_chain_float64():
+    """float64 gradcheck of the op chain w.r.t. input, weight and bias (input without zeros)."""
+    planes = lsh_planes(6, 5, seed=4, dtype=torch.float64)
+    x, w, b = _inputs(3, 4, (3, 2), Nb=2, H=5, W=5)
+
+    def f(x, w, b):
+        return run_chain(x, w, b, k=(3, 2), s=(2, 1), p=(1, 1, 0, 1), d=(1, 1), planes=planes)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))

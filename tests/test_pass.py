@@ -1,0 +1,242 @@
+"""The FX pass: every convolution rewritten (or listed with a reason), the module trains,
+the plan is complete, stages switch without touching parameters."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reuse_compiler import ReuseConfig, reuse_compile, set_stage
+from reuse_compiler.cli import main as cli_main
+from reuse_compiler.models import alexnet, cifarnet, functional_net, vgg19
+
+REUSE_OPS = {
+    torch.ops.reuse.im2col.default,
+    torch.ops.reuse.lsh_hash.default,
+    torch.ops.reuse.cluster.default,
+    torch.ops.reuse.centroid_gemm.default,
+    torch.ops.reuse.reconstruct.default,
+}
+MODELS = {
+    "cifarnet-digits": (lambda: cifarnet(in_channels=1, image_size=28), (16, 1, 28, 28), 2),
+    "cifarnet-rgb": (lambda: cifarnet(in_channels=3, image_size=32), (8, 3, 32, 32), 2),
+    "alexnet-small": (lambda: alexnet(width=0.125, image_size=32), (4, 3, 32, 32), 5),
+    "vgg19-small": (lambda: vgg19(width=0.0625, image_size=32), (4, 3, 32, 32), 16),
+    "functional": (lambda: functional_net(in_channels=3), (4, 3, 16, 16), 2),
+}
+
+
+def _conv_nodes(gm):
+    mods = dict(gm.named_modules())
+    return [
+        n for n in gm.graph.nodes
+        if (n.op == "call_module" and isinstance(mods.get(n.target), nn.Conv2d))
+        or (n.op == "call_function" and n.target in (torch.conv2d, F.conv2d))
+    ]
+
+
+def _reuse_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in REUSE_OPS]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_conv_rewritten_and_trains(name):
+    factory, shape, n_convs = MODELS[name]
+    model = factory()
+    x = torch.randn(*shape)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = reuse_compile(model, x)
+    assert len(gm.reuse_plan) == n_convs
+    assert all(not r.exact and r.reason is None for r in gm.reuse_plan)
+    assert _conv_nodes(gm) == []
+    assert len(_reuse_nodes(gm)) == 5 * n_convs
+    assert gm(x).shape == model(x).shape
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01)
+    w0 = [p.detach().clone() for p in gm.parameters()]
+    for _ in range(2):
+        loss = F.cross_entropy(gm(x), torch.randint(0, 10, (shape[0],)))
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gm.parameters())
+        opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(w0, gm.parameters()))
+    for k, v in model.state_dict().items():  # the user's model is untouched
+        assert torch.equal(v, before[k])
+    for row in gm.reuse_plan:
+        assert 0 < row.r_c <= 1 and row.flop_ratio > 0
+
+
+def test_plan_fields_table_and_json():
+    gm = reuse_compile(cifarnet(in_channels=3), torch.randn(128, 3, 32, 32))
+    row = gm.reuse_plan["conv2"]
+    assert (row.in_channels, row.out_channels, row.kernel_size, row.stride, row.padding) == (
+        64, 64, (5, 5), (1, 1), (2, 2, 2, 2))
+    assert (row.K, row.N, row.L_range, row.H_range) == (1600, 32768, (5, 40), (9, 14))
+    assert row.candidates[0] == (row.L, row.H) and not row.exact and not row.cluster_reuse
+    assert row.r_c is None and row.reason is None
+    d = gm.reuse_plan.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert {"name", "K", "N", "L_range", "H_range", "candidates", "L", "H", "cluster_reuse", "exact", "reason",
+            "r_c", "reuse_rate", "flop_ratio"} <= set(d["layers"][0])
+    text = str(gm.reuse_plan)
+    assert "conv1" in text and "conv2" in text and "r_c" in text
+    with torch.no_grad():
+        gm(torch.randn(128, 3, 32, 32))
+    assert 0 < gm.reuse_plan["conv2"].r_c < 1
+    assert gm.reuse_plan["conv2"].flop_ratio == pytest.approx(
+        row.H / 64 + gm.reuse_plan["conv2"].r_c + 1 / row.L)
+    with pytest.raises(KeyError, match="conv3"):
+        gm.reuse_plan["conv3"]
+
+
+def test_set_stage_switches_without_touching_parameters():
+    torch.manual_seed(0)
+    model = cifarnet(in_channels=1, image_size=28)
+    x = torch.randn(8, 1, 28, 28)
+    gm = reuse_compile(model, x)
+    params = list(gm.parameters())
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    F.cross_entropy(gm(x), torch.zeros(8, dtype=torch.long)).backward()
+    opt.step()
+    set_stage(gm, "conv2", L=16, H=10)
+    assert (gm.reuse_plan["conv2"].L, gm.reuse_plan["conv2"].H) == (16, 10)
+    assert gm.reuse_plan["conv2"].stage is None or gm.reuse_plan["conv2"].candidates[gm.reuse_plan["conv2"].stage] == (16, 10)
+    assert "16, 10, 'batch'" in gm.code
+    set_stage(gm, exact=True)
+    assert all(r.exact for r in gm.reuse_plan) and _reuse_nodes(gm) == []
+    assert list(gm.parameters()) == params  # same Parameter objects: the optimizer still holds them
+    ref = cifarnet(in_channels=1, image_size=28)
+    ref.load_state_dict({k: v for k, v in gm.state_dict().items() if not k.startswith("reuse_state")})
+    torch.testing.assert_close(gm(x), ref(x))
+    set_stage(gm, exact=False)
+    assert len(_reuse_nodes(gm)) == 10
+    F.cross_entropy(gm(x), torch.zeros(8, dtype=torch.long)).backward()
+    opt.step()
+
+
+def test_config_overrides():
+    x = torch.randn(8, 3, 32, 32)
+    gm = reuse_compile(cifarnet(), x, config=ReuseConfig(L=5, H={"conv2": 12}, scope="input", seed=3))
+    assert [(r.L, r.H) for r in gm.reuse_plan] == [(5, gm.reuse_plan["conv1"].H_range[0]), (5, 12)]
+    assert "'input'" in gm.code and "'batch'" not in gm.code
+    gm2 = reuse_compile(cifarnet(), x, config=ReuseConfig(seed=4))
+    assert not torch.equal(gm.reuse_state.conv2.planes, gm2.reuse_state.conv2.planes)
+    gm3 = reuse_compile(cifarnet(), x, config=ReuseConfig(seed=4))
+    assert torch.equal(gm3.reuse_state.conv2.planes, gm2.reuse_state.conv2.planes)  # fixed by the seed
+
+
+def test_exclude_layers_and_modules():
+    x = torch.randn(4, 3, 32, 32)
+    gm = reuse_compile(cifarnet(), x, config=ReuseConfig(exclude=["conv1"]))
+    assert gm.reuse_plan["conv1"].exact and "exclude" in gm.reuse_plan["conv1"].reason
+    assert not gm.reuse_plan["conv2"].exact
+    gm = reuse_compile(vgg19(width=0.0625, image_size=32), x, config=ReuseConfig(exclude=["features"]))
+    rows = list(gm.reuse_plan)
+    assert len(rows) == 16 and all(r.exact and "excluded" in r.reason for r in rows)
+    with pytest.raises(ValueError, match="unknown"):
+        reuse_compile(cifarnet(), x, config=ReuseConfig(exclude=["conv9"]))
+    with pytest.raises(ValueError, match="unknown layers"):
+        reuse_compile(cifarnet(), x, config=ReuseConfig(L={"conv9": 5}))
+
+
+def _exact_limit_config(model, x):
+    """L = K and H = 62: on Gaussian input every window is its own cluster."""
+    gm0 = reuse_compile(model, x)
+    return ReuseConfig(L={r.name: r.K for r in gm0.reuse_plan if r.reason is None}, H=62)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(8, 6, 3),
+    nn.Conv2d(8, 6, 3, stride=2, padding=1, bias=False),
+    nn.Conv2d(8, 6, 4, padding="same"),  # even kernel: asymmetric padding
+    nn.Conv2d(8, 6, 3, padding="same", dilation=2),
+    nn.Conv2d(8, 6, 3, padding=1, groups=2),
+    nn.Conv2d(8, 8, (3, 2), stride=(2, 1), padding=(1, 0)),
+])
+def test_module_equals_original_at_exact_limit(conv):
+    model = nn.Sequential(conv).double()
+    x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
+    gm = reuse_compile(model, x, config=_exact_limit_config(model, x))
+    assert _conv_nodes(gm) == []
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-10, atol=1e-10)
+    xr = x.clone().requires_grad_()
+    gm(xr).sum().backward()
+    xo = x.clone().requires_grad_()
+    model(xo).sum().backward()
+    torch.testing.assert_close(xr.grad, xo.grad, rtol=1e-10, atol=1e-10)
+    for p1, p2 in zip(gm.parameters(), model.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_conv_is_one_chain_per_group():
+    gm = reuse_compile(nn.Sequential(nn.Conv2d(8, 6, 3, groups=2)), torch.randn(2, 8, 6, 6))
+    assert len(_reuse_nodes(gm)) == 10
+    row = gm.reuse_plan["0"]
+    assert row.groups == 2 and row.K == 4 * 9 and row.M == 3
+
+
+def test_unsupported_convs_stay_exact_with_reason():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(16, 16, 3, groups=16))
+    model[1] = nn.Conv2d(4, 16, 3, groups=4)
+    model.append(nn.Conv2d(16, 16, 3, groups=16))
+    x = torch.randn(2, 4, 10, 10)
+    gm = reuse_compile(model, x)
+    assert "padding_mode" in gm.reuse_plan["0"].reason and gm.reuse_plan["0"].exact
+    assert gm.reuse_plan["1"].reason is None
+    assert "groups=16" in gm.reuse_plan["2"].reason
+    torch.testing.assert_close(gm(x).shape, model(x).shape)
+    with pytest.raises(ValueError, match="padding_mode"):
+        set_stage(gm, "0", exact=False)
+
+
+def test_functional_conv_rows_and_shared_module():
+    gm = reuse_compile(functional_net(), torch.randn(2, 3, 16, 16))
+    rows = list(gm.reuse_plan)
+    assert [r.stride for r in rows] == [(2, 2), (1, 1)] and [r.bias for r in rows] == [False, True]
+    assert rows[1].dilation == (2, 2)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x)))
+
+    gm = reuse_compile(Shared(), torch.randn(2, 4, 8, 8))
+    assert gm.reuse_plan.names() == ["conv", "conv:1"]
+    gm(torch.randn(2, 4, 8, 8)).sum().backward()
+
+
+def test_inplace_shares_parameters():
+    model = cifarnet(in_channels=1, image_size=28)
+    gm = reuse_compile(model, torch.randn(2, 1, 28, 28), inplace=True)
+    assert gm.conv1.weight is model.conv1.weight
+    gm2 = reuse_compile(model, torch.randn(2, 1, 28, 28))
+    assert gm2.conv1.weight is not model.conv1.weight
+
+
+def test_gradcheck_rewritten_module_float64():
+    """Whole-module float64 gradcheck: conv -> tanh -> conv (input without zeros)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, stride=2)).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm = reuse_compile(model, x, config=ReuseConfig(H=6))
+    names = [n for n, _ in gm.named_parameters()]
+
+    def f(x, *params):
+        return torch.func.functional_call(gm, dict(zip(names, params)), (x,))
+
+    inputs = (x.requires_grad_(),) + tuple(p.detach().clone().requires_grad_() for p in gm.parameters())
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_cli_inspect_prints_plan_and_graph(capsys):
+    assert cli_main(["inspect", "examples.models:cifarnet", "--input-shape", "16,3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert "conv2" in out and "L range" in out and "reuse.im2col" in out and "reuse.reconstruct" in out
+    assert cli_main(["inspect", "reuse_compiler.models:cifarnet", "--input-shape", "4,1,28,28",
+                     "--kwargs", '{"in_channels": 1, "image_size": 28}', "--json", "--L", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"][1]["L"] == 5
