@@ -10,8 +10,11 @@ import reuse_compiler
 
 MODULES = sorted(
     {m.name for m in pkgutil.walk_packages(reuse_compiler.__path__, "reuse_compiler.")}
-    | {f"reuse_compiler.{sub}.{m.name}" for sub in ("passes", "runtime")
-       for m in pkgutil.iter_modules(importlib.import_module(f"reuse_compiler.{sub}").__path__)}
+    | {
+        f"reuse_compiler.{sub}.{m.name}"
+        for sub in ("passes", "runtime")
+        for m in pkgutil.iter_modules(importlib.import_module(f"reuse_compiler.{sub}").__path__)
+    }
     | {"reuse_compiler"}
 )
 

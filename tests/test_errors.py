@@ -160,11 +160,21 @@ def test_too_small_input_names_the_layer_extent():
         gm(torch.randn(1, 2, 3, 3))
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"L": 0}, "L"), ({"L": "5"}, "L"), ({"H": 63}, "H"), ({"H": {"conv1": 0}}, "H"),
-    ({"scope": "global"}, "scope"), ({"seed": 1.5}, "seed"), ({"exclude": "conv1"}, "exclude"),
-    ({"cache_size": 0}, "cache_size"), ({"refresh": -1}, "refresh"), ({"l_values": "odd"}, "l_values"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"L": 0}, "L"),
+        ({"L": "5"}, "L"),
+        ({"H": 63}, "H"),
+        ({"H": {"conv1": 0}}, "H"),
+        ({"scope": "global"}, "scope"),
+        ({"seed": 1.5}, "seed"),
+        ({"exclude": "conv1"}, "exclude"),
+        ({"cache_size": 0}, "cache_size"),
+        ({"refresh": -1}, "refresh"),
+        ({"l_values": "odd"}, "l_values"),
+    ],
+)
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"ReuseConfig\.{field}"):
         ReuseConfig(**kwargs)

@@ -3,12 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_chain
 from torch.utils.flop_counter import FlopCounterMode
 
 from reuse_compiler.runtime.geometry import Geometry, block_kind
 from reuse_compiler.runtime.kernels import slot_keys
 from reuse_compiler.runtime.reference import lsh_planes, reference_reuse_conv2d
+
+from conftest import run_chain
 
 # (C, M, kernel, stride, padding (t, b, l, r), dilation, L)
 SHAPES = [
@@ -130,8 +131,9 @@ def test_equal_sub_vectors_hash_equally_wherever_they_occur():
 
 def test_zero_vector_hashes_to_zero():
     x = torch.zeros(1, 4, 4, 4)
-    _, st = run_chain(x, torch.randn(2, 4, 3, 3), None, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1),
-                      planes=lsh_planes(6, 62, seed=0))
+    _, st = run_chain(
+        x, torch.randn(2, 4, 3, 3), None, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), planes=lsh_planes(6, 62, seed=0)
+    )
     assert (st["ids"] == 0).all() and st["counts"].shape[1] == 1
 
 
@@ -180,8 +182,8 @@ def _op_args(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "name", ["im2col", "lsh_hash", "cluster", "cluster_input_scope", "centroid_gemm", "reconstruct",
-             "reconstruct_no_bias"]
+    "name",
+    ["im2col", "lsh_hash", "cluster", "cluster_input_scope", "centroid_gemm", "reconstruct", "reconstruct_no_bias"],
 )
 def test_opcheck(name, dtype):
     op = getattr(torch.ops.reuse, name.split("_input")[0].split("_no_bias")[0]).default

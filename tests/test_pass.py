@@ -31,7 +31,8 @@ MODELS = {
 def _conv_nodes(gm):
     mods = dict(gm.named_modules())
     return [
-        n for n in gm.graph.nodes
+        n
+        for n in gm.graph.nodes
         if (n.op == "call_module" and isinstance(mods.get(n.target), nn.Conv2d))
         or (n.op == "call_function" and n.target in (torch.conv2d, F.conv2d))
     ]
@@ -73,21 +74,39 @@ def test_plan_fields_table_and_json():
     gm = reuse_compile(cifarnet(in_channels=3), torch.randn(128, 3, 32, 32))
     row = gm.reuse_plan["conv2"]
     assert (row.in_channels, row.out_channels, row.kernel_size, row.stride, row.padding) == (
-        64, 64, (5, 5), (1, 1), (2, 2, 2, 2))
+        64,
+        64,
+        (5, 5),
+        (1, 1),
+        (2, 2, 2, 2),
+    )
     assert (row.K, row.N, row.L_range, row.H_range) == (1600, 32768, (5, 40), (9, 14))
     assert row.candidates[0] == (row.L, row.H) and not row.exact and not row.cluster_reuse
     assert row.r_c is None and row.reason is None
     d = gm.reuse_plan.to_dict()
     assert json.loads(json.dumps(d)) == d
-    assert {"name", "K", "N", "L_range", "H_range", "candidates", "L", "H", "cluster_reuse", "exact", "reason",
-            "r_c", "reuse_rate", "flop_ratio"} <= set(d["layers"][0])
+    assert {
+        "name",
+        "K",
+        "N",
+        "L_range",
+        "H_range",
+        "candidates",
+        "L",
+        "H",
+        "cluster_reuse",
+        "exact",
+        "reason",
+        "r_c",
+        "reuse_rate",
+        "flop_ratio",
+    } <= set(d["layers"][0])
     text = str(gm.reuse_plan)
     assert "conv1" in text and "conv2" in text and "r_c" in text
     with torch.no_grad():
         gm(torch.randn(128, 3, 32, 32))
     assert 0 < gm.reuse_plan["conv2"].r_c < 1
-    assert gm.reuse_plan["conv2"].flop_ratio == pytest.approx(
-        row.H / 64 + gm.reuse_plan["conv2"].r_c + 1 / row.L)
+    assert gm.reuse_plan["conv2"].flop_ratio == pytest.approx(row.H / 64 + gm.reuse_plan["conv2"].r_c + 1 / row.L)
     with pytest.raises(KeyError, match="conv3"):
         gm.reuse_plan["conv3"]
 
@@ -103,7 +122,10 @@ def test_set_stage_switches_without_touching_parameters():
     opt.step()
     set_stage(gm, "conv2", L=16, H=10)
     assert (gm.reuse_plan["conv2"].L, gm.reuse_plan["conv2"].H) == (16, 10)
-    assert gm.reuse_plan["conv2"].stage is None or gm.reuse_plan["conv2"].candidates[gm.reuse_plan["conv2"].stage] == (16, 10)
+    assert gm.reuse_plan["conv2"].stage is None or gm.reuse_plan["conv2"].candidates[gm.reuse_plan["conv2"].stage] == (
+        16,
+        10,
+    )
     assert "16, 10, 'batch'" in gm.code
     set_stage(gm, exact=True)
     assert all(r.exact for r in gm.reuse_plan) and _reuse_nodes(gm) == []
@@ -148,14 +170,17 @@ def _exact_limit_config(model, x):
     return ReuseConfig(L={r.name: r.K for r in gm0.reuse_plan if r.reason is None}, H=62)
 
 
-@pytest.mark.parametrize("conv", [
-    nn.Conv2d(8, 6, 3),
-    nn.Conv2d(8, 6, 3, stride=2, padding=1, bias=False),
-    nn.Conv2d(8, 6, 4, padding="same"),  # even kernel: asymmetric padding
-    nn.Conv2d(8, 6, 3, padding="same", dilation=2),
-    nn.Conv2d(8, 6, 3, padding=1, groups=2),
-    nn.Conv2d(8, 8, (3, 2), stride=(2, 1), padding=(1, 0)),
-])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(8, 6, 3),
+        nn.Conv2d(8, 6, 3, stride=2, padding=1, bias=False),
+        nn.Conv2d(8, 6, 4, padding="same"),  # even kernel: asymmetric padding
+        nn.Conv2d(8, 6, 3, padding="same", dilation=2),
+        nn.Conv2d(8, 6, 3, padding=1, groups=2),
+        nn.Conv2d(8, 8, (3, 2), stride=(2, 1), padding=(1, 0)),
+    ],
+)
 def test_module_equals_original_at_exact_limit(conv):
     model = nn.Sequential(conv).double()
     x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
@@ -237,6 +262,20 @@ def test_cli_inspect_prints_plan_and_graph(capsys):
     assert cli_main(["inspect", "examples.models:cifarnet", "--input-shape", "16,3,32,32"]) == 0
     out = capsys.readouterr().out
     assert "conv2" in out and "L range" in out and "reuse.im2col" in out and "reuse.reconstruct" in out
-    assert cli_main(["inspect", "reuse_compiler.models:cifarnet", "--input-shape", "4,1,28,28",
-                     "--kwargs", '{"in_channels": 1, "image_size": 28}', "--json", "--L", "5"]) == 0
+    assert (
+        cli_main(
+            [
+                "inspect",
+                "reuse_compiler.models:cifarnet",
+                "--input-shape",
+                "4,1,28,28",
+                "--kwargs",
+                '{"in_channels": 1, "image_size": 28}',
+                "--json",
+                "--L",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["layers"][1]["L"] == 5

@@ -15,16 +15,19 @@ def test_worked_example_cifarnet_conv2():
     assert policies.h_range(N) == (9, 14)
 
 
-@pytest.mark.parametrize("kw,ic,first,expected", [
-    (5, 3, True, (5, 10)),  # ceil(sqrt(3)) = 2
-    (5, 1, True, (5, 5)),
-    (3, 64, True, (3, 24)),  # first layer: Amendment 1 does not apply
-    (3, 64, False, (9, 24)),  # Amendment 1: 3 * 3 < 10 -> L_min = 9
-    (3, 4, False, (9, 9)),  # Amendment 1 pushes L_min past L_max = 6: single value
-    (4, 16, False, (4, 16)),  # 4 * 4 = 16 >= 10: no amendment
-    (1, 100, False, (1, 10)),
-    (11, 3, True, (11, 22)),
-])
+@pytest.mark.parametrize(
+    "kw,ic,first,expected",
+    [
+        (5, 3, True, (5, 10)),  # ceil(sqrt(3)) = 2
+        (5, 1, True, (5, 5)),
+        (3, 64, True, (3, 24)),  # first layer: Amendment 1 does not apply
+        (3, 64, False, (9, 24)),  # Amendment 1: 3 * 3 < 10 -> L_min = 9
+        (3, 4, False, (9, 9)),  # Amendment 1 pushes L_min past L_max = 6: single value
+        (4, 16, False, (4, 16)),  # 4 * 4 = 16 >= 10: no amendment
+        (1, 100, False, (1, 10)),
+        (11, 3, True, (11, 22)),
+    ],
+)
 def test_policy1_with_amendment(kw, ic, first, expected):
     assert policies.l_range(kw, ic, first) == expected
 
