@@ -18,7 +18,7 @@ from torch import fx
 
 from .analysis import conv_operands
 
-__all__ = ["emit_reuse_conv", "rebuild", "state_path"]
+__all__ = ["emit_reuse_conv", "rebuild", "rewritten_graph", "state_path"]
 
 _ops = torch.ops.reuse
 
@@ -32,8 +32,11 @@ def _node(graph: fx.Graph, target, args, name: str) -> fx.Node:
     return graph.create_node("call_function", target, args, name=name)
 
 
-def emit_reuse_conv(graph: fx.Graph, x, weight, bias, row, scope: str, base: str, group: int = 0) -> fx.Node:
-    """Emit one chain at the graph's insertion point and return its output node."""
+def emit_reuse_conv(
+    graph: fx.Graph, x, weight, bias, row, scope: str, base: str, group: int = 0, record: bool = True
+) -> fx.Node:
+    """Emit one chain at the graph's insertion point and return its output node. With
+    ``record`` the chain ends with a call to the layer's state module (measurements)."""
     k = list(row.kernel_size)
     s = list(row.stride)
     d = list(row.dilation)
@@ -46,17 +49,18 @@ def emit_reuse_conv(graph: fx.Graph, x, weight, bias, row, scope: str, base: str
     counts = _node(graph, operator.getitem, (cl, 2), f"{base}_counts")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     y = _node(graph, _ops.reconstruct.default, (yc, inverse, bias), f"{base}_y")
-    graph.call_module(state_path(row.name), (counts, group))
+    if record:
+        graph.call_module(state_path(row.name), (counts, group))
     return y
 
 
-def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str) -> None:
+def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool) -> None:
     base = row.name.replace(".", "_").replace(":", "_call")
     with graph.inserting_before(node):
         x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
         g = row.groups
         if g == 1:
-            out = emit_reuse_conv(graph, x, w, b, row, scope, base)
+            out = emit_reuse_conv(graph, x, w, b, row, scope, base, record=record)
         else:
             cg, mg = row.in_channels // g, row.out_channels // g
             parts = []
@@ -64,21 +68,27 @@ def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str) -> None:
                 xi = _node(graph, torch.narrow, (x, 1, i * cg, cg), f"{base}_g{i}_x")
                 wi = _node(graph, torch.narrow, (w, 0, i * mg, mg), f"{base}_g{i}_w")
                 bi = None if b is None else _node(graph, torch.narrow, (b, 0, i * mg, mg), f"{base}_g{i}_b")
-                parts.append(emit_reuse_conv(graph, xi, wi, bi, row, scope, f"{base}_g{i}", group=i))
+                parts.append(emit_reuse_conv(graph, xi, wi, bi, row, scope, f"{base}_g{i}", group=i, record=record))
             out = _node(graph, torch.cat, (parts, 1), f"{base}_cat")
     node.replace_all_uses_with(out)
     graph.erase_node(node)
 
 
-def rebuild(gm: fx.GraphModule) -> fx.GraphModule:
-    """Regenerate ``gm``'s graph from its traced source and its plan's current stages."""
+def rewritten_graph(gm: fx.GraphModule, record: bool = True) -> fx.Graph:
+    """A new graph: ``gm``'s traced source with every non-exact row's conv rewritten at the
+    row's current stage. ``record=False`` leaves out the state-module calls (for export)."""
     graph = copy.deepcopy(gm._reuse_source)
     nodes = {n.name: n for n in graph.nodes}
     scope = "input" if gm.reuse_config.scope == "input" else "batch"
     for row in gm.reuse_plan.rows():
         if row.rewritable and not row.exact:
-            _rewrite_node(gm, graph, nodes[row.node], row, scope)
+            _rewrite_node(gm, graph, nodes[row.node], row, scope, record)
     graph.lint()
-    gm.graph = graph
+    return graph
+
+
+def rebuild(gm: fx.GraphModule) -> fx.GraphModule:
+    """Regenerate ``gm``'s graph from its traced source and its plan's current stages."""
+    gm.graph = rewritten_graph(gm)
     gm.recompile()
     return gm
