@@ -48,6 +48,9 @@ def emit_reuse_conv(
     inverse = _node(graph, operator.getitem, (cl, 1), f"{base}_inverse")
     counts = _node(graph, operator.getitem, (cl, 2), f"{base}_counts")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
+    if row.cluster_reuse:  # Algorithm 1: outputs of ids seen before come from the store
+        yc = graph.call_module(state_path(row.name) + ".store", (yc, centroids, ids, inverse, counts, weight, group))
+        yc.name = f"{base}_yc_reused"
     y = _node(graph, _ops.reconstruct.default, (yc, inverse, bias), f"{base}_y")
     if record:
         graph.call_module(state_path(row.name), (counts, group))

@@ -11,12 +11,19 @@ from reuse_compiler.passes.analysis import ReuseTraceError
 from reuse_compiler.runtime import ops as _ops  # noqa: F401  (registers the reuse:: operators)
 
 from .api import reuse_compile, set_stage
+from .checkpoint import load_checkpoint, load_stage_dict, save_checkpoint, stage_dict
 from .config import ReuseConfig
+from .controller import AdaptiveReuse
 from .plan import LayerPlan, ReusePlan
 
 __all__ = [
     "reuse_compile",
     "set_stage",
+    "AdaptiveReuse",
+    "save_checkpoint",
+    "load_checkpoint",
+    "stage_dict",
+    "load_stage_dict",
     "ReuseConfig",
     "ReusePlan",
     "LayerPlan",

@@ -103,8 +103,8 @@ def _measure(gm: fx.GraphModule):
             r_c = state.remaining_ratio()
             if r_c is not None:
                 row.r_c = r_c
-                row.flop_ratio = row.predicted_flop_ratio(r_c)
-                row.reuse_rate = state.reuse_rate() if hasattr(state, "reuse_rate") else None
+                row.reuse_rate = state.reuse_rate() if row.cluster_reuse else None
+                row.flop_ratio = row.predicted_flop_ratio(r_c, row.reuse_rate)
 
     return measure
 
@@ -172,7 +172,7 @@ def reuse_compile(
     gm.add_module("reuse_state", nn.Module())
     for row in rows:
         if row.rewritable:
-            state = ReuseLayer(row.name, config.seed)
+            state = ReuseLayer(row.name, config.seed, config.cache_size, config.refresh)
             state.set_params(row.L, row.H)
             _register(gm, state_path(row.name), state)
     gm.reuse_plan = ReusePlan(rows, measure=_measure(gm))
@@ -230,6 +230,8 @@ def set_stage(gm: fx.GraphModule, layer: str | None = None, *, L=None, H=None, c
             row.H = H
         if cluster_reuse is not None:
             row.cluster_reuse = bool(cluster_reuse)
+            if not row.cluster_reuse and row.rewritable:  # stale outputs are not kept for later
+                gm.get_submodule(state_path(row.name)).store.clear()
         if exact is not None:
             row.exact = bool(exact) or not row.rewritable
         if row.rewritable:

@@ -66,12 +66,14 @@ class LayerPlan:
         except ValueError:
             return None
 
-    def predicted_flop_ratio(self, r_c: float | None = None) -> float | None:
-        """Eq. 5 / 21: H/M + r_c + 1/L of the exact layer's forward FLOPs."""
+    def predicted_flop_ratio(self, r_c: float | None = None, reuse_rate: float | None = None) -> float | None:
+        """Forward FLOPs relative to the exact layer: H/M + r_c + 1/L (Eq. 5), or with
+        cluster reuse H/M + (1 - R) r_c + 1/L (Eq. 6)."""
         r = self.r_c if r_c is None else r_c
         if self.exact or self.L is None or r is None:
             return None
-        return expected_cost(self.L, self.H, self.M, r)
+        R = (self.reuse_rate if reuse_rate is None else reuse_rate) if self.cluster_reuse else None
+        return expected_cost(self.L, self.H, self.M, r * (1 - (R or 0.0)))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -2,8 +2,9 @@
 
 A compiled module holds one :class:`ReuseLayer` per plan row under ``gm.reuse_state``. It
 owns the layer's hash planes (one family per layer and (L, H), derived from the seed, so
-every rank and every restart draws the same planes) and records what the last forward
-measured, for the plan's r_c column.
+every rank and every restart draws the same planes), records what the last forward
+measured, for the plan's r_c and R columns, and holds the across-batch store
+(:class:`ClusterReuse`, used when the layer's stage has cluster reuse on).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import zlib
 import torch
 from torch import nn
 
+from .geometry import Geometry
+from .kernels import slot_keys
 from .reference import lsh_planes
+from .store import ClusterStore
 
-__all__ = ["ReuseLayer", "planes_seed"]
+__all__ = ["ReuseLayer", "ClusterReuse", "planes_seed"]
 
 
 def planes_seed(seed: int, layer: str, L: int, H: int) -> int:
@@ -29,12 +33,13 @@ class ReuseLayer(nn.Module):
     Called from the graph with each group's ``counts`` (nb, Cmax); it only records them.
     """
 
-    def __init__(self, name: str, seed: int):
+    def __init__(self, name: str, seed: int, cache_size: int = 65536, refresh: int = 50):
         super().__init__()
         self.layer_name = name
         self.seed = seed
         self.register_buffer("planes", torch.empty(0, 0), persistent=False)
         self.last_counts: dict[int, torch.Tensor] = {}
+        self.store = ClusterReuse(cache_size, refresh)
 
     @property
     def LH(self) -> tuple[int, int] | None:
@@ -47,6 +52,7 @@ class ReuseLayer(nn.Module):
         planes = lsh_planes(L, H, planes_seed(self.seed, self.layer_name, L, H))
         self.planes = planes.to(self.planes.device)
         self.last_counts = {}
+        self.store.clear()
 
     def forward(self, counts: torch.Tensor, group: int = 0) -> None:
         self.last_counts[group] = counts.detach()
@@ -61,5 +67,43 @@ class ReuseLayer(nn.Module):
             ratios.append(((counts > 0).sum(1) / n).mean())
         return float(torch.stack(ratios).mean())
 
+    def reuse_rate(self) -> float | None:
+        """R of the last forward: the share of clusters found in the across-batch store."""
+        return self.store.reuse_rate()
+
     def extra_repr(self) -> str:
         return f"{self.layer_name!r}, LH={self.LH}"
+
+
+class ClusterReuse(nn.Module):
+    """Across-batch reuse (Algorithm 1) as a stage of the chain: the outputs of clusters
+    whose id was seen before come from the store. One :class:`ClusterStore` per group.
+    Its contents are part of ``state_dict`` (extra state), so a checkpoint resumes with
+    the same store."""
+
+    def __init__(self, capacity: int, refresh: int):
+        super().__init__()
+        self.capacity, self.refresh = capacity, refresh
+        self.stores: dict[int, ClusterStore] = {}
+
+    def clear(self) -> None:
+        self.stores = {}
+
+    def forward(self, yc, centroids, ids, inverse, counts, weight, group: int = 0):
+        store = self.stores.setdefault(group, ClusterStore(self.capacity, self.refresh))
+        M, C, kh, kw = weight.shape
+        wb = Geometry(0, kh, kw, C, kh, kw, 1, 1, 1, 1, centroids.shape[-1]).weight_blocks(weight)
+        return store.lookup(slot_keys(ids, inverse, counts), centroids, yc, wb, self.training)
+
+    def reuse_rate(self) -> float | None:
+        rates = [s.last_rate for s in self.stores.values() if s.last_rate is not None]
+        return sum(rates) / len(rates) if rates else None
+
+    def get_extra_state(self):
+        return {g: s.state_dict() for g, s in self.stores.items()}
+
+    def set_extra_state(self, state) -> None:
+        self.stores = {}
+        for g, st in state.items():
+            self.stores[g] = ClusterStore(self.capacity, self.refresh)
+            self.stores[g].load_state_dict(st)
