@@ -23,11 +23,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
 __all__ = ["Geometry", "block_kind", "conv_out_size"]
+
+
+@lru_cache(maxsize=256)
+def _pieces_tensor(kh: int, kw: int, C: int, L: int) -> torch.Tensor:
+    g = Geometry(0, kh, kw, C, kh, kw, 1, 1, 1, 1, L)
+    rows = [(b, t, c0, c1 - c0, e0) for b, block in enumerate(g.pieces) for t, c0, c1, e0 in block]
+    return torch.tensor(rows, dtype=torch.int64).view(-1, 5)
 
 
 def conv_out_size(size: int, k: int, stride: int, dilation: int) -> int:
@@ -147,6 +154,27 @@ class Geometry:
         dsub = dsub.reshape(self.Nb, oh, ow, self.L)
         for t, c0, c1, e0 in self.pieces[b]:
             self.tap_view(dxp4, t, c0, c1).add_(dsub[..., e0 : e0 + c1 - c0])
+
+    def vector(self) -> list[int]:
+        """The 13 ints the C++ kernels take: Nb, Hp, Wp, C, kh, kw, sh, sw, dh, dw, L, Oh, Ow."""
+        return [
+            self.Nb,
+            self.Hp,
+            self.Wp,
+            self.C,
+            self.kh,
+            self.kw,
+            self.sh,
+            self.sw,
+            self.dh,
+            self.dw,
+            self.L,
+            *self.out_hw,
+        ]
+
+    def pieces_tensor(self) -> torch.Tensor:
+        """:attr:`pieces` as an int64 (n, 5) tensor of (block, tap, c0, len, e0)."""
+        return _pieces_tensor(self.kh, self.kw, self.C, self.L)
 
     def weight_blocks(self, weight: torch.Tensor) -> torch.Tensor:
         """W as nb blocks of L rows: (M, C, kh, kw) -> (nb, L, M), rows in (kh, kw, c) order,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import extension
 from .geometry import Geometry
 from .reference import pack_bits
 
@@ -30,6 +31,16 @@ __all__ = [
 
 # Above this many table slots the clustering sorts instead of counting.
 _DENSE_SLOTS = 1 << 22
+
+
+def _ext(*tensors):
+    """The C++ kernels if they apply to these tensors (CPU, contiguous, float32/64 or int64)."""
+    ok = all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.int64)
+        for t in tensors
+        if t is not None
+    )
+    return extension.get() if ok else None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,6 +83,10 @@ def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tenso
             unit = F.pad(pack_bits(acc), (0, span))
             taps = [i * g.kw + jj * m for i in range(g.kh) for jj in range(g.kw // m)]
             per_tap = 1
+        ext = _ext(unit)
+        if ext is not None:
+            blocks = torch.tensor([(t, q) for t in taps for q in range(per_tap)], dtype=torch.int64)
+            return ext.gather_ids(unit.contiguous(), per_tap, blocks, g.vector()).view(g.nb, g.Nb, oh, ow)
         unit4 = unit.view(g.Nb, g.Hp, g.Wp, per_tap)
         ids = torch.stack([g.tap_view(unit4, t).permute(3, 0, 1, 2) for t in taps])
         return ids.reshape(g.nb, g.Nb, oh, ow)
@@ -96,6 +111,10 @@ def compact(ids: torch.Tensor, H: int, scope: str):
     base = torch.arange(nb, device=dev)[:, None]
     if N == 0:
         return ids.clone(), torch.zeros(nb, 0, dtype=torch.int64, device=dev)
+    ext = _ext(ids)
+    if ext is not None:
+        inverse, counts = ext.compact(flat.contiguous(), H, N if scope == "batch" else N // Nb)
+        return inverse.view_as(ids), counts
     if scope == "batch" and H <= 20 and nb << H <= max(_DENSE_SLOTS, 4 * nb * N):
         S = 1 << H
         present = torch.bincount((flat + base * S).view(-1), minlength=nb * S).view(nb, S)
@@ -128,6 +147,11 @@ def slot_keys(ids: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor) ->
 def centroid_sums(xp: torch.Tensor, inverse: torch.Tensor, cmax: int, g: Geometry) -> torch.Tensor:
     """Per slot, the sum of its members' sub-vectors: (nb, Cmax, L) in the compute dtype."""
     ct = compute_dtype(xp.dtype)
+    ext = _ext(xp.to(ct), inverse)
+    if ext is not None:
+        return ext.centroid_sums(
+            xp.to(ct).contiguous(), inverse.reshape(g.nb, g.N).contiguous(), cmax, g.vector(), g.pieces_tensor()
+        )
     sums = torch.zeros(g.nb, cmax, g.L, dtype=ct, device=xp.device)
     inv = inverse.reshape(g.nb, g.N)
     for b, pieces in enumerate(g.pieces):
@@ -144,6 +168,11 @@ def centroid_sums_backward(
     cluster receives the cluster's gradient divided by its size (Eq. 13), added into the
     pixels its sub-vector came from (col2im)."""
     share = dcent / counts.clamp(min=1).unsqueeze(-1).to(dcent.dtype)
+    ext = _ext(share)
+    if ext is not None:
+        return ext.centroid_sums_backward(
+            share.contiguous(), inverse.reshape(g.nb, g.N).contiguous(), g.vector(), g.pieces_tensor()
+        ).to(dtype)
     dxp = torch.zeros(g.Nb, g.Hp, g.Wp, g.C, dtype=dcent.dtype, device=dcent.device)
     oh, ow = g.out_hw
     inv = inverse.reshape(g.nb, g.N)
@@ -154,20 +183,30 @@ def centroid_sums_backward(
     return dxp.to(dtype)
 
 
-def reconstruct_rows(yc: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """y[n] = sum_b y_c[b, inverse[b, n]]: (N, M) rows in (b, oh, ow) order."""
+def reconstruct_rows(yc: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y[n] = bias + sum_b y_c[b, inverse[b, n]]: (N, M) rows in (b, oh, ow) order."""
     nb, cmax, M = yc.shape
     inv = inverse.reshape(nb, -1)
+    ext = _ext(yc, inv, bias)
+    if ext is not None:
+        return ext.reconstruct(yc.contiguous(), inv.contiguous(), bias)
     if nb == 1:
-        return yc[0].index_select(0, inv[0])
-    slots = inv + torch.arange(nb, device=inv.device)[:, None] * cmax
-    return F.embedding_bag(slots.t().contiguous(), yc.reshape(nb * cmax, M), mode="sum")
+        rows = yc[0].index_select(0, inv[0])
+    else:
+        slots = inv + torch.arange(nb, device=inv.device)[:, None] * cmax
+        rows = F.embedding_bag(slots.t().contiguous(), yc.reshape(nb * cmax, M), mode="sum")
+    if bias is not None:
+        rows += bias.to(rows.dtype)
+    return rows
 
 
 def reconstruct_rows_backward(dy_rows: torch.Tensor, inverse: torch.Tensor, dyc: torch.Tensor) -> torch.Tensor:
     """dy_c,s (Eq. 8): per slot, the sum of the output gradient over the slot's members,
     accumulated into the zeroed (nb, Cmax, M) ``dyc``."""
     inv = inverse.reshape(inverse.shape[0], -1)
+    ext = _ext(dy_rows, inv)
+    if ext is not None:
+        return ext.reconstruct_backward(dy_rows.contiguous(), inv.contiguous(), dyc.shape[1]).to(dyc.dtype)
     for b in range(inv.shape[0]):
         dyc[b].index_add_(0, inv[b], dy_rows)
     return dyc

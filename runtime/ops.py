@@ -29,7 +29,16 @@ import torch.nn.functional as F
 from . import kernels
 from .geometry import Geometry, conv_out_size
 
-__all__ = ["im2col", "lsh_hash", "cluster", "centroid_gemm", "reconstruct", "SCOPES"]
+__all__ = [
+    "im2col",
+    "lsh_hash",
+    "cluster",
+    "centroid_gemm",
+    "reconstruct",
+    "cluster_grad",
+    "reconstruct_grad",
+    "SCOPES",
+]
 
 SCOPES = ("input", "batch")
 
@@ -155,10 +164,10 @@ def _(xp, ids, kernel_size, stride, dilation, L, H, scope):
 
 
 def _cluster_setup(ctx, inputs, output):
-    xp, _, kernel_size, stride, dilation, L, _, _ = inputs
+    xp, _, kernel_size, stride, dilation, _, _, _ = inputs
     _, inverse, counts = output
     ctx.save_for_backward(inverse, counts)
-    ctx.geometry = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+    ctx.args = (list(xp.shape), kernel_size, stride, dilation)
     ctx.dtype = xp.dtype
 
 
@@ -166,11 +175,33 @@ def _cluster_backward(ctx, g_centroids, _g_inverse, _g_counts):
     inverse, counts = ctx.saved_tensors
     dxp = None
     if ctx.needs_input_grad[0]:
-        dxp = kernels.centroid_sums_backward(g_centroids, inverse, counts, ctx.geometry, ctx.dtype)
+        dxp = cluster_grad(g_centroids, inverse, counts, *ctx.args).to(ctx.dtype)
     return dxp, None, None, None, None, None, None, None
 
 
 cluster.register_autograd(_cluster_backward, setup_context=_cluster_setup)
+
+
+@torch.library.custom_op("reuse::cluster_grad", mutates_args=())
+def cluster_grad(
+    g_centroids: torch.Tensor,
+    inverse: torch.Tensor,
+    counts: torch.Tensor,
+    xp_shape: list[int],
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    """Backward of ``cluster`` w.r.t. ``xp`` (Eq. 13-18): each member receives its
+    cluster's centroid gradient divided by the cluster size, added back into the pixels
+    of its sub-vector (col2im). Its own op so that the backward stays traceable."""
+    g = _padded_geometry(xp_shape, kernel_size, stride, dilation, g_centroids.shape[-1])
+    return kernels.centroid_sums_backward(g_centroids, inverse, counts, g, g_centroids.dtype)
+
+
+@cluster_grad.register_fake
+def _(g_centroids, inverse, counts, xp_shape, kernel_size, stride, dilation):
+    return g_centroids.new_empty(xp_shape)
 
 
 # --------------------------------------------------------------------------- centroid_gemm
@@ -235,9 +266,7 @@ centroid_gemm.register_autograd(_gemm_backward, setup_context=_gemm_setup)
 def reconstruct(yc: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = sum_b y_c,b[inverse_b] + bias, as (Nb, M, Oh, Ow) in channels-last memory."""
     nb, Nb, oh, ow = inverse.shape
-    rows = kernels.reconstruct_rows(yc, inverse)
-    if bias is not None:
-        rows += bias.to(rows.dtype)
+    rows = kernels.reconstruct_rows(yc, inverse, bias)
     # The (N, M) rows are the output in channels-last memory. Re-wrap the storage as a
     # fresh tensor rather than a permuted view: autograd forbids in-place ops (ReLU(inplace))
     # on views returned by custom functions.
@@ -258,20 +287,33 @@ def _(yc, inverse, bias):
 def _reconstruct_setup(ctx, inputs, output):
     yc, inverse, bias = inputs
     ctx.save_for_backward(inverse)
-    ctx.yc_shape = yc.shape
+    ctx.cmax = yc.shape[1]
+    ctx.yc_dtype = yc.dtype
     ctx.has_bias = bias is not None
 
 
 def _reconstruct_backward(ctx, g_y):
     (inverse,) = ctx.saved_tensors
-    M = g_y.shape[1]
-    rows = g_y.permute(0, 2, 3, 1).reshape(-1, M)
     d_yc = d_bias = None
     if ctx.needs_input_grad[0]:
-        d_yc = kernels.reconstruct_rows_backward(rows, inverse, rows.new_zeros(ctx.yc_shape))
+        d_yc = reconstruct_grad(g_y, inverse, ctx.cmax).to(ctx.yc_dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        d_bias = rows.sum(0)
+        d_bias = g_y.sum((0, 2, 3))
     return d_yc, None, d_bias
 
 
 reconstruct.register_autograd(_reconstruct_backward, setup_context=_reconstruct_setup)
+
+
+@torch.library.custom_op("reuse::reconstruct_grad", mutates_args=())
+def reconstruct_grad(g_y: torch.Tensor, inverse: torch.Tensor, cmax: int) -> torch.Tensor:
+    """Backward of ``reconstruct`` w.r.t. ``y_c``: dy_c,s (Eq. 8), the output gradient summed
+    over each cluster's members, (nb, Cmax, M). Its own op so the backward stays traceable."""
+    M = g_y.shape[1]
+    rows = g_y.permute(0, 2, 3, 1).reshape(-1, M)
+    return kernels.reconstruct_rows_backward(rows, inverse, rows.new_zeros(inverse.shape[0], cmax, M))
+
+
+@reconstruct_grad.register_fake
+def _(g_y, inverse, cmax):
+    return g_y.new_empty(inverse.shape[0], cmax, g_y.shape[1])

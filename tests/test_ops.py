@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from reuse_compiler.runtime import extension
 from reuse_compiler.runtime.geometry import Geometry, block_kind
 from reuse_compiler.runtime.kernels import slot_keys
 from reuse_compiler.runtime.reference import lsh_planes, reference_reuse_conv2d
@@ -38,6 +39,16 @@ EXACT_SHAPES = [
     (3, 6, (5, 5), (1, 1), (0, 0, 0, 0), (1, 1), 10),  # general
     (6, 4, (2, 3), (3, 2), (0, 0, 0, 0), (1, 1), 9),  # general, asymmetric
 ]
+
+
+@pytest.fixture(autouse=True, params=["cpp", "torch"])
+def backend(request):
+    """Every test here runs on the C++ kernels and on the plain-PyTorch kernels."""
+    if request.param == "cpp" and extension.get() is None:
+        pytest.skip("C++ kernels unavailable")
+    old = extension.set_enabled(request.param == "cpp")
+    yield request.param
+    extension.set_enabled(old)
 
 
 def _inputs(C, M, k, dtype=torch.float64, Nb=3, H=9, W=8):
@@ -166,10 +177,13 @@ def _op_args(dtype):
     planes = lsh_planes(8, 4, seed=0, dtype=dtype)
     xp = ops.im2col(x, k, s, p, d)
     ids = ops.lsh_hash(xp, planes, k, s, d)
-    cent, inv, _ = ops.cluster(xp, ids, k, s, d, 8, 4, "batch")
+    cent, inv, cnt = ops.cluster(xp, ids, k, s, d, 8, 4, "batch")
     yc = ops.centroid_gemm(cent, w)
+    y = ops.reconstruct(yc, inv, b)
     leaf = lambda t: t.detach().requires_grad_()
     return {
+        "cluster_grad": (torch.randn_like(cent), inv, cnt, list(xp.shape), k, s, d),
+        "reconstruct_grad": (torch.randn_like(y), inv, cnt.shape[1]),
         "im2col": (x, k, s, p, d),
         "lsh_hash": (xp.detach(), planes, k, s, d),
         "cluster": (leaf(xp), ids, k, s, d, 8, 4, "batch"),
@@ -183,10 +197,20 @@ def _op_args(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "name",
-    ["im2col", "lsh_hash", "cluster", "cluster_input_scope", "centroid_gemm", "reconstruct", "reconstruct_no_bias"],
+    [
+        "im2col",
+        "lsh_hash",
+        "cluster",
+        "cluster_input_scope",
+        "centroid_gemm",
+        "reconstruct",
+        "reconstruct_no_bias",
+        "cluster_grad",
+        "reconstruct_grad",
+    ],
 )
 def test_opcheck(name, dtype):
-    op = getattr(torch.ops.reuse, name.split("_input")[0].split("_no_bias")[0]).default
+    op = getattr(torch.ops.reuse, name.replace("_input_scope", "").replace("_no_bias", "")).default
     torch.library.opcheck(op, _op_args(dtype)[name])
 
 

@@ -1,0 +1,335 @@
+// CPU kernels behind the reuse:: ops (see runtime/kernels.py for the plain-PyTorch twins,
+// which define the semantics; tests compare the two and the naive reference).
+//
+// Geometry (13 int64, `geo`): Nb, Hp, Wp, C, kh, kw, sh, sw, dh, dw, L, Oh, Ow.
+// xp is the padded channels-last input (Nb, Hp, Wp, C). Row n = (b, oh, ow) of the im2col
+// matrix is anchored at pixel a(n) = (b*Hp + oh*sh)*Wp + ow*sw; tap t = (i, j) reads pixel
+// a(n) + i*dh*Wp + j*dw. A "piece" (b, t, c0, len, e0) says that channels [c0, c0+len) of
+// tap t sit at positions [e0, e0+len) of sub-vector (block) b.
+//
+// Parallelism: ATen's at::parallel_for (the same OpenMP pool and thread count as torch).
+// Every kernel partitions its *outputs* among threads (blocks, slot ranges, output rows or
+// pixels), so no two threads write the same memory and no atomics are needed.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct Geo {
+  int64_t Nb, Hp, Wp, C, kh, kw, sh, sw, dh, dw, L, Oh, Ow;
+  int64_t N() const { return Nb * Oh * Ow; }
+  int64_t P() const { return Nb * Hp * Wp; }
+  int64_t anchor(int64_t n) const {
+    const int64_t ow = n % Ow, r = n / Ow, oh = r % Oh, b = r / Oh;
+    return (b * Hp + oh * sh) * Wp + ow * sw;
+  }
+  int64_t tap_offset(int64_t t) const { return (t / kw) * dh * Wp + (t % kw) * dw; }
+};
+
+Geo make_geo(const std::vector<int64_t>& g) {
+  TORCH_CHECK(g.size() == 13, "reuse kernels: geometry needs 13 ints");
+  return Geo{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};
+}
+
+struct Piece {
+  int64_t b, t, c0, len, e0;
+};
+
+std::vector<Piece> read_pieces(const torch::Tensor& pieces) {
+  TORCH_CHECK(pieces.dtype() == torch::kInt64 && pieces.dim() == 2 && pieces.size(1) == 5,
+              "reuse kernels: pieces must be an int64 (n, 5) tensor");
+  auto p = pieces.contiguous();
+  const int64_t* d = p.data_ptr<int64_t>();
+  std::vector<Piece> out(p.size(0));
+  for (int64_t i = 0; i < p.size(0); ++i) out[i] = {d[5 * i], d[5 * i + 1], d[5 * i + 2], d[5 * i + 3], d[5 * i + 4]};
+  return out;
+}
+
+template <typename T>
+inline void add_row(T* __restrict d, const T* __restrict s, int64_t len) {
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) d[k] += s[k];
+}
+
+void check_cpu_contig(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "reuse kernels: ", name, " must be a contiguous CPU tensor");
+}
+
+}  // namespace
+
+// ids (nb, N) -> per block, the distinct ids (per image segment of `seg` rows when
+// seg < N) ranked ascending. Returns (inverse (nb, N) local slots, counts (nb, Cmax)).
+std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
+  check_cpu_contig(ids, "ids");
+  TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.dim() == 2, "compact: ids must be int64 (nb, N)");
+  const int64_t nb = ids.size(0), N = ids.size(1);
+  TORCH_CHECK(seg > 0 && N % seg == 0, "compact: segment length must divide N");
+  auto inverse = torch::empty({nb, N}, ids.options());
+  const int64_t* I = ids.data_ptr<int64_t>();
+  int64_t* V = inverse.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> block_counts(nb);
+  const bool dense = seg == N && H <= 20 && (int64_t(1) << H) <= std::max<int64_t>(4 * N, 4096);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> table, uniq;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t* ib = I + b * N;
+      int64_t* vb = V + b * N;
+      std::vector<int64_t>& cnt = block_counts[b];
+      if (dense) {  // counting pass: a table over all 2^H ids
+        table.assign(int64_t(1) << H, 0);
+        for (int64_t n = 0; n < N; ++n) table[ib[n]]++;
+        int64_t r = 0;
+        for (auto& c : table) {
+          if (c) {
+            cnt.push_back(c);
+            c = r++;
+          } else {
+            c = -1;
+          }
+        }
+        for (int64_t n = 0; n < N; ++n) vb[n] = table[ib[n]];
+      } else {  // sort the distinct ids of each segment; slots continue across segments
+        for (int64_t s0 = 0; s0 < N; s0 += seg) {
+          uniq.assign(ib + s0, ib + s0 + seg);
+          std::sort(uniq.begin(), uniq.end());
+          uniq.erase(std::unique(uniq.begin(), uniq.end()), uniq.end());
+          const int64_t base = cnt.size();
+          cnt.resize(base + uniq.size(), 0);
+          for (int64_t n = s0; n < s0 + seg; ++n) {
+            const int64_t r = std::lower_bound(uniq.begin(), uniq.end(), ib[n]) - uniq.begin();
+            vb[n] = base + r;
+            cnt[base + r]++;
+          }
+        }
+      }
+    }
+  });
+  int64_t cmax = 0;
+  for (auto& c : block_counts) cmax = std::max<int64_t>(cmax, c.size());
+  auto counts = torch::zeros({nb, cmax}, ids.options());
+  int64_t* C = counts.data_ptr<int64_t>();
+  for (int64_t b = 0; b < nb; ++b) std::copy(block_counts[b].begin(), block_counts[b].end(), C + b * cmax);
+  return {inverse, counts};
+}
+
+// Per slot, the sum of its members' sub-vectors: (nb, Cmax, L).
+template <typename T>
+void centroid_sums_impl(const T* X, const int64_t* V, T* S, const Geo& g, const std::vector<Piece>& pieces,
+                        const std::vector<int64_t>& start, int64_t nb, int64_t cmax) {
+  const int64_t N = g.N(), C = g.C, L = g.L;
+  const int nth = at::get_num_threads();
+  if (nb >= nth) {  // each thread owns whole blocks
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t* vb = V + b * N;
+        T* sb = S + b * cmax * L;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t a = g.anchor(n);
+          T* dst = sb + vb[n] * L;
+          for (int64_t p = start[b]; p < start[b + 1]; ++p) {
+            const Piece& q = pieces[p];
+            add_row(dst + q.e0, X + (a + g.tap_offset(q.t)) * C + q.c0, q.len);
+          }
+        }
+      }
+    });
+    return;
+  }
+  // few blocks: each thread owns a range of slots and scans all rows for its own
+  at::parallel_for(0, cmax, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t* vb = V + b * N;
+      T* sb = S + b * cmax * L;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t s = vb[n];
+        if (s < s0 || s >= s1) continue;
+        const int64_t a = g.anchor(n);
+        for (int64_t p = start[b]; p < start[b + 1]; ++p) {
+          const Piece& q = pieces[p];
+          add_row(sb + s * L + q.e0, X + (a + g.tap_offset(q.t)) * C + q.c0, q.len);
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor centroid_sums(torch::Tensor xp, torch::Tensor inverse, int64_t cmax, std::vector<int64_t> geo,
+                            torch::Tensor pieces_t) {
+  check_cpu_contig(xp, "xp");
+  check_cpu_contig(inverse, "inverse");
+  const Geo g = make_geo(geo);
+  const auto pieces = read_pieces(pieces_t);
+  const int64_t nb = inverse.size(0);
+  std::vector<int64_t> start(nb + 1, 0);
+  for (const auto& q : pieces) start[q.b + 1]++;
+  for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
+  auto S = torch::zeros({nb, cmax, g.L}, xp.options());
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "centroid_sums", [&] {
+    centroid_sums_impl<scalar_t>(xp.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(), S.data_ptr<scalar_t>(), g,
+                                 pieces, start, nb, cmax);
+  });
+  return S;
+}
+
+// d(centroid sums)/d(xp) applied to `share` (nb, Cmax, L): every member row gets its
+// slot's share, added into the pixels its sub-vector came from. Gather formulation:
+// each thread owns a range of padded pixel rows (b, hp) and writes only those.
+template <typename T>
+void centroid_sums_backward_impl(const T* Sh, const int64_t* V, T* D, const Geo& g,
+                                 const std::vector<Piece>& pieces, const std::vector<int64_t>& tstart,
+                                 const std::vector<int64_t>& order, int64_t cmax) {
+  const int64_t N = g.N(), C = g.C, L = g.L;
+  at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t b = row / g.Hp, hp = row % g.Hp;
+      for (int64_t wp = 0; wp < g.Wp; ++wp) {
+        T* d = D + (row * g.Wp + wp) * C;
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t hh = hp - i * g.dh;
+          if (hh < 0 || hh % g.sh) continue;
+          const int64_t oh = hh / g.sh;
+          if (oh >= g.Oh) continue;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t ww = wp - j * g.dw;
+            if (ww < 0 || ww % g.sw) continue;
+            const int64_t ow = ww / g.sw;
+            if (ow >= g.Ow) continue;
+            const int64_t n = (b * g.Oh + oh) * g.Ow + ow, t = i * g.kw + j;
+            for (int64_t p = tstart[t]; p < tstart[t + 1]; ++p) {
+              const Piece& q = pieces[order[p]];
+              add_row(d + q.c0, Sh + ((q.b * cmax) + V[q.b * N + n]) * L + q.e0, q.len);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor centroid_sums_backward(torch::Tensor share, torch::Tensor inverse, std::vector<int64_t> geo,
+                                     torch::Tensor pieces_t) {
+  check_cpu_contig(share, "share");
+  check_cpu_contig(inverse, "inverse");
+  const Geo g = make_geo(geo);
+  const auto pieces = read_pieces(pieces_t);
+  const int64_t T = g.kh * g.kw, cmax = share.size(1);
+  std::vector<int64_t> tstart(T + 1, 0), order(pieces.size());
+  for (const auto& q : pieces) tstart[q.t + 1]++;
+  for (int64_t t = 0; t < T; ++t) tstart[t + 1] += tstart[t];
+  std::vector<int64_t> fill(tstart.begin(), tstart.end() - 1);
+  for (int64_t p = 0; p < (int64_t)pieces.size(); ++p) order[fill[pieces[p].t]++] = p;
+  auto D = torch::zeros({g.Nb, g.Hp, g.Wp, g.C}, share.options());
+  AT_DISPATCH_FLOATING_TYPES(share.scalar_type(), "centroid_sums_backward", [&] {
+    centroid_sums_backward_impl<scalar_t>(share.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(),
+                                          D.data_ptr<scalar_t>(), g, pieces, tstart, order, cmax);
+  });
+  return D;
+}
+
+// y[n] = bias + sum_b yc[b, inverse[b, n]]: (N, M); each thread owns a range of rows.
+template <typename T>
+void reconstruct_impl(const T* Y, const int64_t* V, const T* bias, T* out, int64_t nb, int64_t cmax, int64_t N,
+                      int64_t M) {
+  constexpr int64_t TILE = 64;
+  at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t n0 = tile * TILE, n1 = std::min(N, n0 + TILE);
+      for (int64_t n = n0; n < n1; ++n) {
+        if (bias)
+          std::memcpy(out + n * M, bias, sizeof(T) * M);
+        else
+          std::memset(out + n * M, 0, sizeof(T) * M);
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t* vb = V + b * N;
+        const T* yb = Y + b * cmax * M;
+        for (int64_t n = n0; n < n1; ++n) add_row(out + n * M, yb + vb[n] * M, M);
+      }
+    }
+  });
+}
+
+torch::Tensor reconstruct(torch::Tensor yc, torch::Tensor inverse, c10::optional<torch::Tensor> bias) {
+  check_cpu_contig(yc, "yc");
+  check_cpu_contig(inverse, "inverse");
+  const int64_t nb = yc.size(0), cmax = yc.size(1), M = yc.size(2), N = inverse.size(1);
+  auto out = torch::empty({N, M}, yc.options());
+  torch::Tensor b;
+  if (bias.has_value()) b = bias->to(yc.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "reconstruct", [&] {
+    reconstruct_impl<scalar_t>(yc.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(),
+                               bias.has_value() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), nb,
+                               cmax, N, M);
+  });
+  return out;
+}
+
+// dy_c,s: dyc[b, s] = sum_{n: inverse[b, n] = s} dy[n] -> (nb, Cmax, M).
+template <typename T>
+void reconstruct_backward_impl(const T* G, const int64_t* V, T* out, int64_t nb, int64_t cmax, int64_t N, int64_t M) {
+  const int nth = at::get_num_threads();
+  if (nb >= nth) {  // each thread owns whole blocks
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t* vb = V + b * N;
+        T* ob = out + b * cmax * M;
+        for (int64_t n = 0; n < N; ++n) add_row(ob + vb[n] * M, G + n * M, M);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, cmax, 1, [&](int64_t s0, int64_t s1) {  // each thread owns a slot range
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t* vb = V + b * N;
+      T* ob = out + b * cmax * M;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t s = vb[n];
+        if (s >= s0 && s < s1) add_row(ob + s * M, G + n * M, M);
+      }
+    }
+  });
+}
+
+torch::Tensor reconstruct_backward(torch::Tensor dy_rows, torch::Tensor inverse, int64_t cmax) {
+  check_cpu_contig(dy_rows, "dy_rows");
+  check_cpu_contig(inverse, "inverse");
+  const int64_t nb = inverse.size(0), N = inverse.size(1), M = dy_rows.size(1);
+  auto out = torch::zeros({nb, cmax, M}, dy_rows.options());
+  AT_DISPATCH_FLOATING_TYPES(dy_rows.scalar_type(), "reconstruct_backward", [&] {
+    reconstruct_backward_impl<scalar_t>(dy_rows.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(),
+                                        out.data_ptr<scalar_t>(), nb, cmax, N, M);
+  });
+  return out;
+}
+
+// ids[b, n] = unit[(a(n) + off(tap_b)) * per_pixel + q_b] for blocks given as (tap, q) pairs.
+torch::Tensor gather_ids(torch::Tensor unit, int64_t per_pixel, torch::Tensor blocks, std::vector<int64_t> geo) {
+  check_cpu_contig(unit, "unit");
+  const Geo g = make_geo(geo);
+  auto bl = blocks.contiguous();
+  const int64_t nb = bl.size(0), N = g.N();
+  auto ids = torch::empty({nb, N}, unit.options());
+  const int64_t* U = unit.data_ptr<int64_t>();
+  const int64_t* B = bl.data_ptr<int64_t>();
+  int64_t* out = ids.data_ptr<int64_t>();
+  at::parallel_for(0, nb * N, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / N, n = i % N;
+      out[i] = U[(g.anchor(n) + g.tap_offset(B[2 * b])) * per_pixel + B[2 * b + 1]];
+    }
+  });
+  return ids;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compact", &compact, "rank the ids present in each block (segment): (inverse, counts)");
+  m.def("centroid_sums", &centroid_sums, "per-slot sums of the members' sub-vectors");
+  m.def("centroid_sums_backward", &centroid_sums_backward, "col2im of each member's slot share");
+  m.def("reconstruct", &reconstruct, "y[n] = bias + sum_b yc[b, inverse[b, n]]");
+  m.def("reconstruct_backward", &reconstruct_backward, "dyc[b, s] = sum of dy over slot s of block b");
+  m.def("gather_ids", &gather_ids, "per-block ids gathered from per-pixel unit ids");
+}
