@@ -155,6 +155,8 @@ def reuse_compile(
                 reason="inside a module excluded by ReuseConfig.exclude (not traced)",
             )
         )
+    if config.policy == "measured":
+        _apply_measured_policy(gm, rows, args, config)
     names = {r.name for r in rows}
     for field_name in ("L", "H"):
         v = getattr(config, field_name)
@@ -177,6 +179,49 @@ def reuse_compile(
             _register(gm, state_path(row.name), state)
     gm.reuse_plan = ReusePlan(rows, measure=_measure(gm))
     return rebuild(gm)
+
+
+def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
+    """Time each layer's stages on its real input; keep and order the faster-than-exact ones."""
+    from .calibration import calibrate, capture_conv_inputs
+
+    todo = [r for r in rows if r.rewritable]
+    gm._reuse_source = gm.graph
+    inputs = capture_conv_inputs(gm, args, {r.node for r in todo})
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for row in todo:
+        node = nodes[row.node]
+        if node.op == "call_module":
+            conv = gm.get_submodule(node.target)
+            weight, bias = conv.weight, conv.bias
+        else:
+            from reuse_compiler.passes.analysis import conv2d_arguments
+
+            a = conv2d_arguments(node)
+            weight = _resolve(gm, a["weight"])
+            bias = _resolve(gm, a["bias"])
+        if weight is None:
+            continue  # a computed weight: keep the paper's order
+        row.calibration = calibrate(row, inputs[row.node], weight, bias, config.calibration_repeats)
+        faster = sorted((c for c in row.calibration["candidates"] if c["ratio"] < 1.0), key=lambda c: c["ms"])
+        if not faster:
+            best = min(c["ratio"] for c in row.calibration["candidates"])
+            row.reason = f"measured policy: no candidate is faster than exact here (best {best:.2f}x)"
+            row.exact = True
+            continue
+        row.candidates = [(c["L"], c["H"]) for c in faster]
+        row.L = config.for_layer("L", row.name) or row.candidates[0][0]
+        row.H = config.for_layer("H", row.name) or row.candidates[0][1]
+
+
+def _resolve(gm, node):
+    """The tensor behind a get_attr node (None for anything else)."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return None
 
 
 def _is_module(model: nn.Module, name: str) -> bool:

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 __all__ = ["ReuseConfig", "SCOPES", "L_CHOICES"]
 
 SCOPES = ("input", "batch", "across-batch")
-L_CHOICES = ("fast", "all")
+L_CHOICES = ("fast", "all", "extended")
+POLICIES = ("paper", "measured")
 MAX_H = 62
 
 
@@ -51,8 +52,13 @@ class ReuseConfig:
         cache_size: across-batch store capacity per layer and sub-matrix, in clusters.
         refresh: across-batch: stored outputs are recomputed for the current weights at
             least every ``refresh`` training steps.
-        l_values: which L values of Policy 1's range the candidate list holds: "fast"
-            (those with a fast path; the range's ends if none has) or "all".
+        l_values: which L values the candidate list holds: "fast" (those of Policy 1's
+            range with a fast path; the range's ends if none has), "all" (every value of the
+            range) or "extended" (the fast-path values from L_min up to K).
+        policy: "paper" orders candidates by the FLOP model (Policy 3); "measured" times
+            exact and every candidate on this device at compile time (cached on disk), keeps
+            the candidates faster than exact and orders them by time (docs/performance.md).
+        calibration_repeats: timed runs per stage for the measured policy (median).
     """
 
     L: int | dict[str, int] | None = None
@@ -63,6 +69,8 @@ class ReuseConfig:
     cache_size: int = 65536
     refresh: int = 50
     l_values: str = "fast"
+    policy: str = "paper"
+    calibration_repeats: int = 3
 
     def __post_init__(self):
         _check_int_or_map("L", self.L, 1, None)
@@ -74,7 +82,9 @@ class ReuseConfig:
         if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
             raise ValueError(f"ReuseConfig.exclude must be a list of layer or module names; got {self.exclude!r}")
         self.exclude = list(self.exclude)
-        for name in ("cache_size", "refresh"):
+        if self.policy not in POLICIES:
+            raise ValueError(f"ReuseConfig.policy must be one of {', '.join(map(repr, POLICIES))}; got {self.policy!r}")
+        for name in ("cache_size", "refresh", "calibration_repeats"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ReuseConfig.{name} must be an int >= 1; got {v!r}")

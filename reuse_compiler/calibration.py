@@ -1,0 +1,163 @@
+"""The measured policy: order and filter each layer's candidates by time on this device.
+
+Policy 3 orders candidates by the paper's FLOP model (Eq. 21-23). On a CPU, where the
+GEMM runs near peak and the gathers do not, that model mispredicts which stages are
+cheaper than the exact convolution. With ``ReuseConfig(policy="measured")``,
+``reuse_compile`` times, for every rewritable layer, the exact convolution and each
+candidate (forward + backward on the layer's real input from the example batch, median of
+``calibration_repeats`` runs after one warm-up), keeps the candidates that are faster than
+exact, and orders them by measured time (fastest, i.e. most aggressive, first). A layer with
+no faster candidate stays exact and the plan says why. Timings are cached on disk per device,
+shape and stage (``$REUSE_COMPILER_CACHE`` or ``~/.cache/reuse_compiler/calibration.json``),
+so a second compile of the same model is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from reuse_compiler.runtime import extension
+from reuse_compiler.runtime.reference import lsh_planes
+
+from .policies import expected_cost
+
+__all__ = ["calibrate", "capture_conv_inputs", "cache_path"]
+
+
+def cache_path() -> Path:
+    root = os.environ.get("REUSE_COMPILER_CACHE") or Path.home() / ".cache" / "reuse_compiler"
+    return Path(root) / "calibration.json"
+
+
+def _device_id(t: torch.Tensor) -> str:
+    if t.device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(t.device)}"
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu:{cpu}:{torch.get_num_threads()}t:ext={extension.get() is not None}"
+
+
+def capture_conv_inputs(gm: fx.GraphModule, args: tuple, nodes: set[str]) -> dict[str, torch.Tensor]:
+    """Run the traced source graph once (eval, no_grad) and keep the inputs of ``nodes``."""
+    captured: dict[str, torch.Tensor] = {}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            if n.name in nodes:
+                a = self.fetch_args_kwargs_from_env(n)[0]
+                captured[n.name] = a[0].detach() if a else n.kwargs["input"]
+            return super().run_node(n)
+
+    module = fx.GraphModule(gm, gm._reuse_source)
+    was = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            Capture(module).run(*args)
+    finally:
+        for m, mode in was:
+            m.training = mode
+    return captured
+
+
+def _chain(x, w, b, row, L, H):
+    k, s, d, p = list(row.kernel_size), list(row.stride), list(row.dilation), list(row.padding)
+    ops = torch.ops.reuse
+    planes = lsh_planes(L, H, seed=0).to(x.device)
+    xp = ops.im2col(x, k, s, p, d)
+    ids = ops.lsh_hash(xp, planes, k, s, d)
+    cent, inv, cnt = ops.cluster(xp, ids, k, s, d, L, H, "batch")
+    return ops.reconstruct(ops.centroid_gemm(cent, w), inv, b), cnt
+
+
+def _stage_fn(x, w, b, row, L, H):
+    def run():
+        y, _ = _chain(x.detach().requires_grad_(), w.detach().requires_grad_(), b, row, L, H)
+        y.backward(torch.ones_like(y))
+
+    return run
+
+
+def _exact_fn(x, w, b, row):
+    t, bo, left, r = row.padding
+
+    def run():
+        xx = x.detach().requires_grad_()
+        ww = w.detach().requires_grad_()
+        y = F.conv2d(F.pad(xx, (left, r, t, bo)), ww, b, stride=row.stride, dilation=row.dilation)
+        y.backward(torch.ones_like(y))
+
+    return run
+
+
+def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3) -> dict:
+    """Time exact and every candidate of ``row`` on input ``x`` (first group only for grouped
+    convs), forward + backward, in ``repeats`` interleaved rounds after a warm-up round;
+    returns ``{"exact_ms", "candidates": [{"L", "H", "ms", "ratio", "r_c", "predicted"}]}`` in
+    the row's candidate order (medians). Uses and updates the on-disk cache."""
+    g = row.groups
+    cg, mg = row.in_channels // g, row.out_channels // g
+    x = x[:, :cg].contiguous()
+    w = weight.detach()[:mg]
+    b = None if bias is None else bias.detach()[:mg]
+    key = json.dumps(
+        [
+            _device_id(x),
+            torch.__version__,
+            str(x.dtype),
+            list(x.shape),
+            list(w.shape),
+            row.stride,
+            row.padding,
+            row.dilation,
+            [list(c) for c in row.candidates],
+            repeats,
+        ]
+    )
+    path = cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    fns = [_exact_fn(x, w, b, row)] + [_stage_fn(x, w, b, row, L, H) for L, H in row.candidates]
+    times = [[] for _ in fns]
+    for rnd in range(repeats + 1):  # round 0 warms up
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            if rnd:
+                times[i].append(time.perf_counter() - t0)
+    exact_ms = statistics.median(times[0]) * 1e3
+    out = []
+    for (L, H), t in zip(row.candidates, times[1:]):
+        with torch.no_grad():
+            _, cnt = _chain(x, w, b, row, L, H)
+        r_c = float(((cnt > 0).sum(1).double() / cnt.sum(1).clamp(min=1)).mean())
+        ms = statistics.median(t) * 1e3
+        out.append(
+            {"L": L, "H": H, "ms": ms, "ratio": ms / exact_ms, "r_c": r_c, "predicted": expected_cost(L, H, mg, r_c)}
+        )
+    result = {"exact_ms": exact_ms, "candidates": out}
+    cache[key] = result
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a re-calibration next time
+    return result
