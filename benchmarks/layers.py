@@ -160,11 +160,14 @@ def bench_layer(name, spec, args, device):
             y, cnt = chain(x, w, b, k, s, p, lsh_planes(L, H, seed=1).to(device))
         r_c = ((cnt > 0).sum(1).double() / N).mean().item()
         info[key] = {
-            "L": L, "H": H, "r_c": r_c,
+            "L": L,
+            "H": H,
+            "r_c": r_c,
             "flop_ratio": policies.expected_cost(L, H, M, r_c),
             "rel_error": ((y - y_exact).norm() / y_exact.norm()).item(),
         }
-    info["stock bf16 autocast"] = {"rel_error": ((stock(False, True)().float() - y_exact).norm() / y_exact.norm()).item()}
+    y_bf16 = stock(False, True)().float()
+    info["stock bf16 autocast"] = {"rel_error": ((y_bf16 - y_exact).norm() / y_exact.norm()).item()}
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = {key: ([], []) for key in variants}
@@ -188,32 +191,55 @@ def bench_layer(name, spec, args, device):
         tf, tfb = statistics.median(times[key][0]), statistics.median(times[key][1])
         saved = saved_bytes(fns[1])
         peak = peak_bytes(fns[1], device)
-        rows.append({
-            "layer": name, "variant": key, "fwd_ms": tf * 1e3, "fwd_ratio": tf / base_f,
-            "fwdbwd_ms": tfb * 1e3, "fwdbwd_ratio": tfb / base_fb,
-            "saved_MB": saved / 2**20, "saved_ratio": saved / base_saved,
-            "peak_MB": peak / 2**20, "peak_ratio": peak / base_peak if base_peak > 0 else float("nan"),
-            **info.get(key, {}),
-        })
-    return {"layer": name, "shape": spec, "N": N, "K": C * k * k, "M": M, "L_range": (lo, hi), "H_range": hr,
-            "candidates": cands, "rows": rows}
+        rows.append(
+            {
+                "layer": name,
+                "variant": key,
+                "fwd_ms": tf * 1e3,
+                "fwd_ratio": tf / base_f,
+                "fwdbwd_ms": tfb * 1e3,
+                "fwdbwd_ratio": tfb / base_fb,
+                "saved_MB": saved / 2**20,
+                "saved_ratio": saved / base_saved,
+                "peak_MB": peak / 2**20,
+                "peak_ratio": peak / base_peak if base_peak > 0 else float("nan"),
+                **info.get(key, {}),
+            }
+        )
+    return {
+        "layer": name,
+        "shape": spec,
+        "N": N,
+        "K": C * k * k,
+        "M": M,
+        "L_range": (lo, hi),
+        "H_range": hr,
+        "candidates": cands,
+        "rows": rows,
+    }
 
 
 def print_table(result):
-    print(f"\n## {result['layer']}  (x: {tuple(result['shape'][:4])}, M={result['M']}, K={result['K']}, "
-          f"N={result['N']}, L range {result['L_range']}, H range {result['H_range']}, "
-          f"{len(result['candidates'])} candidates)")
-    hdr = ("| variant | fwd ms | fwd x | fwd+bwd ms | fwd+bwd x | saved MB (x) | peak MB (x) | r_c | FLOP x (Eq.21) "
-           "| rel. error |")
+    print(
+        f"\n## {result['layer']}  (x: {tuple(result['shape'][:4])}, M={result['M']}, K={result['K']}, "
+        f"N={result['N']}, L range {result['L_range']}, H range {result['H_range']}, "
+        f"{len(result['candidates'])} candidates)"
+    )
+    hdr = (
+        "| variant | fwd ms | fwd x | fwd+bwd ms | fwd+bwd x | saved MB (x) | peak MB (x) | r_c | FLOP x (Eq.21) "
+        "| rel. error |"
+    )
     print(hdr)
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
         rc = f"{r['r_c']:.4f}" if "r_c" in r else "-"
         fl = f"{r['flop_ratio']:.3f}" if "flop_ratio" in r else "-"
         err = f"{r['rel_error']:.3f}" if "rel_error" in r else "0"
-        print(f"| {r['variant']} | {r['fwd_ms']:.1f} | {r['fwd_ratio']:.2f} | {r['fwdbwd_ms']:.1f} | "
-              f"{r['fwdbwd_ratio']:.2f} | {r['saved_MB']:.1f} ({r['saved_ratio']:.2f}) | "
-              f"{r['peak_MB']:.1f} ({r['peak_ratio']:.2f}) | {rc} | {fl} | {err} |")
+        print(
+            f"| {r['variant']} | {r['fwd_ms']:.1f} | {r['fwd_ratio']:.2f} | {r['fwdbwd_ms']:.1f} | "
+            f"{r['fwdbwd_ratio']:.2f} | {r['saved_MB']:.1f} ({r['saved_ratio']:.2f}) | "
+            f"{r['peak_MB']:.1f} ({r['peak_ratio']:.2f}) | {rc} | {fl} | {err} |"
+        )
 
 
 def machine(device) -> str:
@@ -239,8 +265,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
-    print(f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs; "
-          f"ratios are against stock fp32 F.conv2d in the same run")
+    print(
+        f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs; "
+        f"ratios are against stock fp32 F.conv2d in the same run"
+    )
     results = []
     for name in args.layers.split(","):
         res = bench_layer(name, LAYERS[name], args, args.device)

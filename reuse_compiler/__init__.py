@@ -14,6 +14,7 @@ from .api import reuse_compile, set_stage
 from .checkpoint import load_checkpoint, load_stage_dict, save_checkpoint, stage_dict
 from .config import ReuseConfig
 from .controller import AdaptiveReuse
+from .export import export_onnx
 from .plan import LayerPlan, ReusePlan
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "load_checkpoint",
     "stage_dict",
     "load_stage_dict",
+    "export_onnx",
     "ReuseConfig",
     "ReusePlan",
     "LayerPlan",
