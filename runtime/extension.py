@@ -15,6 +15,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -45,6 +47,8 @@ def _cpu_tag() -> str:
 def _build():
     from torch.utils import cpp_extension
 
+    if shutil.which("ninja") is None:  # pip's ninja sits next to the venv's python, off PATH
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     src = SOURCE.read_bytes()
     tag = hashlib.sha1(src + _cpu_tag().encode()).hexdigest()[:12]
     log.info("reuse-compiler: building the C++ kernels (first use on this machine, about a minute)")

@@ -31,9 +31,18 @@ __all__ = ["Geometry", "block_kind", "conv_out_size"]
 
 
 @lru_cache(maxsize=256)
-def _pieces_tensor(kh: int, kw: int, C: int, L: int) -> torch.Tensor:
+def _pieces_tensor(kh: int, kw: int, C: int, L: int, dw: int) -> torch.Tensor:
     g = Geometry(0, kh, kw, C, kh, kw, 1, 1, 1, 1, L)
-    rows = [(b, t, c0, c1 - c0, e0) for b, block in enumerate(g.pieces) for t, c0, c1, e0 in block]
+    rows = []
+    for b, block in enumerate(g.pieces):
+        for t, c0, c1, e0 in block:
+            if rows and dw == 1:
+                pb, pt, pc0, plen, pe0 = rows[-1]
+                # previous piece ends its pixel, this one starts the next pixel of the same kernel row
+                if pb == b and c0 == 0 and pc0 + plen == (t - pt) * C and t % kw != 0 and pe0 + plen == e0:
+                    rows[-1] = (pb, pt, pc0, plen + (c1 - c0), pe0)
+                    continue
+            rows.append((b, t, c0, c1 - c0, e0))
     return torch.tensor(rows, dtype=torch.int64).view(-1, 5)
 
 
@@ -173,8 +182,10 @@ class Geometry:
         ]
 
     def pieces_tensor(self) -> torch.Tensor:
-        """:attr:`pieces` as an int64 (n, 5) tensor of (block, tap, c0, len, e0)."""
-        return _pieces_tensor(self.kh, self.kw, self.C, self.L)
+        """:attr:`pieces` as an int64 (n, 5) tensor of (block, tap, c0, len, e0) for the C++
+        kernels, with runs of whole-pixel pieces of neighbouring taps in one kernel row merged
+        when they are neighbours in memory too (dilation 1 along the width)."""
+        return _pieces_tensor(self.kh, self.kw, self.C, self.L, self.dw)
 
     def weight_blocks(self, weight: torch.Tensor) -> torch.Tensor:
         """W as nb blocks of L rows: (M, C, kh, kw) -> (nb, L, M), rows in (kh, kw, c) order,

@@ -23,8 +23,9 @@ __all__ = [
     "hash_ids",
     "compact",
     "slot_keys",
-    "centroid_sums",
-    "centroid_sums_backward",
+    "centroid_means",
+    "centroid_means_backward",
+    "pack_ids",
     "reconstruct_rows",
     "reconstruct_rows_backward",
 ]
@@ -48,6 +49,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def pack_ids(proj: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_bits` (bit k = proj[..., k] > 0) computed as a matmul of the 0/1 bits
+    with the powers of two: exact in float32 up to 24 bits and in float64 up to 53; the
+    int64 reduction is used beyond that."""
+    H = proj.shape[-1]
+    if H > 53:
+        return pack_bits(proj)
+    ft = torch.float32 if H <= 24 else torch.float64
+    powers = torch.ones(H, dtype=ft, device=proj.device) * 2 ** torch.arange(H, device=proj.device, dtype=ft)
+    return ((proj > 0).to(ft) @ powers).to(torch.int64)
+
+
+def _project(rows: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """rows @ planes with the planes zero-padded to a multiple of 16 columns (BLAS is much
+    faster for those shapes), sliced back to H columns."""
+    H = planes.shape[1]
+    pad = -H % 16
+    if pad and rows.shape[0] > 4096:
+        return (rows @ F.pad(planes, (0, pad)))[..., :H]
+    return rows @ planes
+
+
 def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tensor:
     """Cluster ids (nb, Nb, Oh, Ow) int64 of every sub-vector, Eq. 4 with H = planes.shape[1].
 
@@ -65,22 +88,19 @@ def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tenso
     if kind == "window":
         v = planes.view(g.kh, g.kw, g.C, H).permute(3, 2, 0, 1)
         proj = F.conv2d(xp.permute(0, 3, 1, 2).to(ct), v, stride=(g.sh, g.sw), dilation=(g.dh, g.dw))
-        return pack_bits(proj.permute(0, 2, 3, 1)).unsqueeze(0)
+        return pack_ids(proj.permute(0, 2, 3, 1)).unsqueeze(0)
     if kind in ("chunk", "row"):
         P = g.Nb * g.Hp * g.Wp
         rows = xp.reshape(P, g.C).to(ct)
         if kind == "chunk":
             nq = g.C // g.L
-            unit = pack_bits((rows.view(P, nq, g.L) @ planes).view(P, nq, H))
+            unit = pack_ids(_project(rows.view(P * nq, g.L), planes)).view(P, nq)
             taps, per_tap = range(g.kh * g.kw), nq
-        else:  # m pixels of a kernel row, all channels: sum of per-pixel projections
+        else:  # m pixels of a kernel row, all channels: a (1 x m) convolution over every anchor
             m = g.L // g.C
-            proj = (rows @ planes.view(m, g.C, H).permute(1, 0, 2).reshape(g.C, m * H)).view(P, m, H)
-            span = (m - 1) * g.dw
-            acc = proj[: P - span, 0].clone()
-            for u in range(1, m):
-                acc += proj[u * g.dw : P - span + u * g.dw, u]
-            unit = F.pad(pack_bits(acc), (0, span))
+            v = planes.view(m, g.C, H).permute(2, 1, 0).unsqueeze(2)  # (H, C, 1, m)
+            proj = F.conv2d(xp.permute(0, 3, 1, 2).to(ct), v, dilation=(1, g.dw))  # (Nb, H, Hp, Wp - span)
+            unit = F.pad(pack_ids(proj.permute(0, 2, 3, 1)), (0, (m - 1) * g.dw)).reshape(P)
             taps = [i * g.kw + jj * m for i in range(g.kh) for jj in range(g.kw // m)]
             per_tap = 1
         ext = _ext(unit)
@@ -92,7 +112,7 @@ def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tenso
         return ids.reshape(g.nb, g.Nb, oh, ow)
     ids = torch.empty(g.nb, g.N, dtype=torch.int64, device=xp.device)
     for b in range(g.nb):
-        ids[b] = pack_bits(g.gather_block(xp, b).to(ct) @ planes)
+        ids[b] = pack_ids(_project(g.gather_block(xp, b).to(ct), planes))
     return ids.view(g.nb, g.Nb, oh, ow)
 
 
@@ -144,38 +164,40 @@ def slot_keys(ids: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor) ->
     return keys.scatter_(1, inverse.reshape(nb, -1), ids.reshape(nb, -1))
 
 
-def centroid_sums(xp: torch.Tensor, inverse: torch.Tensor, cmax: int, g: Geometry) -> torch.Tensor:
-    """Per slot, the sum of its members' sub-vectors: (nb, Cmax, L) in the compute dtype."""
+def centroid_means(xp: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """Per slot, the mean of its members' sub-vectors: (nb, Cmax, L) in the compute dtype
+    (empty slots are zero)."""
     ct = compute_dtype(xp.dtype)
+    cmax = counts.shape[1]
+    inv = inverse.reshape(g.nb, g.N)
     ext = _ext(xp.to(ct), inverse)
     if ext is not None:
-        return ext.centroid_sums(
-            xp.to(ct).contiguous(), inverse.reshape(g.nb, g.N).contiguous(), cmax, g.vector(), g.pieces_tensor()
+        return ext.centroid_means(
+            xp.to(ct).contiguous(), inv.contiguous(), counts.contiguous(), g.vector(), g.pieces_tensor()
         )
     sums = torch.zeros(g.nb, cmax, g.L, dtype=ct, device=xp.device)
-    inv = inverse.reshape(g.nb, g.N)
     for b, pieces in enumerate(g.pieces):
         for t, c0, c1, e0 in pieces:
             src = g.tap_view(xp, t, c0, c1).reshape(g.N, c1 - c0).to(ct)
             sums[b, :, e0 : e0 + c1 - c0].index_add_(0, inv[b], src)
-    return sums
+    return sums / counts.clamp(min=1).unsqueeze(-1).to(ct)
 
 
-def centroid_sums_backward(
+def centroid_means_backward(
     dcent: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g: Geometry, dtype: torch.dtype
 ) -> torch.Tensor:
     """Gradient of the centroids (means) w.r.t. the padded input: every member of a
     cluster receives the cluster's gradient divided by its size (Eq. 13), added into the
     pixels its sub-vector came from (col2im)."""
-    share = dcent / counts.clamp(min=1).unsqueeze(-1).to(dcent.dtype)
-    ext = _ext(share)
+    inv = inverse.reshape(g.nb, g.N)
+    ext = _ext(dcent, inverse)
     if ext is not None:
-        return ext.centroid_sums_backward(
-            share.contiguous(), inverse.reshape(g.nb, g.N).contiguous(), g.vector(), g.pieces_tensor()
+        return ext.centroid_means_backward(
+            dcent.contiguous(), inv.contiguous(), counts.contiguous(), g.vector(), g.pieces_tensor()
         ).to(dtype)
+    share = dcent / counts.clamp(min=1).unsqueeze(-1).to(dcent.dtype)
     dxp = torch.zeros(g.Nb, g.Hp, g.Wp, g.C, dtype=dcent.dtype, device=dcent.device)
     oh, ow = g.out_hw
-    inv = inverse.reshape(g.nb, g.N)
     for b, pieces in enumerate(g.pieces):
         for t, c0, c1, e0 in pieces:
             part = share[b, :, e0 : e0 + c1 - c0].index_select(0, inv[b])

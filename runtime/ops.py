@@ -147,8 +147,7 @@ def cluster(
         raise ValueError(f"reuse.cluster: scope must be one of {SCOPES}, got {scope!r}")
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
     inverse, counts = kernels.compact(ids, H, scope)
-    sums = kernels.centroid_sums(xp, inverse, counts.shape[1], g)
-    centroids = (sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)).to(xp.dtype)
+    centroids = kernels.centroid_means(xp, inverse, counts, g).to(xp.dtype)
     return centroids, inverse, counts
 
 
@@ -196,7 +195,7 @@ def cluster_grad(
     cluster's centroid gradient divided by the cluster size, added back into the pixels
     of its sub-vector (col2im). Its own op so that the backward stays traceable."""
     g = _padded_geometry(xp_shape, kernel_size, stride, dilation, g_centroids.shape[-1])
-    return kernels.centroid_sums_backward(g_centroids, inverse, counts, g, g_centroids.dtype)
+    return kernels.centroid_means_backward(g_centroids, inverse, counts, g, g_centroids.dtype)
 
 
 @cluster_grad.register_fake

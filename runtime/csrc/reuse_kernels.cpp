@@ -116,92 +116,129 @@ std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
   return {inverse, counts};
 }
 
-// Per slot, the sum of its members' sub-vectors: (nb, Cmax, L).
+// Per slot, the mean of its members' sub-vectors: (nb, Cmax, L). Each thread owns whole
+// blocks (or, with fewer blocks than threads, a range of slots), zeroes its part of the
+// output, accumulates, and divides by the slot's count.
 template <typename T>
-void centroid_sums_impl(const T* X, const int64_t* V, T* S, const Geo& g, const std::vector<Piece>& pieces,
-                        const std::vector<int64_t>& start, int64_t nb, int64_t cmax) {
+void centroid_means_impl(const T* X, const int64_t* V, const int64_t* cnt, T* S, const Geo& g,
+                         const std::vector<Piece>& pieces, const std::vector<int64_t>& start, int64_t nb,
+                         int64_t cmax) {
   const int64_t N = g.N(), C = g.C, L = g.L;
-  const int nth = at::get_num_threads();
-  if (nb >= nth) {  // each thread owns whole blocks
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t* vb = V + b * N;
-        T* sb = S + b * cmax * L;
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t a = g.anchor(n);
-          T* dst = sb + vb[n] * L;
+  auto finish = [&](int64_t b, int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t c = cnt[b * cmax + s];
+      if (c > 1) {
+        const T inv = T(1) / T(c);
+        T* row = S + (b * cmax + s) * L;
+        for (int64_t k = 0; k < L; ++k) row[k] *= inv;
+      }
+    }
+  };
+  auto accumulate = [&](int64_t b, int64_t s0, int64_t s1, bool all) {
+    const int64_t* vb = V + b * N;
+    T* sb = S + b * cmax * L;
+    int64_t n = 0;
+    for (int64_t bb = 0; bb < g.Nb; ++bb)
+      for (int64_t oh = 0; oh < g.Oh; ++oh) {
+        const int64_t a0 = (bb * g.Hp + oh * g.sh) * g.Wp;
+        for (int64_t ow = 0; ow < g.Ow; ++ow, ++n) {
+          const int64_t s = vb[n];
+          if (!all && (s < s0 || s >= s1)) continue;
+          const int64_t a = a0 + ow * g.sw;
+          T* dst = sb + s * L;
           for (int64_t p = start[b]; p < start[b + 1]; ++p) {
             const Piece& q = pieces[p];
             add_row(dst + q.e0, X + (a + g.tap_offset(q.t)) * C + q.c0, q.len);
           }
         }
       }
+  };
+  if (nb >= at::get_num_threads()) {  // each thread owns whole blocks; rows in tiles of
+    // TILE, the thread's blocks inside a tile, so the tile's input pixels and the current
+    // block's table stay in cache
+    constexpr int64_t TILE = 512;
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      std::memset(S + b0 * cmax * L, 0, sizeof(T) * (b1 - b0) * cmax * L);
+      std::vector<int64_t> anchors(TILE);
+      for (int64_t n0 = 0; n0 < N; n0 += TILE) {
+        const int64_t n1 = std::min(N, n0 + TILE);
+        for (int64_t n = n0; n < n1; ++n) anchors[n - n0] = g.anchor(n);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t* vb = V + b * N;
+          T* sb = S + b * cmax * L;
+          for (int64_t p = start[b]; p < start[b + 1]; ++p) {
+            const Piece& q = pieces[p];
+            const T* src = X + g.tap_offset(q.t) * C + q.c0;
+            for (int64_t n = n0; n < n1; ++n) add_row(sb + vb[n] * L + q.e0, src + anchors[n - n0] * C, q.len);
+          }
+        }
+      }
+      for (int64_t b = b0; b < b1; ++b) finish(b, 0, cmax);
     });
     return;
   }
-  // few blocks: each thread owns a range of slots and scans all rows for its own
   at::parallel_for(0, cmax, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t* vb = V + b * N;
-      T* sb = S + b * cmax * L;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t s = vb[n];
-        if (s < s0 || s >= s1) continue;
-        const int64_t a = g.anchor(n);
-        for (int64_t p = start[b]; p < start[b + 1]; ++p) {
-          const Piece& q = pieces[p];
-          add_row(sb + s * L + q.e0, X + (a + g.tap_offset(q.t)) * C + q.c0, q.len);
-        }
-      }
+      std::memset(S + (b * cmax + s0) * L, 0, sizeof(T) * (s1 - s0) * L);
+      accumulate(b, s0, s1, false);
+      finish(b, s0, s1);
     }
   });
 }
 
-torch::Tensor centroid_sums(torch::Tensor xp, torch::Tensor inverse, int64_t cmax, std::vector<int64_t> geo,
-                            torch::Tensor pieces_t) {
+torch::Tensor centroid_means(torch::Tensor xp, torch::Tensor inverse, torch::Tensor counts, std::vector<int64_t> geo,
+                             torch::Tensor pieces_t) {
   check_cpu_contig(xp, "xp");
   check_cpu_contig(inverse, "inverse");
+  check_cpu_contig(counts, "counts");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
-  const int64_t nb = inverse.size(0);
+  const int64_t nb = inverse.size(0), cmax = counts.size(1);
   std::vector<int64_t> start(nb + 1, 0);
   for (const auto& q : pieces) start[q.b + 1]++;
   for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
-  auto S = torch::zeros({nb, cmax, g.L}, xp.options());
-  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "centroid_sums", [&] {
-    centroid_sums_impl<scalar_t>(xp.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(), S.data_ptr<scalar_t>(), g,
-                                 pieces, start, nb, cmax);
+  auto S = torch::empty({nb, cmax, g.L}, xp.options());
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "centroid_means", [&] {
+    centroid_means_impl<scalar_t>(xp.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+                                  S.data_ptr<scalar_t>(), g, pieces, start, nb, cmax);
   });
   return S;
 }
 
-// d(centroid sums)/d(xp) applied to `share` (nb, Cmax, L): every member row gets its
-// slot's share, added into the pixels its sub-vector came from. Gather formulation:
-// each thread owns a range of padded pixel rows (b, hp) and writes only those.
+// Backward of the centroid means w.r.t. xp: every member row n of slot s gets
+// g_cent[b, s] / count[b, s], added into the pixels its sub-vector came from (col2im).
+// Each thread owns a range of padded pixel rows (b, hp) and writes only those; for a
+// (tap, piece) the output row's inverse entries are read sequentially along ow.
 template <typename T>
-void centroid_sums_backward_impl(const T* Sh, const int64_t* V, T* D, const Geo& g,
-                                 const std::vector<Piece>& pieces, const std::vector<int64_t>& tstart,
-                                 const std::vector<int64_t>& order, int64_t cmax) {
+void centroid_means_backward_impl(const T* Gc, const int64_t* V, const int64_t* cnt, T* D, const Geo& g,
+                                  const std::vector<Piece>& pieces, const std::vector<int64_t>& tstart,
+                                  const std::vector<int64_t>& order, int64_t cmax) {
   const int64_t N = g.N(), C = g.C, L = g.L;
   at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / g.Hp, hp = row % g.Hp;
-      for (int64_t wp = 0; wp < g.Wp; ++wp) {
-        T* d = D + (row * g.Wp + wp) * C;
-        for (int64_t i = 0; i < g.kh; ++i) {
-          const int64_t hh = hp - i * g.dh;
-          if (hh < 0 || hh % g.sh) continue;
-          const int64_t oh = hh / g.sh;
-          if (oh >= g.Oh) continue;
-          for (int64_t j = 0; j < g.kw; ++j) {
-            const int64_t ww = wp - j * g.dw;
-            if (ww < 0 || ww % g.sw) continue;
-            const int64_t ow = ww / g.sw;
-            if (ow >= g.Ow) continue;
-            const int64_t n = (b * g.Oh + oh) * g.Ow + ow, t = i * g.kw + j;
-            for (int64_t p = tstart[t]; p < tstart[t + 1]; ++p) {
-              const Piece& q = pieces[order[p]];
-              add_row(d + q.c0, Sh + ((q.b * cmax) + V[q.b * N + n]) * L + q.e0, q.len);
+      T* drow = D + row * g.Wp * C;
+      std::memset(drow, 0, sizeof(T) * g.Wp * C);
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t hh = hp - i * g.dh;
+        if (hh < 0 || hh % g.sh) continue;
+        const int64_t oh = hh / g.sh;
+        if (oh >= g.Oh) continue;
+        const int64_t nrow = (b * g.Oh + oh) * g.Ow;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t t = i * g.kw + j;
+          for (int64_t p = tstart[t]; p < tstart[t + 1]; ++p) {
+            const Piece& q = pieces[order[p]];
+            const int64_t* vrow = V + q.b * N + nrow;
+            const int64_t* crow = cnt + q.b * cmax;
+            const T* gb = Gc + q.b * cmax * L + q.e0;
+            for (int64_t ow = 0; ow < g.Ow; ++ow) {
+              const int64_t s = vrow[ow];
+              const T f = T(1) / T(crow[s]);
+              T* d = drow + (ow * g.sw + j * g.dw) * C + q.c0;
+              const T* src = gb + s * L;
+#pragma omp simd
+              for (int64_t k = 0; k < q.len; ++k) d[k] += f * src[k];
             }
           }
         }
@@ -210,22 +247,24 @@ void centroid_sums_backward_impl(const T* Sh, const int64_t* V, T* D, const Geo&
   });
 }
 
-torch::Tensor centroid_sums_backward(torch::Tensor share, torch::Tensor inverse, std::vector<int64_t> geo,
-                                     torch::Tensor pieces_t) {
-  check_cpu_contig(share, "share");
+torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
+                                      std::vector<int64_t> geo, torch::Tensor pieces_t) {
+  check_cpu_contig(g_cent, "g_cent");
   check_cpu_contig(inverse, "inverse");
+  check_cpu_contig(counts, "counts");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
-  const int64_t T = g.kh * g.kw, cmax = share.size(1);
+  const int64_t T = g.kh * g.kw, cmax = g_cent.size(1);
   std::vector<int64_t> tstart(T + 1, 0), order(pieces.size());
   for (const auto& q : pieces) tstart[q.t + 1]++;
   for (int64_t t = 0; t < T; ++t) tstart[t + 1] += tstart[t];
   std::vector<int64_t> fill(tstart.begin(), tstart.end() - 1);
   for (int64_t p = 0; p < (int64_t)pieces.size(); ++p) order[fill[pieces[p].t]++] = p;
-  auto D = torch::zeros({g.Nb, g.Hp, g.Wp, g.C}, share.options());
-  AT_DISPATCH_FLOATING_TYPES(share.scalar_type(), "centroid_sums_backward", [&] {
-    centroid_sums_backward_impl<scalar_t>(share.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(),
-                                          D.data_ptr<scalar_t>(), g, pieces, tstart, order, cmax);
+  auto D = torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options());
+  AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward", [&] {
+    centroid_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(),
+                                           counts.data_ptr<int64_t>(), D.data_ptr<scalar_t>(), g, pieces, tstart,
+                                           order, cmax);
   });
   return D;
 }
@@ -272,12 +311,16 @@ torch::Tensor reconstruct(torch::Tensor yc, torch::Tensor inverse, c10::optional
 template <typename T>
 void reconstruct_backward_impl(const T* G, const int64_t* V, T* out, int64_t nb, int64_t cmax, int64_t N, int64_t M) {
   const int nth = at::get_num_threads();
-  if (nb >= nth) {  // each thread owns whole blocks
+  if (nb >= nth) {  // each thread owns whole blocks; rows in tiles, blocks inside a tile
+    constexpr int64_t TILE = 512;
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t* vb = V + b * N;
-        T* ob = out + b * cmax * M;
-        for (int64_t n = 0; n < N; ++n) add_row(ob + vb[n] * M, G + n * M, M);
+      for (int64_t n0 = 0; n0 < N; n0 += TILE) {
+        const int64_t n1 = std::min(N, n0 + TILE);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t* vb = V + b * N;
+          T* ob = out + b * cmax * M;
+          for (int64_t n = n0; n < n1; ++n) add_row(ob + vb[n] * M, G + n * M, M);
+        }
       }
     });
     return;
@@ -311,15 +354,18 @@ torch::Tensor gather_ids(torch::Tensor unit, int64_t per_pixel, torch::Tensor bl
   check_cpu_contig(unit, "unit");
   const Geo g = make_geo(geo);
   auto bl = blocks.contiguous();
-  const int64_t nb = bl.size(0), N = g.N();
+  const int64_t nb = bl.size(0), N = g.N(), rows = g.Nb * g.Oh;
   auto ids = torch::empty({nb, N}, unit.options());
   const int64_t* U = unit.data_ptr<int64_t>();
   const int64_t* B = bl.data_ptr<int64_t>();
   int64_t* out = ids.data_ptr<int64_t>();
-  at::parallel_for(0, nb * N, 4096, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, nb * rows, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / N, n = i % N;
-      out[i] = U[(g.anchor(n) + g.tap_offset(B[2 * b])) * per_pixel + B[2 * b + 1]];
+      const int64_t b = i / rows, r = i % rows, bb = r / g.Oh, oh = r % g.Oh;
+      const int64_t* src = U + ((bb * g.Hp + oh * g.sh) * g.Wp + g.tap_offset(B[2 * b])) * per_pixel + B[2 * b + 1];
+      int64_t* dst = out + b * N + r * g.Ow;
+      const int64_t step = g.sw * per_pixel;
+      for (int64_t ow = 0; ow < g.Ow; ++ow) dst[ow] = src[ow * step];
     }
   });
   return ids;
@@ -327,8 +373,8 @@ torch::Tensor gather_ids(torch::Tensor unit, int64_t per_pixel, torch::Tensor bl
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compact", &compact, "rank the ids present in each block (segment): (inverse, counts)");
-  m.def("centroid_sums", &centroid_sums, "per-slot sums of the members' sub-vectors");
-  m.def("centroid_sums_backward", &centroid_sums_backward, "col2im of each member's slot share");
+  m.def("centroid_means", &centroid_means, "per-slot means of the members' sub-vectors");
+  m.def("centroid_means_backward", &centroid_means_backward, "col2im of each member's share of its slot's gradient");
   m.def("reconstruct", &reconstruct, "y[n] = bias + sum_b yc[b, inverse[b, n]]");
   m.def("reconstruct_backward", &reconstruct_backward, "dyc[b, s] = sum of dy over slot s of block b");
   m.def("gather_ids", &gather_ids, "per-block ids gathered from per-pixel unit ids");
