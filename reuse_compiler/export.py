@@ -308,7 +308,7 @@ def onnx_translation_table() -> dict:
             sums = row_sums(xp, inverse, cmax, g)
         size = op.Max(op.CastLike(op.Reshape(counts, [-1, 1]), sums), op.CastLike(1.0, sums))
         centroids = op.Reshape(op.Div(sums, size), [g.nb, -1, g.L])
-        return centroids, inverse, counts
+        return centroids, op.Cast(inverse, to=onnx.TensorProto.INT32), counts
 
     def centroid_gemm(centroids, weight):
         M, C, kh, kw = (static(d, "the weight's shape") for d in weight.shape)
@@ -322,6 +322,7 @@ def onnx_translation_table() -> dict:
 
     def reconstruct(yc, inverse, bias):
         nb = static(inverse.shape[0], "nb")
+        inverse = op.Cast(inverse, to=INT64)  # the slot index is int32 in PyTorch
         M = static(yc.shape[2], "M")
         cmax = op.Shape(yc, start=1, end=2)
         slots = op.Add(inverse, op.Mul(const(np.arange(nb).reshape(nb, 1, 1, 1)), cmax))

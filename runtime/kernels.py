@@ -119,8 +119,9 @@ def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tenso
 def compact(ids: torch.Tensor, H: int, scope: str):
     """Cluster each sub-matrix: ids (nb, Nb, Oh, Ow) -> (inverse, counts).
 
-    ``inverse`` (same shape as ids) holds each row's slot in its sub-matrix, ``counts``
-    (nb, Cmax) the members per slot. Scope "input" keeps images apart; "batch"
+    ``inverse`` (same shape as ids, int32: it is kept for the backward, so it is small)
+    holds each row's slot in its sub-matrix, ``counts`` (nb, Cmax) int64 the members per
+    slot. Scope "input" keeps images apart; "batch"
     clusters the whole batch.
     """
     nb = ids.shape[0]
@@ -130,7 +131,7 @@ def compact(ids: torch.Tensor, H: int, scope: str):
     dev = ids.device
     base = torch.arange(nb, device=dev)[:, None]
     if N == 0:
-        return ids.clone(), torch.zeros(nb, 0, dtype=torch.int64, device=dev)
+        return ids.to(torch.int32), torch.zeros(nb, 0, dtype=torch.int64, device=dev)
     ext = _ext(ids)
     if ext is not None:
         inverse, counts = ext.compact(flat.contiguous(), H, N if scope == "batch" else N // Nb)
@@ -145,7 +146,7 @@ def compact(ids: torch.Tensor, H: int, scope: str):
         slot = (rank + base * cmax)[occupied]
         counts = torch.zeros(nb * cmax, dtype=torch.int64, device=dev)
         counts[slot] = present[occupied]
-        return inverse.view_as(ids), counts.view(nb, cmax)
+        return inverse.view_as(ids).to(torch.int32), counts.view(nb, cmax)
     seg = Nb if scope == "input" else 1
     srt, perm = torch.sort(flat.reshape(nb * seg, N // seg), dim=1)
     new = torch.ones_like(srt, dtype=torch.bool)
@@ -154,14 +155,14 @@ def compact(ids: torch.Tensor, H: int, scope: str):
     cmax = int(local[:, -1].max()) + 1
     inverse = torch.empty_like(srt).scatter_(1, perm, local.view(nb * seg, N // seg)).view(nb, N)
     counts = torch.bincount((inverse + base * cmax).view(-1), minlength=nb * cmax)
-    return inverse.view_as(ids), counts.view(nb, cmax)
+    return inverse.view_as(ids).to(torch.int32), counts.view(nb, cmax)
 
 
 def slot_keys(ids: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Each slot's hash id, (nb, Cmax) int64, -1 for empty slots."""
     nb = counts.shape[0]
     keys = torch.full_like(counts, -1)
-    return keys.scatter_(1, inverse.reshape(nb, -1), ids.reshape(nb, -1))
+    return keys.scatter_(1, inverse.reshape(nb, -1).long(), ids.reshape(nb, -1))
 
 
 def centroid_means(xp: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g: Geometry) -> torch.Tensor:
@@ -176,6 +177,7 @@ def centroid_means(xp: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor
             xp.to(ct).contiguous(), inv.contiguous(), counts.contiguous(), g.vector(), g.pieces_tensor()
         )
     sums = torch.zeros(g.nb, cmax, g.L, dtype=ct, device=xp.device)
+    inv = inv.long()
     for b, pieces in enumerate(g.pieces):
         for t, c0, c1, e0 in pieces:
             src = g.tap_view(xp, t, c0, c1).reshape(g.N, c1 - c0).to(ct)
@@ -196,6 +198,7 @@ def centroid_means_backward(
             dcent.contiguous(), inv.contiguous(), counts.contiguous(), g.vector(), g.pieces_tensor()
         ).to(dtype)
     share = dcent / counts.clamp(min=1).unsqueeze(-1).to(dcent.dtype)
+    inv = inv.long()
     dxp = torch.zeros(g.Nb, g.Hp, g.Wp, g.C, dtype=dcent.dtype, device=dcent.device)
     oh, ow = g.out_hw
     for b, pieces in enumerate(g.pieces):
@@ -212,6 +215,7 @@ def reconstruct_rows(yc: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor
     ext = _ext(yc, inv, bias)
     if ext is not None:
         return ext.reconstruct(yc.contiguous(), inv.contiguous(), bias)
+    inv = inv.long()
     if nb == 1:
         rows = yc[0].index_select(0, inv[0])
     else:
@@ -229,6 +233,7 @@ def reconstruct_rows_backward(dy_rows: torch.Tensor, inverse: torch.Tensor, dyc:
     ext = _ext(dy_rows, inv)
     if ext is not None:
         return ext.reconstruct_backward(dy_rows.contiguous(), inv.contiguous(), dyc.shape[1]).to(dyc.dtype)
+    inv = inv.long()
     for b in range(inv.shape[0]):
         dyc[b].index_add_(0, inv[b], dy_rows)
     return dyc

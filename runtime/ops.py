@@ -15,8 +15,8 @@ gradient per cluster (dy_c,s, Eq. 8), ``centroid_gemm`` forms dW_b = x_c,b^T dy_
 cluster's share (Eq. 13-18) and adds it back into the input pixels (col2im).
 
 Tensors: ``xp`` (Nb, Hp, Wp, C) padded channels-last input; ``planes`` (L, H) hyperplanes;
-``ids`` and ``inverse`` (nb, Nb, Oh, Ow) int64 (``inverse[b]``: each row's slot in
-sub-matrix b); ``counts`` (nb, Cmax) int64;
+``ids`` (nb, Nb, Oh, Ow) int64 and ``inverse`` (same shape, int32: ``inverse[b]`` holds
+each row's slot in sub-matrix b); ``counts`` (nb, Cmax) int64;
 ``centroids`` (nb, Cmax, L); ``y_c`` (nb, Cmax, M); ``y`` (Nb, M, Oh, Ow), channels-last
 strided. Cmax is data-dependent.
 """
@@ -157,7 +157,7 @@ def _(xp, ids, kernel_size, stride, dilation, L, H, scope):
     nb = ids.shape[0]
     return (
         xp.new_empty(nb, cmax, L),
-        torch.empty_like(ids),
+        torch.empty_like(ids, dtype=torch.int32),
         ids.new_empty(nb, cmax),
     )
 

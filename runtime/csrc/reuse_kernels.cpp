@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <string>
 #include <cstring>
 #include <vector>
 
@@ -57,27 +58,29 @@ inline void add_row(T* __restrict d, const T* __restrict s, int64_t len) {
 
 void check_cpu_contig(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "reuse kernels: ", name, " must be a contiguous CPU tensor");
+  if (std::string(name) == "inverse")
+    TORCH_CHECK(t.scalar_type() == torch::kInt32, "reuse kernels: inverse must be int32");
 }
 
 }  // namespace
 
 // ids (nb, N) -> per block, the distinct ids (per image segment of `seg` rows when
-// seg < N) ranked ascending. Returns (inverse (nb, N) local slots, counts (nb, Cmax)).
+// seg < N) ranked ascending. Returns (inverse (nb, N) int32 local slots, counts (nb, Cmax)).
 std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
   check_cpu_contig(ids, "ids");
   TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.dim() == 2, "compact: ids must be int64 (nb, N)");
   const int64_t nb = ids.size(0), N = ids.size(1);
   TORCH_CHECK(seg > 0 && N % seg == 0, "compact: segment length must divide N");
-  auto inverse = torch::empty({nb, N}, ids.options());
+  auto inverse = torch::empty({nb, N}, ids.options().dtype(torch::kInt32));
   const int64_t* I = ids.data_ptr<int64_t>();
-  int64_t* V = inverse.data_ptr<int64_t>();
+  int32_t* V = inverse.data_ptr<int32_t>();
   std::vector<std::vector<int64_t>> block_counts(nb);
   const bool dense = seg == N && H <= 20 && (int64_t(1) << H) <= std::max<int64_t>(4 * N, 4096);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> table, uniq;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t* ib = I + b * N;
-      int64_t* vb = V + b * N;
+      int32_t* vb = V + b * N;
       std::vector<int64_t>& cnt = block_counts[b];
       if (dense) {  // counting pass: a table over all 2^H ids
         table.assign(int64_t(1) << H, 0);
@@ -120,7 +123,7 @@ std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
 // blocks (or, with fewer blocks than threads, a range of slots), zeroes its part of the
 // output, accumulates, and divides by the slot's count.
 template <typename T>
-void centroid_means_impl(const T* X, const int64_t* V, const int64_t* cnt, T* S, const Geo& g,
+void centroid_means_impl(const T* X, const int32_t* V, const int64_t* cnt, T* S, const Geo& g,
                          const std::vector<Piece>& pieces, const std::vector<int64_t>& start, int64_t nb,
                          int64_t cmax) {
   const int64_t N = g.N(), C = g.C, L = g.L;
@@ -135,7 +138,7 @@ void centroid_means_impl(const T* X, const int64_t* V, const int64_t* cnt, T* S,
     }
   };
   auto accumulate = [&](int64_t b, int64_t s0, int64_t s1, bool all) {
-    const int64_t* vb = V + b * N;
+    const int32_t* vb = V + b * N;
     T* sb = S + b * cmax * L;
     int64_t n = 0;
     for (int64_t bb = 0; bb < g.Nb; ++bb)
@@ -164,7 +167,7 @@ void centroid_means_impl(const T* X, const int64_t* V, const int64_t* cnt, T* S,
         const int64_t n1 = std::min(N, n0 + TILE);
         for (int64_t n = n0; n < n1; ++n) anchors[n - n0] = g.anchor(n);
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t* vb = V + b * N;
+          const int32_t* vb = V + b * N;
           T* sb = S + b * cmax * L;
           for (int64_t p = start[b]; p < start[b + 1]; ++p) {
             const Piece& q = pieces[p];
@@ -199,7 +202,7 @@ torch::Tensor centroid_means(torch::Tensor xp, torch::Tensor inverse, torch::Ten
   for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
   auto S = torch::empty({nb, cmax, g.L}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "centroid_means", [&] {
-    centroid_means_impl<scalar_t>(xp.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+    centroid_means_impl<scalar_t>(xp.data_ptr<scalar_t>(), inverse.data_ptr<int32_t>(), counts.data_ptr<int64_t>(),
                                   S.data_ptr<scalar_t>(), g, pieces, start, nb, cmax);
   });
   return S;
@@ -210,7 +213,7 @@ torch::Tensor centroid_means(torch::Tensor xp, torch::Tensor inverse, torch::Ten
 // Each thread owns a range of padded pixel rows (b, hp) and writes only those; for a
 // (tap, piece) the output row's inverse entries are read sequentially along ow.
 template <typename T>
-void centroid_means_backward_impl(const T* Gc, const int64_t* V, const int64_t* cnt, T* D, const Geo& g,
+void centroid_means_backward_impl(const T* Gc, const int32_t* V, const int64_t* cnt, T* D, const Geo& g,
                                   const std::vector<Piece>& pieces, const std::vector<int64_t>& tstart,
                                   const std::vector<int64_t>& order, int64_t cmax) {
   const int64_t N = g.N(), C = g.C, L = g.L;
@@ -229,7 +232,7 @@ void centroid_means_backward_impl(const T* Gc, const int64_t* V, const int64_t* 
           const int64_t t = i * g.kw + j;
           for (int64_t p = tstart[t]; p < tstart[t + 1]; ++p) {
             const Piece& q = pieces[order[p]];
-            const int64_t* vrow = V + q.b * N + nrow;
+            const int32_t* vrow = V + q.b * N + nrow;
             const int64_t* crow = cnt + q.b * cmax;
             const T* gb = Gc + q.b * cmax * L + q.e0;
             for (int64_t ow = 0; ow < g.Ow; ++ow) {
@@ -262,7 +265,7 @@ torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor invers
   for (int64_t p = 0; p < (int64_t)pieces.size(); ++p) order[fill[pieces[p].t]++] = p;
   auto D = torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options());
   AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward", [&] {
-    centroid_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(),
+    centroid_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), inverse.data_ptr<int32_t>(),
                                            counts.data_ptr<int64_t>(), D.data_ptr<scalar_t>(), g, pieces, tstart,
                                            order, cmax);
   });
@@ -271,7 +274,7 @@ torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor invers
 
 // y[n] = bias + sum_b yc[b, inverse[b, n]]: (N, M); each thread owns a range of rows.
 template <typename T>
-void reconstruct_impl(const T* Y, const int64_t* V, const T* bias, T* out, int64_t nb, int64_t cmax, int64_t N,
+void reconstruct_impl(const T* Y, const int32_t* V, const T* bias, T* out, int64_t nb, int64_t cmax, int64_t N,
                       int64_t M) {
   constexpr int64_t TILE = 64;
   at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t t0, int64_t t1) {
@@ -284,7 +287,7 @@ void reconstruct_impl(const T* Y, const int64_t* V, const T* bias, T* out, int64
           std::memset(out + n * M, 0, sizeof(T) * M);
       }
       for (int64_t b = 0; b < nb; ++b) {
-        const int64_t* vb = V + b * N;
+        const int32_t* vb = V + b * N;
         const T* yb = Y + b * cmax * M;
         for (int64_t n = n0; n < n1; ++n) add_row(out + n * M, yb + vb[n] * M, M);
       }
@@ -300,7 +303,7 @@ torch::Tensor reconstruct(torch::Tensor yc, torch::Tensor inverse, c10::optional
   torch::Tensor b;
   if (bias.has_value()) b = bias->to(yc.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "reconstruct", [&] {
-    reconstruct_impl<scalar_t>(yc.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(),
+    reconstruct_impl<scalar_t>(yc.data_ptr<scalar_t>(), inverse.data_ptr<int32_t>(),
                                bias.has_value() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), nb,
                                cmax, N, M);
   });
@@ -309,7 +312,7 @@ torch::Tensor reconstruct(torch::Tensor yc, torch::Tensor inverse, c10::optional
 
 // dy_c,s: dyc[b, s] = sum_{n: inverse[b, n] = s} dy[n] -> (nb, Cmax, M).
 template <typename T>
-void reconstruct_backward_impl(const T* G, const int64_t* V, T* out, int64_t nb, int64_t cmax, int64_t N, int64_t M) {
+void reconstruct_backward_impl(const T* G, const int32_t* V, T* out, int64_t nb, int64_t cmax, int64_t N, int64_t M) {
   const int nth = at::get_num_threads();
   if (nb >= nth) {  // each thread owns whole blocks; rows in tiles, blocks inside a tile
     constexpr int64_t TILE = 512;
@@ -317,7 +320,7 @@ void reconstruct_backward_impl(const T* G, const int64_t* V, T* out, int64_t nb,
       for (int64_t n0 = 0; n0 < N; n0 += TILE) {
         const int64_t n1 = std::min(N, n0 + TILE);
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t* vb = V + b * N;
+          const int32_t* vb = V + b * N;
           T* ob = out + b * cmax * M;
           for (int64_t n = n0; n < n1; ++n) add_row(ob + vb[n] * M, G + n * M, M);
         }
@@ -327,7 +330,7 @@ void reconstruct_backward_impl(const T* G, const int64_t* V, T* out, int64_t nb,
   }
   at::parallel_for(0, cmax, 1, [&](int64_t s0, int64_t s1) {  // each thread owns a slot range
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t* vb = V + b * N;
+      const int32_t* vb = V + b * N;
       T* ob = out + b * cmax * M;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t s = vb[n];
@@ -343,7 +346,7 @@ torch::Tensor reconstruct_backward(torch::Tensor dy_rows, torch::Tensor inverse,
   const int64_t nb = inverse.size(0), N = inverse.size(1), M = dy_rows.size(1);
   auto out = torch::zeros({nb, cmax, M}, dy_rows.options());
   AT_DISPATCH_FLOATING_TYPES(dy_rows.scalar_type(), "reconstruct_backward", [&] {
-    reconstruct_backward_impl<scalar_t>(dy_rows.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(),
+    reconstruct_backward_impl<scalar_t>(dy_rows.data_ptr<scalar_t>(), inverse.data_ptr<int32_t>(),
                                         out.data_ptr<scalar_t>(), nb, cmax, N, M);
   });
   return out;
