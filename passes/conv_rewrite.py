@@ -14,6 +14,7 @@ import copy
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .analysis import conv_operands
@@ -33,10 +34,21 @@ def _node(graph: fx.Graph, target, args, name: str) -> fx.Node:
 
 
 def emit_reuse_conv(
-    graph: fx.Graph, x, weight, bias, row, scope: str, base: str, group: int = 0, record: bool = True
+    graph: fx.Graph,
+    x,
+    weight,
+    bias,
+    row,
+    scope: str,
+    base: str,
+    group: int = 0,
+    record: bool = True,
+    centroid: str = "mean",
 ) -> fx.Node:
     """Emit one chain at the graph's insertion point and return its output node. With
-    ``record`` the chain ends with a call to the layer's state module (measurements)."""
+    ``record`` the chain ends with a call to the layer's state module (measurements). With
+    ``centroid="norm"`` the centroids are normalised and each member's output is scaled by
+    its own norm (``reuse.member_norms``)."""
     k = list(row.kernel_size)
     s = list(row.stride)
     d = list(row.dilation)
@@ -47,23 +59,30 @@ def emit_reuse_conv(
     centroids = _node(graph, operator.getitem, (cl, 0), f"{base}_centroids")
     inverse = _node(graph, operator.getitem, (cl, 1), f"{base}_inverse")
     counts = _node(graph, operator.getitem, (cl, 2), f"{base}_counts")
+    scales = None
+    if centroid == "norm":
+        centroids = graph.create_node(
+            "call_function", F.normalize, (centroids,), {"dim": -1}, name=f"{base}_unit_centroids"
+        )
+        scales = _node(graph, _ops.member_norms.default, (xp, k, s, d, row.L), f"{base}_norms")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     if row.cluster_reuse:  # Algorithm 1: outputs of ids seen before come from the store
         yc = graph.call_module(state_path(row.name) + ".store", (yc, centroids, ids, inverse, counts, weight, group))
         yc.name = f"{base}_yc_reused"
-    y = _node(graph, _ops.reconstruct.default, (yc, inverse, bias), f"{base}_y")
+    args = (yc, inverse, bias) if scales is None else (yc, inverse, bias, scales)
+    y = _node(graph, _ops.reconstruct.default, args, f"{base}_y")
     if record:
         graph.call_module(state_path(row.name), (counts, group))
     return y
 
 
-def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool) -> None:
+def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool, centroid: str) -> None:
     base = row.name.replace(".", "_").replace(":", "_call")
     with graph.inserting_before(node):
         x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
         g = row.groups
         if g == 1:
-            out = emit_reuse_conv(graph, x, w, b, row, scope, base, record=record)
+            out = emit_reuse_conv(graph, x, w, b, row, scope, base, record=record, centroid=centroid)
         else:
             cg, mg = row.in_channels // g, row.out_channels // g
             parts = []
@@ -71,7 +90,11 @@ def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: b
                 xi = _node(graph, torch.narrow, (x, 1, i * cg, cg), f"{base}_g{i}_x")
                 wi = _node(graph, torch.narrow, (w, 0, i * mg, mg), f"{base}_g{i}_w")
                 bi = None if b is None else _node(graph, torch.narrow, (b, 0, i * mg, mg), f"{base}_g{i}_b")
-                parts.append(emit_reuse_conv(graph, xi, wi, bi, row, scope, f"{base}_g{i}", group=i, record=record))
+                parts.append(
+                    emit_reuse_conv(
+                        graph, xi, wi, bi, row, scope, f"{base}_g{i}", group=i, record=record, centroid=centroid
+                    )
+                )
             out = _node(graph, torch.cat, (parts, 1), f"{base}_cat")
     node.replace_all_uses_with(out)
     graph.erase_node(node)
@@ -85,7 +108,7 @@ def rewritten_graph(gm: fx.GraphModule, record: bool = True) -> fx.Graph:
     scope = "input" if gm.reuse_config.scope == "input" else "batch"
     for row in gm.reuse_plan.rows():
         if row.rewritable and not row.exact:
-            _rewrite_node(gm, graph, nodes[row.node], row, scope, record)
+            _rewrite_node(gm, graph, nodes[row.node], row, scope, record, gm.reuse_config.centroid)
     graph.lint()
     return graph
 

@@ -17,6 +17,7 @@ __all__ = ["ReuseConfig", "SCOPES", "L_CHOICES"]
 SCOPES = ("input", "batch", "across-batch")
 L_CHOICES = ("fast", "all", "extended")
 POLICIES = ("paper", "measured")
+CENTROIDS = ("mean", "norm")
 MAX_H = 62
 
 
@@ -59,6 +60,9 @@ class ReuseConfig:
             exact and every candidate on this device at compile time (cached on disk), keeps
             the candidates faster than exact and orders them by time (docs/performance.md).
         calibration_repeats: timed runs per stage for the measured policy (median).
+        centroid: "mean" (the paper: a member's output is its cluster mean's output) or
+            "norm" (keeps each member's length: ||x|| times the output of the unit vector along
+            the cluster mean; exact for collinear members). See docs/results.md.
     """
 
     L: int | dict[str, int] | None = None
@@ -71,6 +75,7 @@ class ReuseConfig:
     l_values: str = "fast"
     policy: str = "paper"
     calibration_repeats: int = 3
+    centroid: str = "mean"
 
     def __post_init__(self):
         _check_int_or_map("L", self.L, 1, None)
@@ -84,6 +89,10 @@ class ReuseConfig:
         self.exclude = list(self.exclude)
         if self.policy not in POLICIES:
             raise ValueError(f"ReuseConfig.policy must be one of {', '.join(map(repr, POLICIES))}; got {self.policy!r}")
+        if self.centroid not in CENTROIDS:
+            raise ValueError(
+                f"ReuseConfig.centroid must be one of {', '.join(map(repr, CENTROIDS))}; got {self.centroid!r}"
+            )
         for name in ("cache_size", "refresh", "calibration_repeats"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

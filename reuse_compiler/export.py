@@ -320,17 +320,26 @@ def onnx_translation_table() -> dict:
         wb = op.Transpose(op.Reshape(w, [M, nb, L]), perm=[1, 2, 0])  # (nb, L, M)
         return op.MatMul(centroids, op.CastLike(wb, centroids))
 
-    def reconstruct(yc, inverse, bias):
+    def reconstruct(yc, inverse, bias, scales=None):
         nb = static(inverse.shape[0], "nb")
-        inverse = op.Cast(inverse, to=INT64)  # the slot index is int32 in PyTorch
         M = static(yc.shape[2], "M")
+        inverse = op.Cast(inverse, to=INT64)  # the slot index is int32 in PyTorch
         cmax = op.Shape(yc, start=1, end=2)
         slots = op.Add(inverse, op.Mul(const(np.arange(nb).reshape(nb, 1, 1, 1)), cmax))
         y = op.Gather(op.Reshape(yc, [-1, M]), slots, axis=0)  # (nb, Nb, Oh, Ow, M)
+        if scales is not None:  # norm-preserving centroid: each member's own norm
+            y = op.Mul(y, op.Unsqueeze(op.CastLike(scales, y), [4]))
         y = op.ReduceSum(y, [0], keepdims=0) if nb > 1 else op.Squeeze(y, [0])
         if bias is not None:
             y = op.Add(y, op.CastLike(bias, y))
         return op.Transpose(y, perm=[0, 3, 1, 2])
+
+    def member_norms(xp, kernel_size: list[int], stride: list[int], dilation: list[int], L: int):
+        g = geometry(xp, kernel_size, stride, dilation, L)
+        oh, ow = g.out_hw
+        rows = im2col_rows(xp, g)  # (Nb, Oh*Ow, nb, L), zero-padded last block
+        norms = op.Sqrt(op.ReduceSum(op.Mul(rows, rows), [3], keepdims=0))  # (Nb, Oh*Ow, nb)
+        return op.Reshape(op.Transpose(norms, perm=[2, 0, 1]), [g.nb, -1, oh, ow])
 
     ops = torch.ops.reuse
     return {
@@ -339,6 +348,7 @@ def onnx_translation_table() -> dict:
         ops.cluster.default: cluster,
         ops.centroid_gemm.default: centroid_gemm,
         ops.reconstruct.default: reconstruct,
+        ops.member_norms.default: member_norms,
     }
 
 

@@ -28,20 +28,32 @@ __all__ = [
     "pack_ids",
     "reconstruct_rows",
     "reconstruct_rows_backward",
+    "reconstruct_scales_backward",
+    "member_norms",
+    "member_norms_backward",
 ]
 
 # Above this many table slots the clustering sorts instead of counting.
 _DENSE_SLOTS = 1 << 22
 
 
+# Tests set this to make a silent fallback to the plain-PyTorch kernels an error.
+REQUIRE_EXTENSION = False
+_EXT_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
+
+
 def _ext(*tensors):
-    """The C++ kernels if they apply to these tensors (CPU, contiguous, float32/64 or int64)."""
-    ok = all(
-        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.int64)
-        for t in tensors
-        if t is not None
-    )
-    return extension.get() if ok else None
+    """The C++ kernels if they apply to these tensors (CPU; float32/64, int32 or int64)."""
+    tensors = [t for t in tensors if t is not None]
+    ok = all(t.device.type == "cpu" and t.dtype in _EXT_DTYPES for t in tensors)
+    ext = extension.get() if ok else None
+    if ext is None and REQUIRE_EXTENSION and extension.enabled():
+        full = [t for t in tensors if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)]
+        if full:
+            raise RuntimeError(
+                f"reuse kernels: fell back to PyTorch for {[(t.dtype, tuple(t.shape)) for t in tensors]}"
+            )
+    return ext
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -208,32 +220,79 @@ def centroid_means_backward(
     return dxp.to(dtype)
 
 
-def reconstruct_rows(yc: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y[n] = bias + sum_b y_c[b, inverse[b, n]]: (N, M) rows in (b, oh, ow) order."""
+def reconstruct_rows(
+    yc: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None = None, scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y[n] = bias + sum_b scales[b, n] * y_c[b, inverse[b, n]] (scales default to 1): (N, M)
+    rows in (b, oh, ow) order."""
     nb, cmax, M = yc.shape
     inv = inverse.reshape(nb, -1)
-    ext = _ext(yc, inv, bias)
+    w = None if scales is None else scales.reshape(nb, -1)
+    ext = _ext(yc, inv, bias, w)
     if ext is not None:
-        return ext.reconstruct(yc.contiguous(), inv.contiguous(), bias)
+        return ext.reconstruct(yc.contiguous(), inv.contiguous(), bias, w)
     inv = inv.long()
-    if nb == 1:
+    if nb == 1 and w is None:
         rows = yc[0].index_select(0, inv[0])
     else:
         slots = inv + torch.arange(nb, device=inv.device)[:, None] * cmax
-        rows = F.embedding_bag(slots.t().contiguous(), yc.reshape(nb * cmax, M), mode="sum")
+        weights = None if w is None else w.t().contiguous().to(yc.dtype)
+        rows = F.embedding_bag(slots.t().contiguous(), yc.reshape(nb * cmax, M), mode="sum", per_sample_weights=weights)
     if bias is not None:
         rows += bias.to(rows.dtype)
     return rows
 
 
-def reconstruct_rows_backward(dy_rows: torch.Tensor, inverse: torch.Tensor, dyc: torch.Tensor) -> torch.Tensor:
-    """dy_c,s (Eq. 8): per slot, the sum of the output gradient over the slot's members,
-    accumulated into the zeroed (nb, Cmax, M) ``dyc``."""
-    inv = inverse.reshape(inverse.shape[0], -1)
-    ext = _ext(dy_rows, inv)
+def reconstruct_rows_backward(
+    dy_rows: torch.Tensor, inverse: torch.Tensor, dyc: torch.Tensor, scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dy_c,s (Eq. 8): per slot, the sum of the output gradient over the slot's members
+    (each weighted by its scale when given), accumulated into the zeroed (nb, Cmax, M) ``dyc``."""
+    nb = inverse.shape[0]
+    inv = inverse.reshape(nb, -1)
+    w = None if scales is None else scales.reshape(nb, -1)
+    ext = _ext(dy_rows, inv, w)
     if ext is not None:
-        return ext.reconstruct_backward(dy_rows.contiguous(), inv.contiguous(), dyc.shape[1]).to(dyc.dtype)
+        return ext.reconstruct_backward(dy_rows.contiguous(), inv.contiguous(), dyc.shape[1], w).to(dyc.dtype)
     inv = inv.long()
-    for b in range(inv.shape[0]):
-        dyc[b].index_add_(0, inv[b], dy_rows)
+    for b in range(nb):
+        src = dy_rows if w is None else dy_rows * w[b, :, None].to(dy_rows.dtype)
+        dyc[b].index_add_(0, inv[b], src)
     return dyc
+
+
+def reconstruct_scales_backward(dy_rows: torch.Tensor, yc: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Gradient of the member scales: d_scales[b, n] = dy[n] . y_c[b, inverse[b, n]], (nb, N)."""
+    nb = inverse.shape[0]
+    inv = inverse.reshape(nb, -1)
+    ext = _ext(dy_rows, yc, inv)
+    if ext is not None:
+        return ext.reconstruct_scales_backward(dy_rows.contiguous(), yc.contiguous(), inv.contiguous())
+    inv = inv.long()
+    return torch.stack([(yc[b].index_select(0, inv[b]) * dy_rows).sum(1) for b in range(nb)])
+
+
+def member_norms(xp: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """||x_{n,b}|| of every member sub-vector, (nb, N) in the compute dtype."""
+    ct = compute_dtype(xp.dtype)
+    ext = _ext(xp.to(ct))
+    if ext is not None:
+        return ext.member_norms(xp.to(ct).contiguous(), g.vector(), g.pieces_tensor(), g.nb)
+    return torch.stack([g.gather_block(xp, b).to(ct).norm(dim=1) for b in range(g.nb)])
+
+
+def member_norms_backward(g_norms: torch.Tensor, norms: torch.Tensor, xp: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """Gradient of the member norms w.r.t. the padded input: x / ||x|| times the incoming
+    gradient, added into the pixels of each sub-vector (0 for zero sub-vectors)."""
+    ct = g_norms.dtype
+    x = xp.to(ct)
+    ext = _ext(g_norms, norms, x)
+    if ext is not None:
+        return ext.member_norms_backward(
+            g_norms.contiguous(), norms.to(ct).contiguous(), x.contiguous(), g.vector(), g.pieces_tensor()
+        )
+    factor = torch.where(norms > 0, g_norms / norms.clamp_min(torch.finfo(ct).tiny), torch.zeros_like(g_norms))
+    dxp = torch.zeros_like(x)
+    for b in range(g.nb):
+        g.scatter_block_(dxp, b, g.gather_block(x, b) * factor[b, :, None])
+    return dxp

@@ -262,10 +262,14 @@ centroid_gemm.register_autograd(_gemm_backward, setup_context=_gemm_setup)
 
 
 @torch.library.custom_op("reuse::reconstruct", mutates_args=())
-def reconstruct(yc: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = sum_b y_c,b[inverse_b] + bias, as (Nb, M, Oh, Ow) in channels-last memory."""
+def reconstruct(
+    yc: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = sum_b y_c,b[inverse_b] + bias, as (Nb, M, Oh, Ow) in channels-last memory. With
+    ``scales`` (nb, Nb, Oh, Ow) each member's term is multiplied by its scale (the
+    norm-preserving centroid: a member's norm times its cluster's unit centroid output)."""
     nb, Nb, oh, ow = inverse.shape
-    rows = kernels.reconstruct_rows(yc, inverse, bias)
+    rows = kernels.reconstruct_rows(yc, inverse, bias, scales)
     # The (N, M) rows are the output in channels-last memory. Re-wrap the storage as a
     # fresh tensor rather than a permuted view: autograd forbids in-place ops (ReLU(inplace))
     # on views returned by custom functions.
@@ -278,41 +282,119 @@ def _out_geometry(Nb, M, oh, ow):
 
 
 @reconstruct.register_fake
-def _(yc, inverse, bias):
+def _(yc, inverse, bias, scales=None):
     nb, Nb, oh, ow = inverse.shape
     return yc.new_empty_strided(*_out_geometry(Nb, yc.shape[-1], oh, ow))
 
 
 def _reconstruct_setup(ctx, inputs, output):
-    yc, inverse, bias = inputs
-    ctx.save_for_backward(inverse)
+    yc, inverse, bias, scales = inputs
+    ctx.has_scales = scales is not None
+    ctx.save_for_backward(inverse, scales, yc if ctx.has_scales else None)
     ctx.cmax = yc.shape[1]
     ctx.yc_dtype = yc.dtype
     ctx.has_bias = bias is not None
 
 
 def _reconstruct_backward(ctx, g_y):
-    (inverse,) = ctx.saved_tensors
-    d_yc = d_bias = None
+    inverse, scales, yc = ctx.saved_tensors
+    d_yc = d_bias = d_scales = None
     if ctx.needs_input_grad[0]:
-        d_yc = reconstruct_grad(g_y, inverse, ctx.cmax).to(ctx.yc_dtype)
+        d_yc = reconstruct_grad(g_y, inverse, ctx.cmax, scales).to(ctx.yc_dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         d_bias = g_y.sum((0, 2, 3))
-    return d_yc, None, d_bias
+    if ctx.has_scales and ctx.needs_input_grad[3]:
+        d_scales = reconstruct_scales_grad(g_y, yc, inverse).to(scales.dtype)
+    return d_yc, None, d_bias, d_scales
 
 
 reconstruct.register_autograd(_reconstruct_backward, setup_context=_reconstruct_setup)
 
 
 @torch.library.custom_op("reuse::reconstruct_grad", mutates_args=())
-def reconstruct_grad(g_y: torch.Tensor, inverse: torch.Tensor, cmax: int) -> torch.Tensor:
+def reconstruct_grad(
+    g_y: torch.Tensor, inverse: torch.Tensor, cmax: int, scales: torch.Tensor | None = None
+) -> torch.Tensor:
     """Backward of ``reconstruct`` w.r.t. ``y_c``: dy_c,s (Eq. 8), the output gradient summed
-    over each cluster's members, (nb, Cmax, M). Its own op so the backward stays traceable."""
+    over each cluster's members (weighted by their scales), (nb, Cmax, M). Its own op so the
+    backward stays traceable."""
     M = g_y.shape[1]
     rows = g_y.permute(0, 2, 3, 1).reshape(-1, M)
-    return kernels.reconstruct_rows_backward(rows, inverse, rows.new_zeros(inverse.shape[0], cmax, M))
+    return kernels.reconstruct_rows_backward(rows, inverse, rows.new_zeros(inverse.shape[0], cmax, M), scales)
 
 
 @reconstruct_grad.register_fake
-def _(g_y, inverse, cmax):
+def _(g_y, inverse, cmax, scales=None):
     return g_y.new_empty(inverse.shape[0], cmax, g_y.shape[1])
+
+
+@torch.library.custom_op("reuse::reconstruct_scales_grad", mutates_args=())
+def reconstruct_scales_grad(g_y: torch.Tensor, yc: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Backward of ``reconstruct`` w.r.t. ``scales``: each member's output gradient dotted
+    with its cluster's output, (nb, Nb, Oh, Ow)."""
+    M = g_y.shape[1]
+    rows = g_y.permute(0, 2, 3, 1).reshape(-1, M).to(yc.dtype)
+    return kernels.reconstruct_scales_backward(rows, yc, inverse).view(inverse.shape)
+
+
+@reconstruct_scales_grad.register_fake
+def _(g_y, yc, inverse):
+    return yc.new_empty(inverse.shape)
+
+
+# --------------------------------------------------------------------------- member_norms
+
+
+@torch.library.custom_op("reuse::member_norms", mutates_args=())
+def member_norms(
+    xp: torch.Tensor, kernel_size: list[int], stride: list[int], dilation: list[int], L: int
+) -> torch.Tensor:
+    """||x_{n,b}||, the norm of every sub-vector, (nb, Nb, Oh, Ow): the per-member scales of
+    the norm-preserving centroid (``ReuseConfig(centroid="norm")``)."""
+    g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+    oh, ow = g.out_hw
+    return kernels.member_norms(xp, g).to(xp.dtype).view(g.nb, g.Nb, oh, ow)
+
+
+@member_norms.register_fake
+def _(xp, kernel_size, stride, dilation, L):
+    Nb, Hp, Wp, C = xp.shape
+    nb = -(-(kernel_size[0] * kernel_size[1] * C) // L)
+    oh = conv_out_size(Hp, kernel_size[0], stride[0], dilation[0])
+    ow = conv_out_size(Wp, kernel_size[1], stride[1], dilation[1])
+    return xp.new_empty(nb, Nb, oh, ow)
+
+
+def _norms_setup(ctx, inputs, output):
+    xp, kernel_size, stride, dilation, L = inputs
+    ctx.save_for_backward(xp, output)
+    ctx.args = (kernel_size, stride, dilation, L)
+
+
+def _norms_backward(ctx, g_norms):
+    xp, norms = ctx.saved_tensors
+    return member_norms_grad(g_norms, norms, xp, *ctx.args), None, None, None, None
+
+
+member_norms.register_autograd(_norms_backward, setup_context=_norms_setup)
+
+
+@torch.library.custom_op("reuse::member_norms_grad", mutates_args=())
+def member_norms_grad(
+    g_norms: torch.Tensor,
+    norms: torch.Tensor,
+    xp: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    L: int,
+) -> torch.Tensor:
+    """Backward of ``member_norms``: x / ||x|| times the gradient, back into the pixels."""
+    g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+    nb = g.nb
+    return kernels.member_norms_backward(g_norms.reshape(nb, -1), norms.reshape(nb, -1), xp, g).to(xp.dtype)
+
+
+@member_norms_grad.register_fake
+def _(g_norms, norms, xp, kernel_size, stride, dilation, L):
+    return torch.empty_like(xp)

@@ -51,8 +51,13 @@ def reference_reuse_conv2d(
     planes: torch.Tensor,
     scope: str = "batch",
     ids: torch.Tensor | None = None,
+    centroid: str = "mean",
 ):
     """Reuse convolution by the paper's equations. ``padding`` is (top, bottom, left, right).
+
+    ``centroid="mean"`` is the paper's: a member's output is its cluster's mean times W_b.
+    ``centroid="norm"`` keeps each member's length: the output is ||x_n|| times the output of
+    the unit vector along the cluster's mean (exact for collinear members).
 
     Returns ``(y, info)`` with ``info`` holding ``ids`` (nb, Nb, Oh, Ow), and per block the
     sorted unique ids, inverse, counts and centroids. Pass ``ids`` to impose a cluster
@@ -83,13 +88,18 @@ def reference_reuse_conv2d(
         sub = x_mat[:, b * L : (b + 1) * L]
         key = torch.stack([image, ids[b]], 1) if scope == "input" else ids[b][:, None]
         uniq, inv, cnt = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
-        centroid = sub.new_zeros(len(uniq), L).index_add(0, inv, sub) / cnt[:, None].to(x.dtype)
-        y_c = centroid @ W[b * L : (b + 1) * L]  # y_c,b = x_c,b . W_b
-        y = y + y_c[inv]  # y = sum_b y_c,b[inverse_b]
+        mean = sub.new_zeros(len(uniq), L).index_add(0, inv, sub) / cnt[:, None].to(x.dtype)
+        if centroid == "norm":
+            unit = mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            y = y + sub.norm(dim=1, keepdim=True) * (unit @ W[b * L : (b + 1) * L])[inv]
+        else:
+            y_c = mean @ W[b * L : (b + 1) * L]  # y_c,b = x_c,b . W_b
+            y = y + y_c[inv]  # y = sum_b y_c,b[inverse_b]
+        centroid_b = mean
         info["keys"].append(uniq[:, -1])
         info["inverse"].append(inv)
         info["counts"].append(cnt)
-        info["centroids"].append(centroid)
+        info["centroids"].append(centroid_b)
     if bias is not None:
         y = y + bias
     return y.view(Nb, Oh, Ow, M).permute(0, 3, 1, 2), info

@@ -164,6 +164,13 @@ def test_scope_input(tmp_path):
     assert {"Unique", "Conv"} <= op_types(path)
 
 
+def test_norm_centroid(tmp_path):
+    """centroid="norm": member norms and scaled reconstruction as ONNX ops."""
+    gm, shape = compiled("cifarnet_gray28", ReuseConfig(centroid="norm"))
+    _, path = assert_parity(gm, shape, tmp_path, batches=(EXPORT_BATCH, 2))
+    assert "Sqrt" in op_types(path)
+
+
 def test_stage_changed_with_set_stage(tmp_path):
     """The stage at export time is what runs: conv1 back to exact, conv2 at L = 16, H = 24
     (past the counting table: Unique over offset keys; sums over the im2col rows)."""

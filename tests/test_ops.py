@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from reuse_compiler.runtime import extension
+from reuse_compiler.runtime import extension, kernels
 from reuse_compiler.runtime.geometry import Geometry, block_kind
 from reuse_compiler.runtime.kernels import slot_keys
 from reuse_compiler.runtime.reference import lsh_planes, reference_reuse_conv2d
@@ -47,7 +47,9 @@ def backend(request):
     if request.param == "cpp" and extension.get() is None:
         pytest.skip("C++ kernels unavailable")
     old = extension.set_enabled(request.param == "cpp")
+    kernels.REQUIRE_EXTENSION = request.param == "cpp"  # no silent fallback on the C++ backend
     yield request.param
+    kernels.REQUIRE_EXTENSION = False
     extension.set_enabled(old)
 
 
@@ -62,17 +64,18 @@ def test_grid_covers_every_fast_path():
     assert KINDS == {"window", "chunk", "row", "general"}
 
 
+@pytest.mark.parametrize("centroid", ["mean", "norm"])
 @pytest.mark.parametrize("scope", ["batch", "input"])
 @pytest.mark.parametrize("C,M,k,s,p,d,L", SHAPES)
-def test_ops_match_reference(C, M, k, s, p, d, L, scope):
+def test_ops_match_reference(C, M, k, s, p, d, L, scope, centroid):
     """Same ids as the reference; on those ids, the same clusters, output and gradients."""
     x, w, b = _inputs(C, M, k)
     planes = lsh_planes(L, 5, seed=1, dtype=torch.float64)
-    y, st = run_chain(x, w, b, k=k, s=s, p=p, d=d, planes=planes, scope=scope)
+    y, st = run_chain(x, w, b, k=k, s=s, p=p, d=d, planes=planes, scope=scope, centroid=centroid)
     _, ref_ids = reference_reuse_conv2d(x, w, b, stride=s, padding=p, dilation=d, L=L, planes=planes, scope=scope)
     assert torch.equal(st["ids"], ref_ids["ids"])
     y_ref, ref = reference_reuse_conv2d(
-        x, w, b, stride=s, padding=p, dilation=d, L=L, planes=planes, scope=scope, ids=st["ids"]
+        x, w, b, stride=s, padding=p, dilation=d, L=L, planes=planes, scope=scope, ids=st["ids"], centroid=centroid
     )
     keys = slot_keys(st["ids"], st["inverse"], st["counts"])
     for blk in range(st["ids"].shape[0]):
@@ -111,6 +114,23 @@ def test_exact_when_every_cluster_is_one_vector(C, M, k, s, p, d, L, scope):
     gy = torch.randn_like(y)
     for g1, g2 in zip(torch.autograd.grad(y, (x, w, b), gy), torch.autograd.grad(y_ref, (x, w, b), gy)):
         torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
+
+
+def test_norm_centroid_is_exact_for_collinear_sub_vectors():
+    """Sign hashing cannot tell x from 2x: with the mean centroid they share an output; the
+    norm-preserving centroid gives each its own length back, so the conv is exact."""
+    base = torch.randn(1, 8, 1, 1, dtype=torch.float64)
+    scale = torch.rand(2, 1, 6, 6, dtype=torch.float64) + 0.5  # every pixel a multiple of one vector
+    x = base * scale
+    w = torch.randn(5, 8, 3, 3, dtype=torch.float64)
+    planes = lsh_planes(8, 20, seed=0, dtype=torch.float64)
+    kw = dict(k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), planes=planes)
+    y_ref = F.conv2d(x, w, padding=1)
+    y_norm, st = run_chain(x, w, None, centroid="norm", **kw)
+    y_mean, _ = run_chain(x, w, None, centroid="mean", **kw)
+    assert st["counts"].shape[1] <= 2  # one cluster for the vectors (and one for padding zeros)
+    torch.testing.assert_close(y_norm, y_ref, rtol=1e-12, atol=1e-12)
+    assert (y_mean - y_ref).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
@@ -182,7 +202,13 @@ def _op_args(dtype):
     yc = ops.centroid_gemm(cent, w)
     y = ops.reconstruct(yc, inv, b)
     leaf = lambda t: t.detach().requires_grad_()
+    norms = ops.member_norms(xp, k, s, d, 8)
     return {
+        "member_norms": (leaf(xp), k, s, d, 8),
+        "member_norms_grad": (torch.randn_like(norms), norms, xp, k, s, d, 8),
+        "reconstruct_scaled": (leaf(yc), inv, b, leaf(norms)),
+        "reconstruct_scales_grad": (torch.randn_like(y), yc, inv),
+        "reconstruct_grad_scaled": (torch.randn_like(y), inv, cnt.shape[1], norms),
         "cluster_grad": (torch.randn_like(cent), inv, cnt, list(xp.shape), k, s, d),
         "reconstruct_grad": (torch.randn_like(y), inv, cnt.shape[1]),
         "im2col": (x, k, s, p, d),
@@ -215,12 +241,13 @@ def test_opcheck(name, dtype):
     torch.library.opcheck(op, _op_args(dtype)[name])
 
 
-def test_gradcheck_chain_float64():
+@pytest.mark.parametrize("centroid", ["mean", "norm"])
+def test_gradcheck_chain_float64(centroid):
     """float64 gradcheck of the op chain w.r.t. input, weight and bias (input without zeros)."""
     planes = lsh_planes(6, 5, seed=4, dtype=torch.float64)
     x, w, b = _inputs(3, 4, (3, 2), Nb=2, H=5, W=5)
 
     def f(x, w, b):
-        return run_chain(x, w, b, k=(3, 2), s=(2, 1), p=(1, 1, 0, 1), d=(1, 1), planes=planes)[0]
+        return run_chain(x, w, b, k=(3, 2), s=(2, 1), p=(1, 1, 0, 1), d=(1, 1), planes=planes, centroid=centroid)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b))

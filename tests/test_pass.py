@@ -196,6 +196,25 @@ def test_module_equals_original_at_exact_limit(conv):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("conv", [nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(8, 6, 3, stride=2, groups=2)])
+def test_norm_centroid_module_exact_limit_and_training(conv):
+    model = nn.Sequential(conv).double()
+    x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
+    cfg = _exact_limit_config(model, x)
+    cfg.centroid = "norm"
+    gm = reuse_compile(model, x, config=cfg)
+    assert "member_norms" in gm.code and "normalize" in gm.code
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-10, atol=1e-10)
+    gm = reuse_compile(
+        cifarnet(in_channels=1, image_size=28), torch.randn(8, 1, 28, 28), config=ReuseConfig(centroid="norm")
+    )
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01)
+    loss = F.cross_entropy(gm(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,)))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
 def test_grouped_conv_is_one_chain_per_group():
     gm = reuse_compile(nn.Sequential(nn.Conv2d(8, 6, 3, groups=2)), torch.randn(2, 8, 6, 6))
     assert len(_reuse_nodes(gm)) == 10

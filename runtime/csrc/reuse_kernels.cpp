@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <cstring>
 #include <vector>
@@ -272,10 +273,11 @@ torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor invers
   return D;
 }
 
-// y[n] = bias + sum_b yc[b, inverse[b, n]]: (N, M); each thread owns a range of rows.
+// y[n] = bias + sum_b w[b, n] * yc[b, inverse[b, n]] (w = 1 without scales): (N, M); each
+// thread owns a range of rows.
 template <typename T>
-void reconstruct_impl(const T* Y, const int32_t* V, const T* bias, T* out, int64_t nb, int64_t cmax, int64_t N,
-                      int64_t M) {
+void reconstruct_impl(const T* Y, const int32_t* V, const T* bias, const T* W, T* out, int64_t nb, int64_t cmax,
+                      int64_t N, int64_t M) {
   constexpr int64_t TILE = 64;
   at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t tile = t0; tile < t1; ++tile) {
@@ -289,30 +291,90 @@ void reconstruct_impl(const T* Y, const int32_t* V, const T* bias, T* out, int64
       for (int64_t b = 0; b < nb; ++b) {
         const int32_t* vb = V + b * N;
         const T* yb = Y + b * cmax * M;
-        for (int64_t n = n0; n < n1; ++n) add_row(out + n * M, yb + vb[n] * M, M);
+        if (W) {
+          const T* wb = W + b * N;
+          for (int64_t n = n0; n < n1; ++n) {
+            const T f = wb[n];
+            T* d = out + n * M;
+            const T* src = yb + vb[n] * M;
+#pragma omp simd
+            for (int64_t k = 0; k < M; ++k) d[k] += f * src[k];
+          }
+        } else {
+          for (int64_t n = n0; n < n1; ++n) add_row(out + n * M, yb + vb[n] * M, M);
+        }
       }
     }
   });
 }
 
-torch::Tensor reconstruct(torch::Tensor yc, torch::Tensor inverse, c10::optional<torch::Tensor> bias) {
+torch::Tensor reconstruct(torch::Tensor yc, torch::Tensor inverse, c10::optional<torch::Tensor> bias,
+                          c10::optional<torch::Tensor> scales) {
   check_cpu_contig(yc, "yc");
   check_cpu_contig(inverse, "inverse");
   const int64_t nb = yc.size(0), cmax = yc.size(1), M = yc.size(2), N = inverse.size(1);
   auto out = torch::empty({N, M}, yc.options());
-  torch::Tensor b;
+  torch::Tensor b, w;
   if (bias.has_value()) b = bias->to(yc.scalar_type()).contiguous();
+  if (scales.has_value()) w = scales->to(yc.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "reconstruct", [&] {
     reconstruct_impl<scalar_t>(yc.data_ptr<scalar_t>(), inverse.data_ptr<int32_t>(),
-                               bias.has_value() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), nb,
+                               bias.has_value() ? b.data_ptr<scalar_t>() : nullptr,
+                               scales.has_value() ? w.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), nb,
                                cmax, N, M);
   });
   return out;
 }
 
-// dy_c,s: dyc[b, s] = sum_{n: inverse[b, n] = s} dy[n] -> (nb, Cmax, M).
+// d_scales[b, n] = dy[n] . yc[b, inverse[b, n]]: (nb, N); each thread owns a range of rows.
 template <typename T>
-void reconstruct_backward_impl(const T* G, const int32_t* V, T* out, int64_t nb, int64_t cmax, int64_t N, int64_t M) {
+void reconstruct_scales_backward_impl(const T* G, const T* Y, const int32_t* V, T* out, int64_t nb, int64_t cmax,
+                                      int64_t N, int64_t M) {
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int32_t* vb = V + b * N;
+      const T* yb = Y + b * cmax * M;
+      for (int64_t n = n0; n < n1; ++n) {
+        const T* g = G + n * M;
+        const T* y = yb + vb[n] * M;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < M; ++k) acc += g[k] * y[k];
+        out[b * N + n] = acc;
+      }
+    }
+  });
+}
+
+torch::Tensor reconstruct_scales_backward(torch::Tensor dy_rows, torch::Tensor yc, torch::Tensor inverse) {
+  check_cpu_contig(dy_rows, "dy_rows");
+  check_cpu_contig(yc, "yc");
+  check_cpu_contig(inverse, "inverse");
+  const int64_t nb = yc.size(0), cmax = yc.size(1), M = yc.size(2), N = inverse.size(1);
+  auto out = torch::empty({nb, N}, yc.options());
+  AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "reconstruct_scales_backward", [&] {
+    reconstruct_scales_backward_impl<scalar_t>(dy_rows.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(),
+                                               inverse.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), nb, cmax, N, M);
+  });
+  return out;
+}
+
+// dy_c,s: dyc[b, s] = sum_{n: inverse[b, n] = s} w[b, n] * dy[n] -> (nb, Cmax, M) (w = 1
+// without scales).
+template <typename T>
+inline void add_row_w(T* __restrict d, const T* __restrict s, const T* W, int64_t i, int64_t len) {
+  if (!W) {
+    add_row(d, s, len);
+    return;
+  }
+  const T f = W[i];
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) d[k] += f * s[k];
+}
+
+template <typename T>
+void reconstruct_backward_impl(const T* G, const int32_t* V, const T* W, T* out, int64_t nb, int64_t cmax, int64_t N,
+                               int64_t M) {
   const int nth = at::get_num_threads();
   if (nb >= nth) {  // each thread owns whole blocks; rows in tiles, blocks inside a tile
     constexpr int64_t TILE = 512;
@@ -322,7 +384,7 @@ void reconstruct_backward_impl(const T* G, const int32_t* V, T* out, int64_t nb,
         for (int64_t b = b0; b < b1; ++b) {
           const int32_t* vb = V + b * N;
           T* ob = out + b * cmax * M;
-          for (int64_t n = n0; n < n1; ++n) add_row(ob + vb[n] * M, G + n * M, M);
+          for (int64_t n = n0; n < n1; ++n) add_row_w(ob + vb[n] * M, G + n * M, W, b * N + n, M);
         }
       }
     });
@@ -334,22 +396,123 @@ void reconstruct_backward_impl(const T* G, const int32_t* V, T* out, int64_t nb,
       T* ob = out + b * cmax * M;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t s = vb[n];
-        if (s >= s0 && s < s1) add_row(ob + s * M, G + n * M, M);
+        if (s >= s0 && s < s1) add_row_w(ob + s * M, G + n * M, W, b * N + n, M);
       }
     }
   });
 }
 
-torch::Tensor reconstruct_backward(torch::Tensor dy_rows, torch::Tensor inverse, int64_t cmax) {
+torch::Tensor reconstruct_backward(torch::Tensor dy_rows, torch::Tensor inverse, int64_t cmax,
+                                   c10::optional<torch::Tensor> scales) {
   check_cpu_contig(dy_rows, "dy_rows");
   check_cpu_contig(inverse, "inverse");
   const int64_t nb = inverse.size(0), N = inverse.size(1), M = dy_rows.size(1);
   auto out = torch::zeros({nb, cmax, M}, dy_rows.options());
+  torch::Tensor w;
+  if (scales.has_value()) w = scales->to(dy_rows.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(dy_rows.scalar_type(), "reconstruct_backward", [&] {
     reconstruct_backward_impl<scalar_t>(dy_rows.data_ptr<scalar_t>(), inverse.data_ptr<int32_t>(),
+                                        scales.has_value() ? w.data_ptr<scalar_t>() : nullptr,
                                         out.data_ptr<scalar_t>(), nb, cmax, N, M);
   });
   return out;
+}
+
+// ||x_{n,b}|| of every member sub-vector: (nb, N). Parallel over blocks (or rows).
+template <typename T>
+void member_norms_impl(const T* X, T* out, const Geo& g, const std::vector<Piece>& pieces,
+                       const std::vector<int64_t>& start, int64_t nb) {
+  const int64_t N = g.N(), C = g.C;
+  at::parallel_for(0, nb * N, 1024, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / N, n = i % N, a = g.anchor(n);
+      T acc = 0;
+      for (int64_t p = start[b]; p < start[b + 1]; ++p) {
+        const Piece& q = pieces[p];
+        const T* src = X + (a + g.tap_offset(q.t)) * C + q.c0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < q.len; ++k) acc += src[k] * src[k];
+      }
+      out[i] = std::sqrt(acc);
+    }
+  });
+}
+
+torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Tensor pieces_t, int64_t nb) {
+  check_cpu_contig(xp, "xp");
+  const Geo g = make_geo(geo);
+  const auto pieces = read_pieces(pieces_t);
+  std::vector<int64_t> start(nb + 1, 0);
+  for (const auto& q : pieces) start[q.b + 1]++;
+  for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
+  auto out = torch::empty({nb, g.N()}, xp.options());
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms", [&] {
+    member_norms_impl<scalar_t>(xp.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, pieces, start, nb);
+  });
+  return out;
+}
+
+// Backward of member_norms: d xp[p, c] = xp[p, c] * sum over the members (b, n) whose
+// sub-vector covers (p, c) of g[b, n] / norm[b, n] (0 where the norm is 0). Each thread
+// owns a range of padded pixel rows.
+template <typename T>
+void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const Geo& g,
+                                const std::vector<Piece>& pieces, const std::vector<int64_t>& tstart,
+                                const std::vector<int64_t>& order) {
+  const int64_t N = g.N(), C = g.C;
+  at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t b = row / g.Hp, hp = row % g.Hp;
+      T* drow = D + row * g.Wp * C;
+      std::memset(drow, 0, sizeof(T) * g.Wp * C);
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t hh = hp - i * g.dh;
+        if (hh < 0 || hh % g.sh) continue;
+        const int64_t oh = hh / g.sh;
+        if (oh >= g.Oh) continue;
+        const int64_t nrow = (b * g.Oh + oh) * g.Ow;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t t = i * g.kw + j;
+          for (int64_t p = tstart[t]; p < tstart[t + 1]; ++p) {
+            const Piece& q = pieces[order[p]];
+            for (int64_t ow = 0; ow < g.Ow; ++ow) {
+              const int64_t idx = q.b * N + nrow + ow;
+              const T s = S[idx];
+              if (s == T(0)) continue;
+              const T f = Gs[idx] / s;
+              T* d = drow + (ow * g.sw + j * g.dw) * C + q.c0;
+#pragma omp simd
+              for (int64_t k = 0; k < q.len; ++k) d[k] += f;
+            }
+          }
+        }
+      }
+      const T* xrow = X + row * g.Wp * C;
+#pragma omp simd
+      for (int64_t k = 0; k < g.Wp * C; ++k) drow[k] *= xrow[k];
+    }
+  });
+}
+
+torch::Tensor member_norms_backward(torch::Tensor g_norms, torch::Tensor norms, torch::Tensor xp,
+                                    std::vector<int64_t> geo, torch::Tensor pieces_t) {
+  check_cpu_contig(g_norms, "g_norms");
+  check_cpu_contig(norms, "norms");
+  check_cpu_contig(xp, "xp");
+  const Geo g = make_geo(geo);
+  const auto pieces = read_pieces(pieces_t);
+  const int64_t T = g.kh * g.kw;
+  std::vector<int64_t> tstart(T + 1, 0), order(pieces.size());
+  for (const auto& q : pieces) tstart[q.t + 1]++;
+  for (int64_t t = 0; t < T; ++t) tstart[t + 1] += tstart[t];
+  std::vector<int64_t> fill(tstart.begin(), tstart.end() - 1);
+  for (int64_t p = 0; p < (int64_t)pieces.size(); ++p) order[fill[pieces[p].t]++] = p;
+  auto D = torch::empty_like(xp);
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms_backward", [&] {
+    member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
+                                         xp.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, tstart, order);
+  });
+  return D;
 }
 
 // ids[b, n] = unit[(a(n) + off(tap_b)) * per_pixel + q_b] for blocks given as (tap, q) pairs.
@@ -379,6 +542,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("centroid_means", &centroid_means, "per-slot means of the members' sub-vectors");
   m.def("centroid_means_backward", &centroid_means_backward, "col2im of each member's share of its slot's gradient");
   m.def("reconstruct", &reconstruct, "y[n] = bias + sum_b yc[b, inverse[b, n]]");
-  m.def("reconstruct_backward", &reconstruct_backward, "dyc[b, s] = sum of dy over slot s of block b");
+  m.def("reconstruct_backward", &reconstruct_backward, "dyc[b, s] = sum of (scaled) dy over slot s of block b");
+  m.def("reconstruct_scales_backward", &reconstruct_scales_backward, "d_scales[b, n] = dy[n] . yc[b, inverse[b, n]]");
+  m.def("member_norms", &member_norms, "norm of every member sub-vector");
+  m.def("member_norms_backward", &member_norms_backward, "col2im of g / norm times x");
   m.def("gather_ids", &gather_ids, "per-block ids gathered from per-pixel unit ids");
 }
