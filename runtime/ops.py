@@ -114,14 +114,18 @@ def lsh_hash(
     return kernels.hash_ids(xp, planes, g)
 
 
-@lsh_hash.register_fake
-def _(xp, planes, kernel_size, stride, dilation):
-    Nb, Hp, Wp, C = xp.shape
-    L = planes.shape[0]
+def _per_member_shape(xp_shape, kernel_size, stride, dilation, L) -> tuple:
+    """(nb, Nb, Oh, Ow): one entry per sub-vector (usable with symbolic sizes)."""
+    Nb, Hp, Wp, C = xp_shape
     nb = -(-(kernel_size[0] * kernel_size[1] * C) // L)
     oh = conv_out_size(Hp, kernel_size[0], stride[0], dilation[0])
     ow = conv_out_size(Wp, kernel_size[1], stride[1], dilation[1])
-    return xp.new_empty(nb, Nb, oh, ow, dtype=torch.int64)
+    return nb, Nb, oh, ow
+
+
+@lsh_hash.register_fake
+def _(xp, planes, kernel_size, stride, dilation):
+    return xp.new_empty(_per_member_shape(xp.shape, kernel_size, stride, dilation, planes.shape[0]), dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -358,11 +362,7 @@ def member_norms(
 
 @member_norms.register_fake
 def _(xp, kernel_size, stride, dilation, L):
-    Nb, Hp, Wp, C = xp.shape
-    nb = -(-(kernel_size[0] * kernel_size[1] * C) // L)
-    oh = conv_out_size(Hp, kernel_size[0], stride[0], dilation[0])
-    ow = conv_out_size(Wp, kernel_size[1], stride[1], dilation[1])
-    return xp.new_empty(nb, Nb, oh, ow)
+    return xp.new_empty(_per_member_shape(xp.shape, kernel_size, stride, dilation, L))
 
 
 def _norms_setup(ctx, inputs, output):

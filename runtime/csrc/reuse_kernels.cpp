@@ -51,6 +51,39 @@ std::vector<Piece> read_pieces(const torch::Tensor& pieces) {
   return out;
 }
 
+// Pieces grouped by tap: the pieces of tap t are order[tstart[t] .. tstart[t+1]).
+struct TapIndex {
+  std::vector<int64_t> tstart, order;
+};
+
+TapIndex index_by_tap(const std::vector<Piece>& pieces, int64_t taps) {
+  TapIndex ix{std::vector<int64_t>(taps + 1, 0), std::vector<int64_t>(pieces.size())};
+  for (const auto& q : pieces) ix.tstart[q.t + 1]++;
+  for (int64_t t = 0; t < taps; ++t) ix.tstart[t + 1] += ix.tstart[t];
+  std::vector<int64_t> fill(ix.tstart.begin(), ix.tstart.end() - 1);
+  for (int64_t p = 0; p < (int64_t)pieces.size(); ++p) ix.order[fill[pieces[p].t]++] = p;
+  return ix;
+}
+
+// For the padded pixel row `row` = (b, hp), call fn(piece, j, nrow) for every (tap, piece)
+// that reads this row: tap t = (i, j) of output row oh = (hp - i*dh) / sh, whose first
+// output position is nrow. The col2im backward kernels are built on this.
+template <typename Fn>
+inline void visit_row(const Geo& g, int64_t row, const std::vector<Piece>& pieces, const TapIndex& ix, Fn fn) {
+  const int64_t b = row / g.Hp, hp = row % g.Hp;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t hh = hp - i * g.dh;
+    if (hh < 0 || hh % g.sh) continue;
+    const int64_t oh = hh / g.sh;
+    if (oh >= g.Oh) continue;
+    const int64_t nrow = (b * g.Oh + oh) * g.Ow;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t t = i * g.kw + j;
+      for (int64_t p = ix.tstart[t]; p < ix.tstart[t + 1]; ++p) fn(pieces[ix.order[p]], j, nrow);
+    }
+  }
+}
+
 template <typename T>
 inline void add_row(T* __restrict d, const T* __restrict s, int64_t len) {
 #pragma omp simd
@@ -215,38 +248,25 @@ torch::Tensor centroid_means(torch::Tensor xp, torch::Tensor inverse, torch::Ten
 // (tap, piece) the output row's inverse entries are read sequentially along ow.
 template <typename T>
 void centroid_means_backward_impl(const T* Gc, const int32_t* V, const int64_t* cnt, T* D, const Geo& g,
-                                  const std::vector<Piece>& pieces, const std::vector<int64_t>& tstart,
-                                  const std::vector<int64_t>& order, int64_t cmax) {
+                                  const std::vector<Piece>& pieces, const TapIndex& ix, int64_t cmax) {
   const int64_t N = g.N(), C = g.C, L = g.L;
   at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
-      const int64_t b = row / g.Hp, hp = row % g.Hp;
       T* drow = D + row * g.Wp * C;
       std::memset(drow, 0, sizeof(T) * g.Wp * C);
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t hh = hp - i * g.dh;
-        if (hh < 0 || hh % g.sh) continue;
-        const int64_t oh = hh / g.sh;
-        if (oh >= g.Oh) continue;
-        const int64_t nrow = (b * g.Oh + oh) * g.Ow;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t t = i * g.kw + j;
-          for (int64_t p = tstart[t]; p < tstart[t + 1]; ++p) {
-            const Piece& q = pieces[order[p]];
-            const int32_t* vrow = V + q.b * N + nrow;
-            const int64_t* crow = cnt + q.b * cmax;
-            const T* gb = Gc + q.b * cmax * L + q.e0;
-            for (int64_t ow = 0; ow < g.Ow; ++ow) {
-              const int64_t s = vrow[ow];
-              const T f = T(1) / T(crow[s]);
-              T* d = drow + (ow * g.sw + j * g.dw) * C + q.c0;
-              const T* src = gb + s * L;
+      visit_row(g, row, pieces, ix, [&](const Piece& q, int64_t j, int64_t nrow) {
+        const int32_t* vrow = V + q.b * N + nrow;
+        const int64_t* crow = cnt + q.b * cmax;
+        const T* gb = Gc + q.b * cmax * L + q.e0;
+        for (int64_t ow = 0; ow < g.Ow; ++ow) {
+          const int64_t s = vrow[ow];
+          const T f = T(1) / T(crow[s]);
+          T* d = drow + (ow * g.sw + j * g.dw) * C + q.c0;
+          const T* src = gb + s * L;
 #pragma omp simd
-              for (int64_t k = 0; k < q.len; ++k) d[k] += f * src[k];
-            }
-          }
+          for (int64_t k = 0; k < q.len; ++k) d[k] += f * src[k];
         }
-      }
+      });
     }
   });
 }
@@ -258,17 +278,12 @@ torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor invers
   check_cpu_contig(counts, "counts");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
-  const int64_t T = g.kh * g.kw, cmax = g_cent.size(1);
-  std::vector<int64_t> tstart(T + 1, 0), order(pieces.size());
-  for (const auto& q : pieces) tstart[q.t + 1]++;
-  for (int64_t t = 0; t < T; ++t) tstart[t + 1] += tstart[t];
-  std::vector<int64_t> fill(tstart.begin(), tstart.end() - 1);
-  for (int64_t p = 0; p < (int64_t)pieces.size(); ++p) order[fill[pieces[p].t]++] = p;
+  const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
   auto D = torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options());
   AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward", [&] {
     centroid_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), inverse.data_ptr<int32_t>(),
-                                           counts.data_ptr<int64_t>(), D.data_ptr<scalar_t>(), g, pieces, tstart,
-                                           order, cmax);
+                                           counts.data_ptr<int64_t>(), D.data_ptr<scalar_t>(), g, pieces, ix,
+                                           g_cent.size(1));
   });
   return D;
 }
@@ -457,36 +472,23 @@ torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Te
 // owns a range of padded pixel rows.
 template <typename T>
 void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const Geo& g,
-                                const std::vector<Piece>& pieces, const std::vector<int64_t>& tstart,
-                                const std::vector<int64_t>& order) {
+                                const std::vector<Piece>& pieces, const TapIndex& ix) {
   const int64_t N = g.N(), C = g.C;
   at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
-      const int64_t b = row / g.Hp, hp = row % g.Hp;
       T* drow = D + row * g.Wp * C;
       std::memset(drow, 0, sizeof(T) * g.Wp * C);
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t hh = hp - i * g.dh;
-        if (hh < 0 || hh % g.sh) continue;
-        const int64_t oh = hh / g.sh;
-        if (oh >= g.Oh) continue;
-        const int64_t nrow = (b * g.Oh + oh) * g.Ow;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t t = i * g.kw + j;
-          for (int64_t p = tstart[t]; p < tstart[t + 1]; ++p) {
-            const Piece& q = pieces[order[p]];
-            for (int64_t ow = 0; ow < g.Ow; ++ow) {
-              const int64_t idx = q.b * N + nrow + ow;
-              const T s = S[idx];
-              if (s == T(0)) continue;
-              const T f = Gs[idx] / s;
-              T* d = drow + (ow * g.sw + j * g.dw) * C + q.c0;
+      visit_row(g, row, pieces, ix, [&](const Piece& q, int64_t j, int64_t nrow) {
+        for (int64_t ow = 0; ow < g.Ow; ++ow) {
+          const int64_t idx = q.b * N + nrow + ow;
+          const T s = S[idx];
+          if (s == T(0)) continue;
+          const T f = Gs[idx] / s;
+          T* d = drow + (ow * g.sw + j * g.dw) * C + q.c0;
 #pragma omp simd
-              for (int64_t k = 0; k < q.len; ++k) d[k] += f;
-            }
-          }
+          for (int64_t k = 0; k < q.len; ++k) d[k] += f;
         }
-      }
+      });
       const T* xrow = X + row * g.Wp * C;
 #pragma omp simd
       for (int64_t k = 0; k < g.Wp * C; ++k) drow[k] *= xrow[k];
@@ -501,16 +503,11 @@ torch::Tensor member_norms_backward(torch::Tensor g_norms, torch::Tensor norms, 
   check_cpu_contig(xp, "xp");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
-  const int64_t T = g.kh * g.kw;
-  std::vector<int64_t> tstart(T + 1, 0), order(pieces.size());
-  for (const auto& q : pieces) tstart[q.t + 1]++;
-  for (int64_t t = 0; t < T; ++t) tstart[t + 1] += tstart[t];
-  std::vector<int64_t> fill(tstart.begin(), tstart.end() - 1);
-  for (int64_t p = 0; p < (int64_t)pieces.size(); ++p) order[fill[pieces[p].t]++] = p;
+  const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
   auto D = torch::empty_like(xp);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms_backward", [&] {
     member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
-                                         xp.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, tstart, order);
+                                         xp.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix);
   });
   return D;
 }

@@ -1,0 +1,99 @@
+"""End-to-end benchmark: time for stock and adaptive-reuse training to reach the stock run's
+final test accuracy on the real digits, over several seeds.
+
+Each seed runs the main job (``examples/train.py``: stock first, then reuse, same initial
+weights and data order) and reads, from its per-epoch curves, the training wall time at
+which each run first reaches the stock run's final test accuracy (exact-convolution
+evaluation). The ratio reuse/stock of those times is the figure of merit (target <= 0.5);
+"not reached" counts as a miss. Extra arguments go to ``examples/train.py``.
+
+    python benchmarks/end_to_end.py --seeds 0 1 2
+    python benchmarks/end_to_end.py --seeds 0 1 2 -- --policy paper --l-values fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from examples.train import main as train_main  # noqa: E402
+
+
+def time_to(rec: dict, target: float) -> float | None:
+    """Training wall time at the end of the first epoch whose test accuracy >= target."""
+    return next((e["time"] for e in rec["epochs"] if e["test_acc"] >= target - 1e-9), None)
+
+
+def run(seeds, extra, out: Path) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        res = train_main([*extra, "--seed", str(seed), "--no-progress", "--out", str(out / f"seed{seed}")])
+        stock, reuse = res["stock"], res["reuse"]
+        target = stock["epochs"][-1]["test_acc"]
+        t_stock, t_reuse = time_to(stock, target), time_to(reuse, target)
+        rows.append(
+            {
+                "seed": seed,
+                "target_acc": target,
+                "stock_time_to_target": t_stock,
+                "reuse_time_to_target": t_reuse,
+                "ratio": None if t_reuse is None else t_reuse / t_stock,
+                "stock_total": stock["train_time"],
+                "reuse_total": reuse["train_time"],
+                "total_ratio": reuse["train_time"] / stock["train_time"],
+                "reuse_final_acc": reuse["epochs"][-1]["test_acc"],
+                "switches": len(reuse["switches"]),
+            }
+        )
+    return rows
+
+
+def report(rows, extra) -> str:
+    lines = [
+        f"end-to-end: examples/train.py {' '.join(extra) or '(defaults)'}",
+        "| seed | stock final acc (target) | stock time to target (s) | reuse time to target (s) | ratio | "
+        "total train time stock / reuse (s) | total ratio | reuse final acc | switches |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        tr = "not reached" if r["reuse_time_to_target"] is None else f"{r['reuse_time_to_target']:.1f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(
+            f"| {r['seed']} | {r['target_acc']:.4f} | {r['stock_time_to_target']:.1f} | {tr} | {ratio} | "
+            f"{r['stock_total']:.1f} / {r['reuse_total']:.1f} | {r['total_ratio']:.2f} | {r['reuse_final_acc']:.4f} | "
+            f"{r['switches']} |"
+        )
+    reached = [r["ratio"] for r in rows if r["ratio"] is not None]
+    lines.append(
+        f"\nmedian total-time ratio {statistics.median(r['total_ratio'] for r in rows):.2f}; "
+        f"target reached in {len(reached)}/{len(rows)} seeds"
+        + (f", median time-to-target ratio {statistics.median(reached):.2f}" if reached else "")
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="runs/end_to_end")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    rows = run(args.seeds, extra, out)
+    text = report(rows, extra)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps({"args": extra, "rows": rows}, indent=1))
+    (out / "summary.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
