@@ -199,3 +199,11 @@ def test_bad_arguments():
         set_stage(gm, "conv7", L=5)
     with pytest.raises(TypeError, match="reuse_compile"):
         set_stage(cifarnet(), L=5)
+
+
+def test_other_spatial_size_on_a_fully_convolutional_model():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2))
+    gm = reuse_compile(model, torch.randn(2, 3, 8, 8))
+    for hw in (12, 5):
+        x = torch.randn(3, 3, hw, hw)
+        assert gm(x).shape == model(x).shape
