@@ -69,13 +69,20 @@ def digit_activations(name: str, batch: int) -> torch.Tensor:
         return net.pool1(F.relu(net.conv1(x))).contiguous()
 
 
+CENTROID = "norm"  # set from --centroid
+
+
 def chain(x, w, b, k, s, p, planes, scope="batch"):
+    """The rewritten convolution as the pass emits it (for ReuseConfig(centroid=CENTROID))."""
     ops = torch.ops.reuse
     L, H = planes.shape
     kk, ss, pp, dd = [k, k], [s, s], [p, p, p, p], [1, 1]
     xp = ops.im2col(x, kk, ss, pp, dd)
     ids = ops.lsh_hash(xp, planes, kk, ss, dd)
     cent, inv, cnt = ops.cluster(xp, ids, kk, ss, dd, L, H, scope)
+    if CENTROID == "norm":
+        norms = ops.member_norms(xp, kk, ss, dd, L)
+        return ops.reconstruct(ops.centroid_gemm(F.normalize(cent, dim=-1), w), inv, b, norms), cnt
     return ops.reconstruct(ops.centroid_gemm(cent, w), inv, b), cnt
 
 
@@ -280,13 +287,16 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--l-values", default="fast", choices=["fast", "all", "extended"])
     ap.add_argument("--LH", action="append", default=[], help="extra stage 'L,H' to time (L capped at K)")
+    ap.add_argument("--centroid", default="norm", choices=["norm", "mean"], help="reconstruction (ReuseConfig)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    global CENTROID
+    CENTROID = args.centroid
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     print(
         f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs; "
-        f"ratios are against stock fp32 F.conv2d in the same run"
+        f"ratios are against stock fp32 F.conv2d in the same run; L values {args.l_values}, centroid {args.centroid}"
     )
     results = []
     for name in args.layers.split(","):

@@ -110,6 +110,7 @@ def train_run(name, model, data, args, controller_factory=None):
         perm = torch.randperm(len(x_tr), generator=order)
         model.train()
         epoch_loss = 0.0
+        r_c_seen: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         for s in range(steps_per_epoch):
             idx = perm[s * args.batch_size : (s + 1) * args.batch_size]
@@ -118,7 +119,10 @@ def train_run(name, model, data, args, controller_factory=None):
             loss.backward()
             opt.step()
             epoch_loss += loss.item()
-            if ctl is not None:
+            if ctl is not None:  # r_c of this training batch (evaluation passes overwrite the plan's)
+                for r in model.reuse_plan:
+                    if r.r_c is not None and not r.exact:
+                        r_c_seen.setdefault(r.name, []).append(r.r_c)
                 n_hist = len(ctl.history)
                 ctl.step(loss.item())
                 for h in ctl.history[n_hist:]:
@@ -149,7 +153,8 @@ def train_run(name, model, data, args, controller_factory=None):
                 r.name: ("exact" if r.exact else f"L={r.L} H={r.H}" + (" CR" if r.cluster_reuse else ""))
                 for r in model.reuse_plan
             }
-            row["r_c"] = {r.name: r.r_c for r in model.reuse_plan}
+            # mean over the epoch's training batches that ran with reuse
+            row["r_c"] = {name: sum(v) / len(v) for name, v in r_c_seen.items()}
         rec["epochs"].append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{test_acc:.3f}")
         bar.write(
@@ -357,7 +362,7 @@ def summarize(stock, reuse, gm, stage_acc) -> dict:
         f"{'final test accuracy (final stage)':<{w}}{sa:>16.4f}{stage_acc:>20.4f}",
         f"{'time to stock final accuracy (s)':<{w}}{ts:>16.1f}{(f'{reach:.1f}' if reach else 'not reached'):>20}",
         f"{'stage switches':<{w}}{'':>16}{len(reuse['switches']):>20}",
-        "per layer: r_c (mean over epochs while reusing / last) and final stage:",
+        "per layer: r_c on training batches (mean over epochs while reusing / last) and final stage:",
     ]
     for r in gm.reuse_plan:
         v = r_c_seen.get(r.name)

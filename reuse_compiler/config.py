@@ -52,7 +52,8 @@ class ReuseConfig:
             its convolutions stay exact) kept exact.
         cache_size: across-batch store capacity per layer and sub-matrix, in clusters.
         refresh: across-batch: stored outputs are recomputed for the current weights at
-            least every ``refresh`` training steps.
+            least every ``refresh`` training steps (default 1: every step; larger values let
+            training diverge, see docs/strategies.md).
         l_values: which L values the candidate list holds: "fast" (those of Policy 1's
             range with a fast path; the range's ends if none has), "all" (every value of the
             range) or "extended" (the fast-path values from L_min up to K).
@@ -60,9 +61,10 @@ class ReuseConfig:
             exact and every candidate on this device at compile time (cached on disk), keeps
             the candidates faster than exact and orders them by time (docs/performance.md).
         calibration_repeats: timed runs per stage for the measured policy (median).
-        centroid: "mean" (the paper: a member's output is its cluster mean's output) or
-            "norm" (keeps each member's length: ||x|| times the output of the unit vector along
-            the cluster mean; exact for collinear members). See docs/results.md.
+        centroid: "norm" (default: keeps each member's length, ||x|| times the output of the
+            unit vector along the cluster mean; exact for collinear members) or "mean" (the
+            paper: a member's output is its cluster mean's output). docs/results.md has the
+            evidence for the default.
     """
 
     L: int | dict[str, int] | None = None
@@ -71,11 +73,11 @@ class ReuseConfig:
     seed: int = 0
     exclude: list[str] | tuple[str, ...] = field(default_factory=list)
     cache_size: int = 65536
-    refresh: int = 50
+    refresh: int = 1
     l_values: str = "fast"
     policy: str = "paper"
     calibration_repeats: int = 3
-    centroid: str = "mean"
+    centroid: str = "norm"
 
     def __post_init__(self):
         _check_int_or_map("L", self.L, 1, None)

@@ -4,12 +4,18 @@ Per sub-matrix b the store maps a hash id to the centroid and the centroid's out
 ``y_c = x_c . W_b`` of the batch that first produced it. When a later batch hashes a
 sub-vector to a stored id, its cluster's output is the stored one (the centroid of the
 stored cluster stands for the new members). The store is bounded per sub-matrix
-(``capacity``, least recently used out first), emptied when (L, H) changes, and, in
-training, its outputs are recomputed for the current weights every ``refresh`` steps.
+(``capacity``, least recently used out first) and emptied when (L, H) changes.
+
+Like BatchNorm's running statistics, the store learns only in train mode: eval-mode
+forwards read it but insert nothing and do not advance its step count (so evaluation
+passes during training leave it as it was). In training its outputs are recomputed from
+the stored centroids for the current weights every ``refresh`` steps (default every step:
+stale outputs plus a straight-through backward let the weights drift away from what the
+forward shows, and the next refresh then jumps; see docs/strategies.md).
 
 Gradients: the stored output is a value from the past; the backward treats it as the
 current batch's centroid output (a straight-through estimator), so dW and the input
-gradient are those of the batch-scope stage. See docs/strategies.md.
+gradient are those of the batch-scope stage.
 """
 
 from __future__ import annotations
@@ -52,9 +58,10 @@ class ClusterStore:
             self.cents = [centroids.new_empty(0, centroids.shape[-1]) for _ in range(nb)]
             self.outs = [yc.new_empty(0, yc.shape[-1]) for _ in range(nb)]
             self.used = [keys.new_empty(0) for _ in range(nb)]
-        self.step += 1
-        if training and self.step - self.last_refresh >= self.refresh:
-            self._refresh(wb)
+        if training:
+            self.step += 1
+            if self.step - self.last_refresh >= self.refresh:
+                self._refresh(wb)
         out = yc.detach().clone()
         hits = total = 0
         with torch.no_grad():
@@ -68,9 +75,10 @@ class ClusterStore:
                 hits += int(hit.sum())
                 slots = valid.nonzero().squeeze(1)
                 out[b, slots[hit]] = self.outs[b][pos[hit]].to(out.dtype)
-                self.used[b][pos[hit]] = self.step
-                new = ~hit
-                self._insert(b, k[new], centroids[b, slots[new]].detach(), yc[b, slots[new]].detach())
+                if training:  # the store learns in train mode only
+                    self.used[b][pos[hit]] = self.step
+                    new = ~hit
+                    self._insert(b, k[new], centroids[b, slots[new]].detach(), yc[b, slots[new]].detach())
         self.last_rate = hits / max(total, 1)
         # value from the store, gradient as for this batch's own centroid outputs
         return yc + (out - yc).detach()

@@ -272,10 +272,10 @@ def test_across_batch_second_identical_batch_reuses_everything():
     torch.manual_seed(0)
     x = torch.randn(8, 1, 28, 28)
     gm = reuse_compile(cifarnet(in_channels=1, image_size=28), x, config=ReuseConfig(scope="across-batch"))
-    gm.eval()
     with torch.no_grad():
-        y1 = gm(x)
+        y1 = gm(x)  # train mode: the store learns
         assert gm.reuse_plan["conv1"].reuse_rate == 0.0
+        gm.eval()
         y2 = gm(x)
     assert gm.reuse_plan["conv1"].reuse_rate == 1.0 and gm.reuse_plan["conv2"].reuse_rate == 1.0
     torch.testing.assert_close(y1, y2)
@@ -283,3 +283,39 @@ def test_across_batch_second_identical_batch_reuses_everything():
     y3 = gm(x)
     y3.sum().backward()  # gradient flows through stored outputs (straight-through)
     assert gm.conv1.weight.grad is not None and gm.conv1.weight.grad.abs().sum() > 0
+
+
+def test_store_learns_in_train_mode_only():
+    """Like BatchNorm statistics: eval forwards read the store but do not change it."""
+    torch.manual_seed(0)
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), torch.randn(8, 1, 28, 28),
+                       config=ReuseConfig(scope="across-batch"))
+    gm(torch.randn(8, 1, 28, 28))  # train mode: fills
+    st = gm.reuse_state.conv1.store.stores[0]
+    size, step = sum(len(k) for k in st.keys), st.step
+    gm.eval()
+    with torch.no_grad():
+        gm(torch.randn(8, 1, 28, 28))
+    assert sum(len(k) for k in st.keys) == size and st.step == step
+    assert gm.reuse_plan["conv1"].reuse_rate is not None
+
+
+def test_cluster_reuse_training_does_not_diverge():
+    """Stored outputs follow the current weights (refresh=1): no jump in the loss."""
+    from reuse_compiler.models import cifarnet as cn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(256, 1, 28, 28, generator=g)
+    y = (x.mean((1, 2, 3)) * 1000).long() % 10
+    torch.manual_seed(0)
+    gm = reuse_compile(cn(in_channels=1, image_size=28, width=0.25), x[:32], config=ReuseConfig(scope="across-batch"))
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    losses = []
+    for step in range(24):
+        i = (step * 32) % 256
+        loss = F.cross_entropy(gm(x[i : i + 32]), y[i : i + 32])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert max(losses) < 5 * losses[0]

@@ -1,0 +1,118 @@
+"""Smoke test of examples/reproduce.py: ``all --quick`` end to end, then real properties of
+what it wrote (files, table shapes, accuracies and ratios in range, paired r_c)."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from examples import reproduce  # noqa: E402
+
+COMMANDS = ("train", "fig7", "fig8", "table3", "table4", "norm")
+
+
+def _table_rows(md: str, header_start: str) -> tuple[list[str], list[list[str]]]:
+    """Header cells and data rows of the markdown table whose header begins with ``header_start``."""
+    lines = md.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start}"))
+    header = [c.strip() for c in lines[i].strip("|").split("|")]
+    rows = []
+    for line in lines[i + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    assert all(len(r) == len(header) for r in rows)
+    return header, rows
+
+
+def test_all_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("REUSE_COMPILER_CACHE", str(tmp_path / "calibration"))
+    out = tmp_path / "repro"
+    results = reproduce.main(["all", "--quick", "--out", str(out)])
+    s = reproduce.Settings.quick_settings()
+
+    assert set(results) == set(COMMANDS)
+    for name in COMMANDS:
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / f"{name}.md").read_text().startswith("# ")
+        json.loads((out / f"{name}.json").read_text())
+    assert (out / reproduce.WEIGHTS).stat().st_size > 100_000
+
+    # train
+    assert 0.0 <= results["train"]["test_acc"] <= 1.0
+
+    # fig7: every (layer, scope, k/N) point, r_c = |C|/N in (0, k/N] (up to rounding of k)
+    f7 = results["fig7"]
+    assert 0.0 <= f7["exact_accuracy"] <= 1.0
+    expected = sum(len(v) for v in s.fig7_rc.values())
+    assert len(f7["points"]) == expected
+    for p in f7["points"]:
+        assert 0.0 <= p["accuracy"] <= 1.0
+        assert 0.0 < p["r_c"] <= p["ratio"] + 0.05
+    header, rows = _table_rows((out / "fig7.md").read_text(), "layer")
+    assert header == ["layer", "scope", "k/N", "r_c", "accuracy", "vs exact"]
+    assert len(rows) == expected
+    assert {r[1] for r in rows} == {"single-input", "single-batch"}
+
+    # fig8: both centroids, every (layer, L, H); the same clusters (hence r_c) for both
+    f8 = results["fig8"]
+    n_points = sum(len(s.fig8_L[layer]) * len(s.fig8_H[layer]) for layer in reproduce.LAYERS)
+    assert len(f8["points"]) == 2 * n_points
+    for p in f8["points"]:
+        assert 0.0 <= p["accuracy"] <= 1.0
+        assert 0.0 < p["r_c"] <= 1.0
+    by = {(p["centroid"], p["layer"], p["L"], p["H"]): p for p in f8["points"]}
+    for (c, layer, L, H), p in by.items():
+        if c == "mean":
+            assert abs(by[("norm", layer, L, H)]["r_c"] - p["r_c"]) < 1e-9
+    md8 = (out / "fig8.md").read_text()
+    header, rows = _table_rows(md8, "layer | L | H")
+    assert header == ["layer", "L", "H", "r_c", "acc (mean)", "acc (norm)"]
+    assert len(rows) == n_points
+    _, summary = _table_rows(md8, "layer | L | mean")
+    assert len(summary) == sum(len(v) for v in s.fig8_L.values())
+
+    # table3: the store starts empty (R = 0 on the first batch), then fills
+    t3 = results["table3"]
+    assert [(r["layer"], r["L"], r["H"]) for r in t3["rows"]] == [tuple(x) for x in s.table3_stages]
+    for r in t3["rows"]:
+        assert 0.0 <= r["acc_cr0"] <= 1.0 and 0.0 <= r["acc_cr1"] <= 1.0
+        assert 0.0 < r["r_c"] <= 1.0
+        assert r["R"][0] == 0.0
+        assert all(0.0 <= v <= 1.0 for v in r["R"]) and r["R"][-1] > 0.0
+    header, rows = _table_rows((out / "table3.md").read_text(), "layer")
+    assert header[:6] == ["layer", "L", "H", "r_c (CR=0)", "acc CR=0", "acc CR=1"]
+    assert len(rows) == len(s.table3_stages)
+
+    # table4: one train.py call per run, each with its own stock baseline
+    t4 = results["table4"]
+    assert [r["name"] for r in t4["runs"]] == ["fixed", "lh", "cr", "lh-paper-fast"]
+    for r in t4["runs"]:
+        sm = r["summary"]
+        assert sm["stock_train_time_s"] > 0 and sm["reuse_train_time_s"] > 0
+        assert abs(sm["time_saved"] - (1 - sm["reuse_train_time_s"] / sm["stock_train_time_s"])) < 1e-9
+        for k in ("stock_final_test_acc", "reuse_final_test_acc_exact", "reuse_final_test_acc_at_stage"):
+            assert 0.0 <= sm[k] <= 1.0
+        assert (out / "table4" / r["name"] / "results.json").exists()
+    assert [r["args"]["policy"] for r in t4["runs"]] == ["measured"] * 3 + ["paper"]
+    header, rows = _table_rows((out / "table4.md").read_text(), "run")
+    assert len(rows) == 4 and "time saved" in header and "reuse/stock" in header
+
+    # norm: paired stats cover both layers; three training runs of the same length
+    nm = results["norm"]
+    assert {p["layer"] for p in nm["paired"]} == set(reproduce.LAYERS)
+    for p in nm["paired"]:
+        assert p["points"] == p["norm_better"] + p["equal"] + p["mean_better"]
+    names = [f"{n} s{seed}" for seed in s.norm_seeds for n in ("stock", "mean", "norm")]
+    assert list(nm["runs"]) == names
+    for rec in nm["runs"].values():
+        assert len(rec["epochs"]) == s.norm_epochs
+        assert all(0.0 <= e["test_acc"] <= 1.0 and 0.0 <= e["test_acc_at_stage"] <= 1.0 for e in rec["epochs"])
+    for name in names[1:]:
+        assert set(nm["runs"][name]["epochs"][-1]["r_c"]) == set(reproduce.LAYERS)
+    md = (out / "norm.md").read_text()
+    _, rows = _table_rows(md, "run")
+    assert [r[0] for r in rows] == names
