@@ -771,14 +771,13 @@ def report_table4(ctx: Ctx, record: dict) -> None:
         "# Table IV: training-time savings of the strategies\n\n"
         f"Each row is one call of `examples/train.py` (CifarNet, {a0['epochs']} epochs, batch {a0['batch_size']}, "
         f"Adam lr {a0['lr']}, seed {a0['seed']}, finish '{a0['finish']}', patience {a0['patience']}, window "
-        f"{a0['window'] or 'half an epoch'}, probe {a0['probe_size']} training images, stock run in "
-        f"{a0['stock_format']}); every call runs its own stock baseline, and time saved = 1 - reuse/stock of "
+        f"{a0['window'] or 'half an epoch'}, probe {a0['probe_size']} training images, both runs in "
+        f"{a0['memory_format']}); every call runs its own stock baseline, and time saved = 1 - reuse/stock of "
         "that call. Policy/L values: the main job's default is measured/extended. **Timings are wall-clock "
         "on a shared 2-core CPU and are noisy (another user's jobs can slow either run); compare the ratio "
         "within a row, not times across rows.** Accuracy: test accuracy after the last epoch (exact inference, "
-        "and at the final stage). mean r_c: train.py's summary value, the mean over epochs of the plan's r_c "
-        "after its end-of-epoch evaluation at stage, i.e. measured on its last test batch (500 test images, "
-        "in train.py's class-sorted order), not on training batches. Paper (CifarNet on CIFAR-10, GTX1080): "
+        "and at the final stage). mean r_c: train.py's summary value, r_c on the training batches that ran "
+        "with reuse, averaged per epoch and over epochs. Paper (CifarNet on CIFAR-10, GTX1080): "
         "38% / 63% / 46% for strategies 1 / 2 / 3 with no accuracy loss.\n\n"
         + md_table(
             [
