@@ -288,8 +288,11 @@ def test_across_batch_second_identical_batch_reuses_everything():
 def test_store_learns_in_train_mode_only():
     """Like BatchNorm statistics: eval forwards read the store but do not change it."""
     torch.manual_seed(0)
-    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), torch.randn(8, 1, 28, 28),
-                       config=ReuseConfig(scope="across-batch"))
+    gm = reuse_compile(
+        cifarnet(in_channels=1, image_size=28, width=0.25),
+        torch.randn(8, 1, 28, 28),
+        config=ReuseConfig(scope="across-batch"),
+    )
     gm(torch.randn(8, 1, 28, 28))  # train mode: fills
     st = gm.reuse_state.conv1.store.stores[0]
     size, step = sum(len(k) for k in st.keys), st.step
