@@ -32,7 +32,7 @@ __all__ = ["Geometry", "block_kind", "conv_out_size"]
 
 @lru_cache(maxsize=256)
 def _pieces_tensor(kh: int, kw: int, C: int, L: int, dw: int) -> torch.Tensor:
-    g = Geometry(0, kh, kw, C, kh, kw, 1, 1, 1, 1, L)
+    g = Geometry.of_weight((0, C, kh, kw), L)
     rows = []
     for b, block in enumerate(g.pieces):
         for t, c0, c1, e0 in block:
@@ -84,6 +84,13 @@ class Geometry:
     dh: int
     dw: int
     L: int
+
+    @staticmethod
+    def of_weight(weight_shape, L: int) -> Geometry:
+        """The block layout of a weight (M, C, kh, kw) cut into sub-vectors of length L (no
+        input: for weight blocks and pieces only)."""
+        _, C, kh, kw = (int(s) for s in weight_shape)
+        return Geometry(0, kh, kw, C, kh, kw, 1, 1, 1, 1, int(L))
 
     @staticmethod
     def of(xp_shape, kernel, stride, dilation, L: int) -> Geometry:

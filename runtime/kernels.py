@@ -133,8 +133,7 @@ def compact(ids: torch.Tensor, H: int, scope: str):
 
     ``inverse`` (same shape as ids, int32: it is kept for the backward, so it is small)
     holds each row's slot in its sub-matrix, ``counts`` (nb, Cmax) int64 the members per
-    slot. Scope "input" keeps images apart; "batch"
-    clusters the whole batch.
+    slot. Scope "input" keeps images apart; "batch" clusters the whole batch.
     """
     nb = ids.shape[0]
     Nb = ids.shape[1]
@@ -180,19 +179,18 @@ def slot_keys(ids: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor) ->
 def centroid_means(xp: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g: Geometry) -> torch.Tensor:
     """Per slot, the mean of its members' sub-vectors: (nb, Cmax, L) in the compute dtype
     (empty slots are zero)."""
-    ct = compute_dtype(xp.dtype)
+    x = xp.to(compute_dtype(xp.dtype))
+    ct = x.dtype
     cmax = counts.shape[1]
     inv = inverse.reshape(g.nb, g.N)
-    ext = _ext(xp.to(ct), inverse)
+    ext = _ext(x, inverse)
     if ext is not None:
-        return ext.centroid_means(
-            xp.to(ct).contiguous(), inv.contiguous(), counts.contiguous(), g.vector(), g.pieces_tensor()
-        )
+        return ext.centroid_means(x.contiguous(), inv.contiguous(), counts.contiguous(), g.vector(), g.pieces_tensor())
     sums = torch.zeros(g.nb, cmax, g.L, dtype=ct, device=xp.device)
     inv = inv.long()
     for b, pieces in enumerate(g.pieces):
         for t, c0, c1, e0 in pieces:
-            src = g.tap_view(xp, t, c0, c1).reshape(g.N, c1 - c0).to(ct)
+            src = g.tap_view(x, t, c0, c1).reshape(g.N, c1 - c0)
             sums[b, :, e0 : e0 + c1 - c0].index_add_(0, inv[b], src)
     return sums / counts.clamp(min=1).unsqueeze(-1).to(ct)
 
@@ -274,11 +272,11 @@ def reconstruct_scales_backward(dy_rows: torch.Tensor, yc: torch.Tensor, inverse
 
 def member_norms(xp: torch.Tensor, g: Geometry) -> torch.Tensor:
     """||x_{n,b}|| of every member sub-vector, (nb, N) in the compute dtype."""
-    ct = compute_dtype(xp.dtype)
-    ext = _ext(xp.to(ct))
+    x = xp.to(compute_dtype(xp.dtype))
+    ext = _ext(x)
     if ext is not None:
-        return ext.member_norms(xp.to(ct).contiguous(), g.vector(), g.pieces_tensor(), g.nb)
-    return torch.stack([g.gather_block(xp, b).to(ct).norm(dim=1) for b in range(g.nb)])
+        return ext.member_norms(x.contiguous(), g.vector(), g.pieces_tensor(), g.nb)
+    return torch.stack([g.gather_block(x, b).norm(dim=1) for b in range(g.nb)])
 
 
 def member_norms_backward(g_norms: torch.Tensor, norms: torch.Tensor, xp: torch.Tensor, g: Geometry) -> torch.Tensor:

@@ -214,15 +214,10 @@ def _(g_centroids, inverse, counts, xp_shape, kernel_size, stride, dilation):
 # --------------------------------------------------------------------------- centroid_gemm
 
 
-def _weight_geometry(weight_shape, L: int) -> Geometry:
-    M, C, kh, kw = weight_shape
-    return Geometry(0, kh, kw, C, kh, kw, 1, 1, 1, 1, L)
-
-
 @torch.library.custom_op("reuse::centroid_gemm", mutates_args=())
 def centroid_gemm(centroids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y_c,b = x_c,b . W_b for every sub-matrix b: (nb, Cmax, L) x (M, C, kh, kw) -> (nb, Cmax, M)."""
-    wb = _weight_geometry(weight.shape, centroids.shape[-1]).weight_blocks(weight)
+    wb = Geometry.of_weight(weight.shape, centroids.shape[-1]).weight_blocks(weight)
     _check_blocks(centroids, wb)
     return torch.bmm(centroids, wb)
 
@@ -252,7 +247,7 @@ def _gemm_setup(ctx, inputs, output):
 
 def _gemm_backward(ctx, g_yc):
     centroids, weight = ctx.saved_tensors
-    geom = _weight_geometry(weight.shape, centroids.shape[-1])
+    geom = Geometry.of_weight(weight.shape, centroids.shape[-1])
     wb = geom.weight_blocks(weight)
     g_yc = g_yc.to(wb.dtype)
     d_cent = d_w = None

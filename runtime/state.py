@@ -91,8 +91,7 @@ class ClusterReuse(nn.Module):
 
     def forward(self, yc, centroids, ids, inverse, counts, weight, group: int = 0):
         store = self.stores.setdefault(group, ClusterStore(self.capacity, self.refresh))
-        M, C, kh, kw = weight.shape
-        wb = Geometry(0, kh, kw, C, kh, kw, 1, 1, 1, 1, centroids.shape[-1]).weight_blocks(weight)
+        wb = Geometry.of_weight(weight.shape, centroids.shape[-1]).weight_blocks(weight)
         return store.lookup(slot_keys(ids, inverse, counts), centroids, yc, wb, self.training)
 
     def reuse_rate(self) -> float | None:
