@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import reuse_compiler  # noqa: E402,F401
 from reuse_compiler import policies  # noqa: E402
 from reuse_compiler.runtime import extension  # noqa: E402
+from reuse_compiler.runtime.ops import reuse_conv2d  # noqa: E402
 from reuse_compiler.runtime.reference import lsh_planes  # noqa: E402
 
 # name: (batch, C_in, H, W, C_out, k, stride, padding, first_layer). The CifarNet layers are
@@ -74,16 +75,8 @@ CENTROID = "norm"  # set from --centroid
 
 def chain(x, w, b, k, s, p, planes, scope="batch"):
     """The rewritten convolution as the pass emits it (for ReuseConfig(centroid=CENTROID))."""
-    ops = torch.ops.reuse
-    L, H = planes.shape
-    kk, ss, pp, dd = [k, k], [s, s], [p, p, p, p], [1, 1]
-    xp = ops.im2col(x, kk, ss, pp, dd)
-    ids = ops.lsh_hash(xp, planes, kk, ss, dd)
-    cent, inv, cnt = ops.cluster(xp, ids, kk, ss, dd, L, H, scope)
-    if CENTROID == "norm":
-        norms = ops.member_norms(xp, kk, ss, dd, L)
-        return ops.reconstruct(ops.centroid_gemm(F.normalize(cent, dim=-1), w), inv, b, norms), cnt
-    return ops.reconstruct(ops.centroid_gemm(cent, w), inv, b), cnt
+    y, parts = reuse_conv2d(x, w, b, planes, [k, k], [s, s], [p, p, p, p], [1, 1], scope=scope, centroid=CENTROID)
+    return y, parts["counts"]
 
 
 def saved_bytes(fn) -> int:

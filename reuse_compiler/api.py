@@ -202,7 +202,7 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
             bias = _resolve(gm, a["bias"])
         if weight is None:
             continue  # a computed weight: keep the paper's order
-        row.calibration = calibrate(row, inputs[row.node], weight, bias, config.calibration_repeats)
+        row.calibration = calibrate(row, inputs[row.node], weight, bias, config.calibration_repeats, config.centroid)
         faster = sorted((c for c in row.calibration["candidates"] if c["ratio"] < 1.0), key=lambda c: c["ms"])
         if not faster:
             best = min(c["ratio"] for c in row.calibration["candidates"])

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from reuse_compiler.runtime import extension
+from reuse_compiler.runtime.ops import reuse_conv2d
 from reuse_compiler.runtime.reference import lsh_planes
 
 from .policies import expected_cost
@@ -72,19 +73,15 @@ def capture_conv_inputs(gm: fx.GraphModule, args: tuple, nodes: set[str]) -> dic
     return captured
 
 
-def _chain(x, w, b, row, L, H):
-    k, s, d, p = list(row.kernel_size), list(row.stride), list(row.dilation), list(row.padding)
-    ops = torch.ops.reuse
+def _chain(x, w, b, row, L, H, centroid):
     planes = lsh_planes(L, H, seed=0).to(x.device)
-    xp = ops.im2col(x, k, s, p, d)
-    ids = ops.lsh_hash(xp, planes, k, s, d)
-    cent, inv, cnt = ops.cluster(xp, ids, k, s, d, L, H, "batch")
-    return ops.reconstruct(ops.centroid_gemm(cent, w), inv, b), cnt
+    y, parts = reuse_conv2d(x, w, b, planes, row.kernel_size, row.stride, row.padding, row.dilation, centroid=centroid)
+    return y, parts["counts"]
 
 
-def _stage_fn(x, w, b, row, L, H):
+def _stage_fn(x, w, b, row, L, H, centroid):
     def run():
-        y, _ = _chain(x.detach().requires_grad_(), w.detach().requires_grad_(), b, row, L, H)
+        y, _ = _chain(x.detach().requires_grad_(), w.detach().requires_grad_(), b, row, L, H, centroid)
         y.backward(torch.ones_like(y))
 
     return run
@@ -102,9 +99,9 @@ def _exact_fn(x, w, b, row):
     return run
 
 
-def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3) -> dict:
-    """Time exact and every candidate of ``row`` on input ``x`` (first group only for grouped
-    convs), forward + backward, in ``repeats`` interleaved rounds after a warm-up round;
+def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3, centroid: str = "norm") -> dict:
+    """Time exact and every candidate of ``row`` (with the given centroid) on input ``x`` (first
+    group only for grouped convs), forward + backward, in ``repeats`` interleaved rounds after a warm-up round;
     returns ``{"exact_ms", "candidates": [{"L", "H", "ms", "ratio", "r_c", "predicted"}]}`` in
     the row's candidate order (medians). Uses and updates the on-disk cache."""
     g = row.groups
@@ -124,6 +121,7 @@ def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3
             row.dilation,
             [list(c) for c in row.candidates],
             repeats,
+            centroid,
         ]
     )
     path = cache_path()
@@ -133,7 +131,7 @@ def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3
         cache = {}
     if key in cache:
         return cache[key]
-    fns = [_exact_fn(x, w, b, row)] + [_stage_fn(x, w, b, row, L, H) for L, H in row.candidates]
+    fns = [_exact_fn(x, w, b, row)] + [_stage_fn(x, w, b, row, L, H, centroid) for L, H in row.candidates]
     times = [[] for _ in fns]
     for rnd in range(repeats + 1):  # round 0 warms up
         for i, fn in enumerate(fns):
@@ -145,7 +143,7 @@ def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3
     out = []
     for (L, H), t in zip(row.candidates, times[1:]):
         with torch.no_grad():
-            _, cnt = _chain(x, w, b, row, L, H)
+            _, cnt = _chain(x, w, b, row, L, H, centroid)
         r_c = float(((cnt > 0).sum(1).double() / cnt.sum(1).clamp(min=1)).mean())
         ms = statistics.median(t) * 1e3
         out.append(

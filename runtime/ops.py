@@ -24,6 +24,7 @@ strided. Cmax is data-dependent.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import kernels
 from .geometry import Geometry, conv_out_size
@@ -397,3 +398,37 @@ def member_norms_grad(
 @member_norms_grad.register_fake
 def _(g_norms, norms, xp, kernel_size, stride, dilation, L):
     return torch.empty_like(xp)
+
+
+# --------------------------------------------------------------------------- the chain, eagerly
+
+
+def reuse_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    planes: torch.Tensor,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    *,
+    scope: str = "batch",
+    centroid: str = "norm",
+):
+    """The chain the rewrite emits for one convolution (one group), called eagerly:
+    ``padding`` is (top, bottom, left, right), ``planes`` (L, H). Returns ``(y, parts)`` with
+    the intermediate tensors (``xp``, ``ids``, ``centroids``, ``inverse``, ``counts``, ``yc``)."""
+    k, s, p, d = list(kernel_size), list(stride), list(padding), list(dilation)
+    L, H = planes.shape
+    xp = im2col(x, k, s, p, d)
+    ids = lsh_hash(xp, planes, k, s, d)
+    cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope)
+    norms = None
+    used = cent
+    if centroid == "norm":
+        norms = member_norms(xp, k, s, d, L)
+        used = F.normalize(cent, dim=-1)
+    yc = centroid_gemm(used, weight)
+    y = reconstruct(yc, inverse, bias, norms)
+    return y, {"xp": xp, "ids": ids, "centroids": cent, "inverse": inverse, "counts": counts, "yc": yc}
