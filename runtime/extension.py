@@ -11,6 +11,7 @@ Set ``REUSE_COMPILER_EXTENSION=0`` to force the plain-PyTorch kernels.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -90,3 +91,13 @@ def set_enabled(flag: bool) -> bool:
     global _enabled
     old, _enabled = _enabled, bool(flag)
     return old
+
+
+@contextlib.contextmanager
+def disabled():
+    """The plain-PyTorch kernels inside the block (the oracle the C++ kernels are tested against)."""
+    old = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(old)

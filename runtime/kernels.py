@@ -37,6 +37,12 @@ __all__ = [
 _DENSE_SLOTS = 1 << 22
 
 
+# The C++ chunk path for the centroid sums and their backward (L divides C, stride 1, batch
+# scope): "auto" takes it when its tables are cheaper than the per-row kernels, "always"
+# whenever it applies (tests), "never" not at all.
+CHUNK_PATH = "auto"
+_CHUNK_MODES = {"auto": 0, "always": 1, "never": 2}
+
 # Tests set this to make a silent fallback to the plain-PyTorch kernels an error.
 REQUIRE_EXTENSION = False
 _EXT_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
@@ -128,13 +134,21 @@ def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tenso
     return ids.view(g.nb, g.Nb, oh, ow)
 
 
-def compact(ids: torch.Tensor, H: int, scope: str):
+def compact(ids: torch.Tensor, H: int, scope: str, with_keys: bool = False):
     """Cluster each sub-matrix: ids (nb, Nb, Oh, Ow) -> (inverse, counts).
 
     ``inverse`` (same shape as ids, int32: it is kept for the backward, so it is small)
     holds each row's slot in its sub-matrix, ``counts`` (nb, Cmax) int64 the members per
-    slot. Scope "input" keeps images apart; "batch" clusters the whole batch.
+    slot. Scope "input" keeps images apart; "batch" clusters the whole batch. With
+    ``with_keys``, also each slot's hash id (:func:`slot_keys`).
     """
+    if with_keys:
+        ext = _ext(ids)
+        if ext is not None and ids[0].numel() > 0:
+            inverse, counts, keys = ext.compact(ids.reshape(ids.shape[0], -1).contiguous(), H, _segment(ids, scope))
+            return inverse.view_as(ids), counts, keys
+        inverse, counts = compact(ids, H, scope)
+        return inverse, counts, slot_keys(ids, inverse, counts)
     nb = ids.shape[0]
     Nb = ids.shape[1]
     flat = ids.reshape(nb, -1)
@@ -145,7 +159,7 @@ def compact(ids: torch.Tensor, H: int, scope: str):
         return ids.to(torch.int32), torch.zeros(nb, 0, dtype=torch.int64, device=dev)
     ext = _ext(ids)
     if ext is not None:
-        inverse, counts = ext.compact(flat.contiguous(), H, N if scope == "batch" else N // Nb)
+        inverse, counts, _ = ext.compact(flat.contiguous(), H, _segment(ids, scope))
         return inverse.view_as(ids), counts
     if scope == "batch" and H <= 20 and nb << H <= max(_DENSE_SLOTS, 4 * nb * N):
         S = 1 << H
@@ -169,23 +183,56 @@ def compact(ids: torch.Tensor, H: int, scope: str):
     return inverse.view_as(ids).to(torch.int32), counts.view(nb, cmax)
 
 
+def _segment(ids: torch.Tensor, scope: str) -> int:
+    """Rows per clustering segment: all N ("batch") or one image's ("input")."""
+    N = ids[0].numel()
+    return N if scope == "batch" else N // ids.shape[1]
+
+
 def slot_keys(ids: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Each slot's hash id, (nb, Cmax) int64, -1 for empty slots."""
     nb = counts.shape[0]
+    ext = _ext(ids, inverse)
+    if ext is not None:
+        return ext.slot_keys(ids.reshape(nb, -1).contiguous(), inverse.reshape(nb, -1).contiguous(), counts.shape[1])
     keys = torch.full_like(counts, -1)
     return keys.scatter_(1, inverse.reshape(nb, -1).long(), ids.reshape(nb, -1))
 
 
-def centroid_means(xp: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g: Geometry) -> torch.Tensor:
+def chunk_path_applies(ids: torch.Tensor, g: Geometry, scope: str) -> bool:
+    """Whether the C++ kernels can take the chunk path (L divides C, stride 1, "batch"
+    scope: every block of a chunk hashes a pixel to the same id, so clusters of different
+    taps can be summed per pixel); they take it when given the slot keys."""
+    if scope != "batch" or g.kind != "chunk" or (g.sh, g.sw) != (1, 1) or CHUNK_PATH == "never":
+        return False
+    return ids.device.type == "cpu" and extension.get() is not None
+
+
+def chunk_keys(ids: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g: Geometry, scope: str):
+    """The slot keys for the chunk path where it applies, else None."""
+    return slot_keys(ids, inverse, counts) if chunk_path_applies(ids, g, scope) else None
+
+
+def centroid_means(
+    xp: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g: Geometry, keys: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per slot, the mean of its members' sub-vectors: (nb, Cmax, L) in the compute dtype
-    (empty slots are zero)."""
+    (empty slots are zero). ``keys`` (from :func:`chunk_keys`) enables the chunk path."""
     x = xp.to(compute_dtype(xp.dtype))
     ct = x.dtype
     cmax = counts.shape[1]
     inv = inverse.reshape(g.nb, g.N)
     ext = _ext(x, inverse)
     if ext is not None:
-        return ext.centroid_means(x.contiguous(), inv.contiguous(), counts.contiguous(), g.vector(), g.pieces_tensor())
+        return ext.centroid_means(
+            x.contiguous(),
+            inv.contiguous(),
+            counts.contiguous(),
+            g.vector(),
+            g.pieces_tensor(),
+            keys,
+            _CHUNK_MODES[CHUNK_PATH],
+        )
     sums = torch.zeros(g.nb, cmax, g.L, dtype=ct, device=xp.device)
     inv = inv.long()
     for b, pieces in enumerate(g.pieces):
@@ -196,7 +243,12 @@ def centroid_means(xp: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor
 
 
 def centroid_means_backward(
-    dcent: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g: Geometry, dtype: torch.dtype
+    dcent: torch.Tensor,
+    inverse: torch.Tensor,
+    counts: torch.Tensor,
+    g: Geometry,
+    dtype: torch.dtype,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of the centroids (means) w.r.t. the padded input: every member of a
     cluster receives the cluster's gradient divided by its size (Eq. 13), added into the
@@ -205,7 +257,13 @@ def centroid_means_backward(
     ext = _ext(dcent, inverse)
     if ext is not None:
         return ext.centroid_means_backward(
-            dcent.contiguous(), inv.contiguous(), counts.contiguous(), g.vector(), g.pieces_tensor()
+            dcent.contiguous(),
+            inv.contiguous(),
+            counts.contiguous(),
+            g.vector(),
+            g.pieces_tensor(),
+            keys,
+            _CHUNK_MODES[CHUNK_PATH],
         ).to(dtype)
     share = dcent / counts.clamp(min=1).unsqueeze(-1).to(dcent.dtype)
     inv = inv.long()

@@ -155,8 +155,12 @@ def cluster(
     if scope not in SCOPES:
         raise ValueError(f"reuse.cluster: scope must be one of {SCOPES}, got {scope!r}")
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
-    inverse, counts = kernels.compact(ids, H, scope)
-    centroids = kernels.centroid_means(xp, inverse, counts, g).to(xp.dtype)
+    keys = None
+    if kernels.chunk_path_applies(ids, g, scope):
+        inverse, counts, keys = kernels.compact(ids, H, scope, with_keys=True)
+    else:
+        inverse, counts = kernels.compact(ids, H, scope)
+    centroids = kernels.centroid_means(xp, inverse, counts, g, keys).to(xp.dtype)
     return centroids, inverse, counts
 
 
@@ -171,19 +175,27 @@ def _(xp, ids, kernel_size, stride, dilation, L, H, scope):
     )
 
 
+def _concrete(t: torch.Tensor) -> bool:
+    """A plain tensor with data (not a fake or functional one seen while tracing)."""
+    return type(t) is torch.Tensor and t.device.type != "meta"
+
+
 def _cluster_setup(ctx, inputs, output):
-    xp, _, kernel_size, stride, dilation, _, _, _ = inputs
+    xp, ids, kernel_size, stride, dilation, L, _, scope = inputs
     _, inverse, counts = output
-    ctx.save_for_backward(inverse, counts)
+    # the chunk path of the backward needs each slot's key (nb x Cmax, small), not the ids
+    g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+    keys = kernels.chunk_keys(ids, inverse, counts, g, scope) if _concrete(ids) else None
+    ctx.save_for_backward(inverse, counts, keys)
     ctx.args = (list(xp.shape), kernel_size, stride, dilation)
     ctx.dtype = xp.dtype
 
 
 def _cluster_backward(ctx, g_centroids, _g_inverse, _g_counts):
-    inverse, counts = ctx.saved_tensors
+    inverse, counts, keys = ctx.saved_tensors
     dxp = None
     if ctx.needs_input_grad[0]:
-        dxp = cluster_grad(g_centroids, inverse, counts, *ctx.args).to(ctx.dtype)
+        dxp = cluster_grad(g_centroids, inverse, counts, *ctx.args, keys).to(ctx.dtype)
     return dxp, None, None, None, None, None, None, None
 
 
@@ -199,16 +211,18 @@ def cluster_grad(
     kernel_size: list[int],
     stride: list[int],
     dilation: list[int],
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Backward of ``cluster`` w.r.t. ``xp`` (Eq. 13-18): each member receives its
     cluster's centroid gradient divided by the cluster size, added back into the pixels
-    of its sub-vector (col2im). Its own op so that the backward stays traceable."""
+    of its sub-vector (col2im). Its own op so that the backward stays traceable. ``keys``
+    (each slot's hash id, given for "batch" scope) enables the kernels' chunk path."""
     g = _padded_geometry(xp_shape, kernel_size, stride, dilation, g_centroids.shape[-1])
-    return kernels.centroid_means_backward(g_centroids, inverse, counts, g, g_centroids.dtype)
+    return kernels.centroid_means_backward(g_centroids, inverse, counts, g, g_centroids.dtype, keys)
 
 
 @cluster_grad.register_fake
-def _(g_centroids, inverse, counts, xp_shape, kernel_size, stride, dilation):
+def _(g_centroids, inverse, counts, xp_shape, kernel_size, stride, dilation, keys=None):
     return g_centroids.new_empty(xp_shape)
 
 

@@ -99,7 +99,8 @@ void check_cpu_contig(const torch::Tensor& t, const char* name) {
 }  // namespace
 
 // ids (nb, N) -> per block, the distinct ids (per image segment of `seg` rows when
-// seg < N) ranked ascending. Returns (inverse (nb, N) int32 local slots, counts (nb, Cmax)).
+// seg < N) ranked ascending. Returns (inverse (nb, N) int32 local slots, counts (nb, Cmax),
+// keys (nb, Cmax): each slot's id, -1 for empty slots).
 std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
   check_cpu_contig(ids, "ids");
   TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.dim() == 2, "compact: ids must be int64 (nb, N)");
@@ -108,7 +109,7 @@ std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
   auto inverse = torch::empty({nb, N}, ids.options().dtype(torch::kInt32));
   const int64_t* I = ids.data_ptr<int64_t>();
   int32_t* V = inverse.data_ptr<int32_t>();
-  std::vector<std::vector<int64_t>> block_counts(nb);
+  std::vector<std::vector<int64_t>> block_counts(nb), block_keys(nb);
   const bool dense = seg == N && H <= 20 && (int64_t(1) << H) <= std::max<int64_t>(4 * N, 4096);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> table, uniq;
@@ -116,13 +117,16 @@ std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
       const int64_t* ib = I + b * N;
       int32_t* vb = V + b * N;
       std::vector<int64_t>& cnt = block_counts[b];
+      std::vector<int64_t>& key = block_keys[b];
       if (dense) {  // counting pass: a table over all 2^H ids
         table.assign(int64_t(1) << H, 0);
         for (int64_t n = 0; n < N; ++n) table[ib[n]]++;
         int64_t r = 0;
-        for (auto& c : table) {
+        for (int64_t id = 0; id < (int64_t)table.size(); ++id) {
+          auto& c = table[id];
           if (c) {
             cnt.push_back(c);
+            key.push_back(id);
             c = r++;
           } else {
             c = -1;
@@ -136,6 +140,7 @@ std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
           uniq.erase(std::unique(uniq.begin(), uniq.end()), uniq.end());
           const int64_t base = cnt.size();
           cnt.resize(base + uniq.size(), 0);
+          key.insert(key.end(), uniq.begin(), uniq.end());
           for (int64_t n = s0; n < s0 + seg; ++n) {
             const int64_t r = std::lower_bound(uniq.begin(), uniq.end(), ib[n]) - uniq.begin();
             vb[n] = base + r;
@@ -149,8 +154,291 @@ std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
   for (auto& c : block_counts) cmax = std::max<int64_t>(cmax, c.size());
   auto counts = torch::zeros({nb, cmax}, ids.options());
   int64_t* C = counts.data_ptr<int64_t>();
-  for (int64_t b = 0; b < nb; ++b) std::copy(block_counts[b].begin(), block_counts[b].end(), C + b * cmax);
-  return {inverse, counts};
+  auto keys = torch::full({nb, cmax}, -1, ids.options());
+  int64_t* Kp = keys.data_ptr<int64_t>();
+  for (int64_t b = 0; b < nb; ++b) {
+    std::copy(block_counts[b].begin(), block_counts[b].end(), C + b * cmax);
+    std::copy(block_keys[b].begin(), block_keys[b].end(), Kp + b * cmax);
+  }
+  return {inverse, counts, keys};
+}
+
+namespace {
+// ---------------------------------------------------------------------------------------
+// Chunk fast path (L divides C, stride 1, "batch" scope). Block b = (tap t = b / nq,
+// chunk q = b % nq) is channels [q*L, (q+1)*L) of one pixel, and all blocks of chunk q hash
+// a pixel's chunk to the same id. So the members of block (t, q) are the pixels of tap t's
+// window, and a cluster of block (t, q) is "the pixels of that window whose chunk-q id is
+// k". The padded image splits into rectangular regions (row intervals x column intervals)
+// inside which every pixel is covered by the same set of taps; a tap's window is a
+// rectangle of regions, and the regions covering a pixel are a rectangle of taps. The
+// forward sums every pixel chunk once into a (region, key) table and reads each block's
+// sums off its 2D prefix; the backward sums the per-(tap, key) gradient shares over a 2D
+// prefix of the tap grid and copies each pixel its region's share. Work: P*C plus tables
+// of nq * regions * keys * L, instead of N*K (= taps x P*C) for the per-row kernels.
+struct ChunkPlan {
+  int64_t nq = 0, nh = 0, nw = 0, G = 0;
+  std::vector<int64_t> rint, cint;  // padded row / column -> interval
+  std::vector<int64_t> ri0, ri1, ci0, ci1;  // tap row i / column j -> covered interval range
+  std::vector<int64_t> ilo, ihi, jlo, jhi;  // row / column interval -> covering tap range
+  std::vector<int32_t> gmap;  // (nb, cmax): slot -> rank of its key among chunk q's keys, -1 if empty
+  std::vector<int32_t> U;     // (P, nq): pixel chunk -> key rank, -1 if no block covers it
+};
+
+// Blocks are (tap, chunk) pairs in tap-major order, one piece each (any stride).
+bool chunk_pieces(const Geo& g, const std::vector<Piece>& pieces, int64_t nb) {
+  if (g.L <= 0 || g.C % g.L != 0) return false;
+  const int64_t nq = g.C / g.L;
+  if (nb != g.kh * g.kw * nq || (int64_t)pieces.size() != nb) return false;
+  for (int64_t p = 0; p < nb; ++p) {
+    const Piece& q = pieces[p];
+    if (q.b != p || q.t != p / nq || q.c0 != (p % nq) * g.L || q.len != g.L || q.e0 != 0) return false;
+  }
+  return true;
+}
+
+bool chunk_layout(const Geo& g, const std::vector<Piece>& pieces, int64_t nb) {
+  return g.sh == 1 && g.sw == 1 && chunk_pieces(g, pieces, nb);
+}
+
+// Intervals of one axis (stride 1): tap i covers [i*d, i*d + O) of the padded axis of length Pn.
+void axis_intervals(int64_t Pn, int64_t k, int64_t d, int64_t O, std::vector<int64_t>& of, std::vector<int64_t>& t0,
+                    std::vector<int64_t>& t1, std::vector<int64_t>& lo, std::vector<int64_t>& hi, int64_t& n) {
+  std::vector<int64_t> cuts{0, Pn};
+  for (int64_t i = 0; i < k; ++i) {
+    cuts.push_back(std::min(Pn, i * d));
+    cuts.push_back(std::min(Pn, i * d + O));
+  }
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  n = (int64_t)cuts.size() - 1;
+  auto index = [&](int64_t v) { return std::lower_bound(cuts.begin(), cuts.end(), v) - cuts.begin(); };
+  of.assign(Pn, 0);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t v = cuts[r]; v < cuts[r + 1]; ++v) of[v] = r;
+  t0.resize(k);
+  t1.resize(k);
+  for (int64_t i = 0; i < k; ++i) {
+    t0[i] = index(std::min(Pn, i * d));
+    t1[i] = index(std::min(Pn, i * d + O));
+  }
+  lo.assign(n, 0);
+  hi.assign(n, 0);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t v = cuts[r];
+    int64_t a = k, b = 0;
+    for (int64_t i = 0; i < k; ++i)
+      if (i * d <= v && v < i * d + O) {
+        a = std::min(a, i);
+        b = std::max(b, i + 1);
+      }
+    lo[r] = a < b ? a : 0;
+    hi[r] = a < b ? b : 0;
+  }
+}
+
+// The plan's geometry and the global key ranks; returns false if the tables would cost
+// more than the per-row kernels (mode 0) or the layout does not apply.
+bool chunk_plan(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, int64_t nb, int64_t cmax,
+                const int64_t* keys, const int64_t* cnt, int64_t mode) {
+  if (mode == 2 || !chunk_layout(g, pieces, nb)) return false;
+  cp.nq = g.C / g.L;
+  axis_intervals(g.Hp, g.kh, g.dh, g.Oh, cp.rint, cp.ri0, cp.ri1, cp.ilo, cp.ihi, cp.nh);
+  axis_intervals(g.Wp, g.kw, g.dw, g.Ow, cp.cint, cp.ci0, cp.ci1, cp.jlo, cp.jhi, cp.nw);
+  int64_t kmax = -1;
+  for (int64_t i = 0; i < nb * cmax; ++i) kmax = std::max(kmax, keys[i]);
+  cp.gmap.assign(nb * cmax, -1);
+  if (kmax < (int64_t(1) << 22)) {  // small ids (H <= 22): rank them with a table
+    std::vector<int32_t> rank(kmax + 1);
+    for (int64_t q = 0; q < cp.nq; ++q) {
+      std::fill(rank.begin(), rank.end(), 0);
+      for (int64_t b = q; b < nb; b += cp.nq)
+        for (int64_t s = 0; s < cmax; ++s)
+          if (cnt[b * cmax + s] > 0) rank[keys[b * cmax + s]] = 1;
+      int32_t r = 0;
+      for (auto& v : rank) v = v ? r++ : -1;
+      cp.G = std::max<int64_t>(cp.G, r);
+      for (int64_t b = q; b < nb; b += cp.nq)
+        for (int64_t s = 0; s < cmax; ++s)
+          if (cnt[b * cmax + s] > 0) cp.gmap[b * cmax + s] = rank[keys[b * cmax + s]];
+    }
+  } else {
+    std::vector<std::vector<int64_t>> uniq(cp.nq);
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t s = 0; s < cmax; ++s)
+        if (cnt[b * cmax + s] > 0) uniq[b % cp.nq].push_back(keys[b * cmax + s]);
+    for (auto& u : uniq) {
+      std::sort(u.begin(), u.end());
+      u.erase(std::unique(u.begin(), u.end()), u.end());
+      cp.G = std::max<int64_t>(cp.G, u.size());
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const auto& u = uniq[b % cp.nq];
+      for (int64_t s = 0; s < cmax; ++s)
+        if (cnt[b * cmax + s] > 0)
+          cp.gmap[b * cmax + s] = std::lower_bound(u.begin(), u.end(), keys[b * cmax + s]) - u.begin();
+    }
+  }
+  const int64_t table = cp.nq * std::max((cp.nh + 1) * (cp.nw + 1), (g.kh + 1) * (g.kw + 1)) * cp.G * g.L;
+  if (mode == 0 && (4 * table > g.N() * g.kh * g.kw * g.C || table > (int64_t(1) << 26))) return false;
+  return true;
+}
+
+// U[p, q]: the key rank of pixel p's chunk q, from any block that covers it (all agree).
+void chunk_pixel_keys(ChunkPlan& cp, const Geo& g, const int32_t* V, int64_t nb, int64_t cmax) {
+  const int64_t N = g.N(), per_image = g.Oh * g.Ow, nq = cp.nq;
+  cp.U.assign(g.P() * nq, -1);
+  at::parallel_for(0, g.Nb, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t bb = i0; bb < i1; ++bb)
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t q = b % nq, off = g.tap_offset(b / nq);
+        const int32_t* vb = V + b * N + bb * per_image;
+        const int32_t* gm = cp.gmap.data() + b * cmax;
+        for (int64_t oh = 0; oh < g.Oh; ++oh) {
+          int32_t* u = cp.U.data() + ((bb * g.Hp + oh) * g.Wp + off) * nq + q;
+          const int32_t* v = vb + oh * g.Ow;
+          for (int64_t ow = 0; ow < g.Ow; ++ow) u[ow * nq] = gm[v[ow]];
+        }
+      }
+  });
+}
+
+// In-place 2D prefix sums over an (A+1) x (B+1) grid of vectors of length E per q (row and
+// column 0 are zero); threads own ranges of the vector.
+template <typename T>
+void prefix2d(T* Tb, int64_t nq, int64_t A, int64_t B, int64_t E) {
+  at::parallel_for(0, E, 256, [&](int64_t e0, int64_t e1) {
+    for (int64_t q = 0; q < nq; ++q) {
+      T* base = Tb + q * (A + 1) * (B + 1) * E;
+      for (int64_t a = 1; a <= A; ++a)
+        for (int64_t c = 1; c <= B; ++c) {
+          T* d = base + (a * (B + 1) + c) * E;
+          const T* up = d - (B + 1) * E;
+          const T* left = d - E;
+          const T* diag = up - E;
+#pragma omp simd
+          for (int64_t k = e0; k < e1; ++k) d[k] += up[k] + left[k] - diag[k];
+        }
+    }
+  });
+}
+
+// out[k] = sum of the grid cells [a0, a1) x [c0, c1) (from the prefix), scaled by f.
+template <typename T>
+inline void rect(T* __restrict out, const T* Tq, int64_t B, int64_t E, int64_t a0, int64_t a1, int64_t c0, int64_t c1,
+                 int64_t off, int64_t len, T f) {
+  const T* p11 = Tq + (a1 * (B + 1) + c1) * E + off;
+  const T* p01 = Tq + (a0 * (B + 1) + c1) * E + off;
+  const T* p10 = Tq + (a1 * (B + 1) + c0) * E + off;
+  const T* p00 = Tq + (a0 * (B + 1) + c0) * E + off;
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) out[k] = f * (p11[k] - p01[k] - p10[k] + p00[k]);
+}
+
+template <typename T>
+void chunk_means_impl(const T* X, const int64_t* cnt, T* S, const Geo& g, const ChunkPlan& cp, int64_t nb,
+                      int64_t cmax) {
+  const int64_t L = g.L, C = g.C, nq = cp.nq, nh = cp.nh, nw = cp.nw, G = cp.G, E = G * L;
+  const int64_t cells = (nh + 1) * (nw + 1);
+  std::vector<T> R(nq * cells * E, T(0));
+  // every pixel chunk once into its region's row of the table; tasks own (q, row interval)
+  at::parallel_for(0, nq * nh, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t q = task / nh, ri = task % nh;
+      T* Rq = R.data() + q * cells * E;
+      for (int64_t bb = 0; bb < g.Nb; ++bb)
+        for (int64_t hp = 0; hp < g.Hp; ++hp) {
+          if (cp.rint[hp] != ri) continue;
+          const int64_t p0 = (bb * g.Hp + hp) * g.Wp;
+          for (int64_t wp = 0; wp < g.Wp; ++wp) {
+            const int64_t p = p0 + wp, k = cp.U[p * nq + q];
+            if (k < 0) continue;
+            add_row(Rq + ((ri + 1) * (nw + 1) + cp.cint[wp] + 1) * E + k * L, X + p * C + q * L, L);
+          }
+        }
+    }
+  });
+  prefix2d(R.data(), nq, nh, nw, E);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t q = b % nq, t = b / nq, i = t / g.kw, j = t % g.kw;
+      const T* Rq = R.data() + q * cells * E;
+      for (int64_t s = 0; s < cmax; ++s) {
+        T* out = S + (b * cmax + s) * L;
+        const int64_t c = cnt[b * cmax + s], k = cp.gmap[b * cmax + s];
+        if (c == 0 || k < 0) {
+          std::fill(out, out + L, T(0));
+          continue;
+        }
+        rect(out, Rq, nw, E, cp.ri0[i], cp.ri1[i], cp.ci0[j], cp.ci1[j], k * L, L, T(1) / T(c));
+      }
+    }
+  });
+}
+
+template <typename T>
+void chunk_means_backward_impl(const T* Gc, const int64_t* cnt, T* D, const Geo& g, const ChunkPlan& cp, int64_t nb,
+                               int64_t cmax) {
+  const int64_t L = g.L, C = g.C, nq = cp.nq, nh = cp.nh, nw = cp.nw, G = cp.G, E = G * L;
+  const int64_t kh = g.kh, kw = g.kw, tcells = (kh + 1) * (kw + 1), rcells = nh * nw;
+  std::vector<T> PT(nq * tcells * E, T(0));
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {  // each block's shares, by key
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t q = b % nq, t = b / nq, i = t / kw, j = t % kw;
+      T* cell = PT.data() + (q * tcells + (i + 1) * (kw + 1) + j + 1) * E;
+      for (int64_t s = 0; s < cmax; ++s) {
+        const int64_t c = cnt[b * cmax + s], k = cp.gmap[b * cmax + s];
+        if (c == 0 || k < 0) continue;
+        const T f = T(1) / T(c);
+        const T* src = Gc + (b * cmax + s) * L;
+        T* d = cell + k * L;
+        for (int64_t e = 0; e < L; ++e) d[e] = f * src[e];
+      }
+    }
+  });
+  prefix2d(PT.data(), nq, kh, kw, E);
+  std::vector<T> Z(nq * rcells * E);  // per region, the sum of the covering taps' shares
+  at::parallel_for(0, nq * rcells, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t q = r / rcells, ri = (r % rcells) / nw, ci = r % nw;
+      rect(Z.data() + r * E, PT.data() + q * tcells * E, kw, E, cp.ilo[ri], cp.ihi[ri], cp.jlo[ci], cp.jhi[ci], 0, E,
+           T(1));
+    }
+  });
+  at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t row = w0; row < w1; ++row) {
+      const int64_t ri = cp.rint[row % g.Hp];
+      for (int64_t wp = 0; wp < g.Wp; ++wp) {
+        const int64_t p = row * g.Wp + wp;
+        for (int64_t q = 0; q < nq; ++q) {
+          T* d = D + p * C + q * L;
+          const int64_t k = cp.U[p * nq + q];
+          if (k < 0)
+            std::fill(d, d + L, T(0));
+          else
+            std::memcpy(d, Z.data() + ((q * rcells + ri * nw + cp.cint[wp]) * G + k) * L, sizeof(T) * L);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// keys[b, s]: the hash id of slot s of block b (-1 for empty slots).
+torch::Tensor slot_keys(torch::Tensor ids, torch::Tensor inverse, int64_t cmax) {
+  check_cpu_contig(ids, "ids");
+  check_cpu_contig(inverse, "inverse");
+  const int64_t nb = inverse.size(0), N = inverse.size(1);
+  auto keys = torch::full({nb, cmax}, -1, ids.options());
+  const int64_t* I = ids.data_ptr<int64_t>();
+  const int32_t* V = inverse.data_ptr<int32_t>();
+  int64_t* K = keys.data_ptr<int64_t>();
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t n = 0; n < N; ++n) K[b * cmax + V[b * N + n]] = I[b * N + n];
+  });
+  return keys;
 }
 
 // Per slot, the mean of its members' sub-vectors: (nb, Cmax, L). Each thread owns whole
@@ -223,18 +511,32 @@ void centroid_means_impl(const T* X, const int32_t* V, const int64_t* cnt, T* S,
   });
 }
 
+// keys (the slots' hash ids, optional) enable the chunk fast path; mode 0 picks it when its
+// tables are cheaper than the per-row pass, 1 whenever it applies, 2 never.
 torch::Tensor centroid_means(torch::Tensor xp, torch::Tensor inverse, torch::Tensor counts, std::vector<int64_t> geo,
-                             torch::Tensor pieces_t) {
+                             torch::Tensor pieces_t, c10::optional<torch::Tensor> keys, int64_t mode) {
   check_cpu_contig(xp, "xp");
   check_cpu_contig(inverse, "inverse");
   check_cpu_contig(counts, "counts");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
   const int64_t nb = inverse.size(0), cmax = counts.size(1);
+  auto S = torch::empty({nb, cmax, g.L}, xp.options());
+  ChunkPlan cp;
+  if (keys.has_value()) {
+    check_cpu_contig(*keys, "keys");
+    if (chunk_plan(cp, g, pieces, nb, cmax, keys->data_ptr<int64_t>(), counts.data_ptr<int64_t>(), mode)) {
+      chunk_pixel_keys(cp, g, inverse.data_ptr<int32_t>(), nb, cmax);
+      AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "centroid_means_chunk", [&] {
+        chunk_means_impl<scalar_t>(xp.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), S.data_ptr<scalar_t>(), g, cp,
+                                   nb, cmax);
+      });
+      return S;
+    }
+  }
   std::vector<int64_t> start(nb + 1, 0);
   for (const auto& q : pieces) start[q.b + 1]++;
   for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
-  auto S = torch::empty({nb, cmax, g.L}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "centroid_means", [&] {
     centroid_means_impl<scalar_t>(xp.data_ptr<scalar_t>(), inverse.data_ptr<int32_t>(), counts.data_ptr<int64_t>(),
                                   S.data_ptr<scalar_t>(), g, pieces, start, nb, cmax);
@@ -272,18 +574,31 @@ void centroid_means_backward_impl(const T* Gc, const int32_t* V, const int64_t* 
 }
 
 torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
-                                      std::vector<int64_t> geo, torch::Tensor pieces_t) {
+                                      std::vector<int64_t> geo, torch::Tensor pieces_t,
+                                      c10::optional<torch::Tensor> keys, int64_t mode) {
   check_cpu_contig(g_cent, "g_cent");
   check_cpu_contig(inverse, "inverse");
   check_cpu_contig(counts, "counts");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
-  const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
+  const int64_t nb = inverse.size(0), cmax = g_cent.size(1);
   auto D = torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options());
+  ChunkPlan cp;
+  if (keys.has_value()) {
+    check_cpu_contig(*keys, "keys");
+    if (chunk_plan(cp, g, pieces, nb, cmax, keys->data_ptr<int64_t>(), counts.data_ptr<int64_t>(), mode)) {
+      chunk_pixel_keys(cp, g, inverse.data_ptr<int32_t>(), nb, cmax);
+      AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward_chunk", [&] {
+        chunk_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(),
+                                            D.data_ptr<scalar_t>(), g, cp, nb, cmax);
+      });
+      return D;
+    }
+  }
+  const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
   AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward", [&] {
     centroid_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), inverse.data_ptr<int32_t>(),
-                                           counts.data_ptr<int64_t>(), D.data_ptr<scalar_t>(), g, pieces, ix,
-                                           g_cent.size(1));
+                                           counts.data_ptr<int64_t>(), D.data_ptr<scalar_t>(), g, pieces, ix, cmax);
   });
   return D;
 }
@@ -453,6 +768,31 @@ void member_norms_impl(const T* X, T* out, const Geo& g, const std::vector<Piece
   });
 }
 
+template <typename T>
+void member_norms_chunk_impl(const T* X, T* O, const Geo& g, int64_t nb) {
+  const int64_t nq = g.C / g.L, N = g.N(), L = g.L;
+  std::vector<T> pix(g.P() * nq);
+  at::parallel_for(0, g.P() * nq, 1024, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* src = X + i * L;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < L; ++k) acc += src[k] * src[k];
+      pix[i] = std::sqrt(acc);
+    }
+  });
+  const int64_t rows = g.Nb * g.Oh;  // output rows (image, oh) of every block
+  at::parallel_for(0, nb * rows, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / rows, r = i % rows, bb = r / g.Oh, oh = r % g.Oh;
+      const T* src = pix.data() + (((bb * g.Hp + oh * g.sh) * g.Wp) + g.tap_offset(b / nq)) * nq + b % nq;
+      T* dst = O + b * N + r * g.Ow;
+      const int64_t step = g.sw * nq;
+      for (int64_t ow = 0; ow < g.Ow; ++ow) dst[ow] = src[ow * step];
+    }
+  });
+}
+
 torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Tensor pieces_t, int64_t nb) {
   check_cpu_contig(xp, "xp");
   const Geo g = make_geo(geo);
@@ -461,6 +801,12 @@ torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Te
   for (const auto& q : pieces) start[q.b + 1]++;
   for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
   auto out = torch::empty({nb, g.N()}, xp.options());
+  if (chunk_pieces(g, pieces, nb)) {  // each pixel chunk's norm once, gathered into the blocks
+    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms_chunk", [&] {
+      member_norms_chunk_impl<scalar_t>(xp.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, nb);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms", [&] {
     member_norms_impl<scalar_t>(xp.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, pieces, start, nb);
   });
@@ -472,11 +818,30 @@ torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Te
 // owns a range of padded pixel rows.
 template <typename T>
 void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const Geo& g,
-                                const std::vector<Piece>& pieces, const TapIndex& ix) {
-  const int64_t N = g.N(), C = g.C;
+                                const std::vector<Piece>& pieces, const TapIndex& ix, bool chunked) {
+  const int64_t N = g.N(), C = g.C, nq = chunked ? C / g.L : 1;
   at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> acc(chunked ? g.Wp * nq : 0);
     for (int64_t row = r0; row < r1; ++row) {
       T* drow = D + row * g.Wp * C;
+      if (chunked) {  // one factor per pixel chunk, summed over the taps, then broadcast
+        std::fill(acc.begin(), acc.end(), T(0));
+        visit_row(g, row, pieces, ix, [&](const Piece& q, int64_t j, int64_t nrow) {
+          for (int64_t ow = 0; ow < g.Ow; ++ow) {
+            const int64_t idx = q.b * N + nrow + ow;
+            const T s = S[idx];
+            if (s == T(0)) continue;
+            acc[(ow * g.sw + j * g.dw) * nq + q.b % nq] += Gs[idx] / s;
+          }
+        });
+        const T* xrow = X + row * g.Wp * C;
+        for (int64_t e = 0; e < g.Wp * nq; ++e) {
+          const T f = acc[e];
+#pragma omp simd
+          for (int64_t k = 0; k < g.L; ++k) drow[e * g.L + k] = f * xrow[e * g.L + k];
+        }
+        continue;
+      }
       std::memset(drow, 0, sizeof(T) * g.Wp * C);
       visit_row(g, row, pieces, ix, [&](const Piece& q, int64_t j, int64_t nrow) {
         for (int64_t ow = 0; ow < g.Ow; ++ow) {
@@ -507,7 +872,8 @@ torch::Tensor member_norms_backward(torch::Tensor g_norms, torch::Tensor norms, 
   auto D = torch::empty_like(xp);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms_backward", [&] {
     member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
-                                         xp.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix);
+                                         xp.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix,
+                                         chunk_pieces(g, pieces, g_norms.size(0)));
   });
   return D;
 }
@@ -543,5 +909,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reconstruct_scales_backward", &reconstruct_scales_backward, "d_scales[b, n] = dy[n] . yc[b, inverse[b, n]]");
   m.def("member_norms", &member_norms, "norm of every member sub-vector");
   m.def("member_norms_backward", &member_norms_backward, "col2im of g / norm times x");
+  m.def("slot_keys", &slot_keys, "the hash id of every slot (-1 for empty slots)");
   m.def("gather_ids", &gather_ids, "per-block ids gathered from per-pixel unit ids");
 }
