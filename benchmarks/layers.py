@@ -75,7 +75,9 @@ CENTROID = "norm"  # set from --centroid
 
 def chain(x, w, b, k, s, p, planes, scope="batch"):
     """The rewritten convolution as the pass emits it (for ReuseConfig(centroid=CENTROID))."""
-    y, parts = reuse_conv2d(x, w, b, planes, [k, k], [s, s], [p, p, p, p], [1, 1], scope=scope, centroid=CENTROID)
+    y, parts = reuse_conv2d(
+        x, w, b, planes, [k, k], [s, s], [p, p, p, p], [1, 1], scope=scope, centroid=CENTROID, keep_parts=False
+    )
     return y, parts["counts"]
 
 

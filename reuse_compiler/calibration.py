@@ -75,7 +75,9 @@ def capture_conv_inputs(gm: fx.GraphModule, args: tuple, nodes: set[str]) -> dic
 
 def _chain(x, w, b, row, L, H, centroid):
     planes = lsh_planes(L, H, seed=0).to(x.device)
-    y, parts = reuse_conv2d(x, w, b, planes, row.kernel_size, row.stride, row.padding, row.dilation, centroid=centroid)
+    y, parts = reuse_conv2d(
+        x, w, b, planes, row.kernel_size, row.stride, row.padding, row.dilation, centroid=centroid, keep_parts=False
+    )
     return y, parts["counts"]
 
 

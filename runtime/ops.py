@@ -187,6 +187,10 @@ def _cluster_setup(ctx, inputs, output):
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
     keys = kernels.chunk_keys(ids, inverse, counts, g, scope) if _concrete(ids) else None
     ctx.save_for_backward(inverse, counts, keys)
+    # inverse and counts get no gradient: no zero tensors of their size in the backward
+    # (inverse's would be nb x N, as large as inverse itself, at the backward's peak)
+    ctx.mark_non_differentiable(inverse, counts)
+    ctx.set_materialize_grads(False)
     ctx.args = (list(xp.shape), kernel_size, stride, dilation)
     ctx.dtype = xp.dtype
 
@@ -194,7 +198,7 @@ def _cluster_setup(ctx, inputs, output):
 def _cluster_backward(ctx, g_centroids, _g_inverse, _g_counts):
     inverse, counts, keys = ctx.saved_tensors
     dxp = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and g_centroids is not None:
         dxp = cluster_grad(g_centroids, inverse, counts, *ctx.args, keys).to(ctx.dtype)
     return dxp, None, None, None, None, None, None, None
 
@@ -429,12 +433,16 @@ def reuse_conv2d(
     *,
     scope: str = "batch",
     centroid: str = "norm",
+    keep_parts: bool = True,
 ):
     """The chain the rewrite emits for one convolution (one group), called eagerly:
     ``padding`` is (top, bottom, left, right), ``planes`` (L, H). Returns ``(y, parts)`` with
-    the intermediate tensors (``xp``, ``ids``, ``centroids``, ``inverse``, ``counts``, ``yc``)."""
+    the intermediate tensors (``xp``, ``ids``, ``centroids``, ``inverse``, ``counts``, ``yc``);
+    with ``keep_parts=False`` only ``counts``, and every intermediate is dropped after its
+    last use, as in the rewritten graph's code (for memory measurements)."""
     k, s, p, d = list(kernel_size), list(stride), list(padding), list(dilation)
     L, H = planes.shape
+    parts = {}
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d)
     cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope)
@@ -443,6 +451,13 @@ def reuse_conv2d(
     if centroid == "norm":
         norms = member_norms(xp, k, s, d, L)
         used = F.normalize(cent, dim=-1)
+    if keep_parts:
+        parts.update(xp=xp, ids=ids, centroids=cent)
+    del xp, ids, cent
     yc = centroid_gemm(used, weight)
+    del used
     y = reconstruct(yc, inverse, bias, norms)
-    return y, {"xp": xp, "ids": ids, "centroids": cent, "inverse": inverse, "counts": counts, "yc": yc}
+    if keep_parts:
+        parts.update(inverse=inverse, yc=yc)
+    parts["counts"] = counts
+    return y, parts
