@@ -660,17 +660,21 @@ torch::Tensor reconstruct(torch::Tensor yc, torch::Tensor inverse, c10::optional
 template <typename T>
 void reconstruct_scales_backward_impl(const T* G, const T* Y, const int32_t* V, T* out, int64_t nb, int64_t cmax,
                                       int64_t N, int64_t M) {
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const int32_t* vb = V + b * N;
-      const T* yb = Y + b * cmax * M;
-      for (int64_t n = n0; n < n1; ++n) {
-        const T* g = G + n * M;
-        const T* y = yb + vb[n] * M;
-        T acc = 0;
+  constexpr int64_t TILE = 64;  // the tile's dy rows stay in cache while every block reads them
+  at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t n0 = tile * TILE, n1 = std::min(N, n0 + TILE);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int32_t* vb = V + b * N;
+        const T* yb = Y + b * cmax * M;
+        for (int64_t n = n0; n < n1; ++n) {
+          const T* g = G + n * M;
+          const T* y = yb + vb[n] * M;
+          T acc = 0;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < M; ++k) acc += g[k] * y[k];
-        out[b * N + n] = acc;
+          for (int64_t k = 0; k < M; ++k) acc += g[k] * y[k];
+          out[b * N + n] = acc;
+        }
       }
     }
   });
@@ -827,11 +831,15 @@ void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const
       if (chunked) {  // one factor per pixel chunk, summed over the taps, then broadcast
         std::fill(acc.begin(), acc.end(), T(0));
         visit_row(g, row, pieces, ix, [&](const Piece& q, int64_t j, int64_t nrow) {
-          for (int64_t ow = 0; ow < g.Ow; ++ow) {
-            const int64_t idx = q.b * N + nrow + ow;
-            const T s = S[idx];
-            if (s == T(0)) continue;
-            acc[(ow * g.sw + j * g.dw) * nq + q.b % nq] += Gs[idx] / s;
+          // locals: the stores into acc could alias the piece, so its fields would be
+          // reloaded (and q.b % nq recomputed) every iteration
+          const T* __restrict sv = S + q.b * N + nrow;
+          const T* __restrict gv = Gs + q.b * N + nrow;
+          T* __restrict a = acc.data() + j * g.dw * nq + q.b % nq;
+          const int64_t step = g.sw * nq, Ow = g.Ow;
+          for (int64_t ow = 0; ow < Ow; ++ow) {
+            const T s = sv[ow];
+            if (s != T(0)) a[ow * step] += gv[ow] / s;
           }
         });
         const T* xrow = X + row * g.Wp * C;
