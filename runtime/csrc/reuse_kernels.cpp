@@ -17,6 +17,7 @@
 #include <cmath>
 #include <string>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -752,47 +753,58 @@ torch::Tensor reconstruct_backward(torch::Tensor dy_rows, torch::Tensor inverse,
   return out;
 }
 
-// ||x_{n,b}|| of every member sub-vector: (nb, N). Parallel over blocks (or rows).
-template <typename T>
-void member_norms_impl(const T* X, T* out, const Geo& g, const std::vector<Piece>& pieces,
-                       const std::vector<int64_t>& start, int64_t nb) {
-  const int64_t N = g.N(), C = g.C;
-  at::parallel_for(0, nb * N, 1024, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / N, n = i % N, a = g.anchor(n);
-      T acc = 0;
-      for (int64_t p = start[b]; p < start[b + 1]; ++p) {
-        const Piece& q = pieces[p];
-        const T* src = X + (a + g.tap_offset(q.t)) * C + q.c0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < q.len; ++k) acc += src[k] * src[k];
-      }
-      out[i] = std::sqrt(acc);
-    }
-  });
+// Units: runs of U channels, U the largest divisor of C that divides every piece's first
+// channel and length, so that every piece covers whole units (U = L for chunk blocks, C for
+// windows and kernel-row runs, 1 in the worst case). A block's norm is then a sum of the
+// units' sums of squares, and its backward adds one factor per unit.
+int64_t unit_len(const Geo& g, const std::vector<Piece>& pieces) {
+  int64_t u = g.C;
+  for (const auto& q : pieces) u = std::gcd(u, std::gcd(q.c0, q.len));
+  return std::max<int64_t>(u, 1);
 }
 
+// ||x_{n,b}|| of every member sub-vector: (nb, N). The units' sums of squares once (P*C),
+// then per (block, row) a sum over its units (N*K/U). Threads own ranges of output rows.
 template <typename T>
-void member_norms_chunk_impl(const T* X, T* O, const Geo& g, int64_t nb) {
-  const int64_t nq = g.C / g.L, N = g.N(), L = g.L;
-  std::vector<T> pix(g.P() * nq);
-  at::parallel_for(0, g.P() * nq, 1024, [&](int64_t i0, int64_t i1) {
+void member_norms_impl(const T* X, T* O, const Geo& g, const std::vector<Piece>& pieces,
+                       const std::vector<int64_t>& start, int64_t nb) {
+  const int64_t U = unit_len(g, pieces), upp = g.C / U, N = g.N();
+  std::vector<T> sq(g.P() * upp);
+  at::parallel_for(0, g.P() * upp, 1024, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const T* src = X + i * L;
+      const T* src = X + i * U;
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < L; ++k) acc += src[k] * src[k];
-      pix[i] = std::sqrt(acc);
+      for (int64_t k = 0; k < U; ++k) acc += src[k] * src[k];
+      sq[i] = acc;
     }
   });
+  std::vector<int64_t> off(pieces.size()), len(pieces.size());  // per piece, in units
+  for (size_t p = 0; p < pieces.size(); ++p) {
+    off[p] = g.tap_offset(pieces[p].t) * upp + pieces[p].c0 / U;
+    len[p] = pieces[p].len / U;
+  }
   const int64_t rows = g.Nb * g.Oh;  // output rows (image, oh) of every block
   at::parallel_for(0, nb * rows, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<T> acc(g.Ow);  // the row's outputs side by side: independent sums
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / rows, r = i % rows, bb = r / g.Oh, oh = r % g.Oh;
-      const T* src = pix.data() + (((bb * g.Hp + oh * g.sh) * g.Wp) + g.tap_offset(b / nq)) * nq + b % nq;
-      T* dst = O + b * N + r * g.Ow;
-      const int64_t step = g.sw * nq;
-      for (int64_t ow = 0; ow < g.Ow; ++ow) dst[ow] = src[ow * step];
+      const T* s0 = sq.data() + (bb * g.Hp + oh * g.sh) * g.Wp * upp;
+      T* __restrict dst = O + b * N + r * g.Ow;
+      T* __restrict ac = acc.data();
+      const int64_t p0 = start[b], p1 = start[b + 1], step = g.sw * upp, Ow = g.Ow;
+      std::fill(ac, ac + Ow, T(0));
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t u = 0; u < len[p]; ++u) {
+          const T* __restrict s = s0 + off[p] + u;
+          if (step == 1) {
+#pragma omp simd
+            for (int64_t ow = 0; ow < Ow; ++ow) ac[ow] += s[ow];
+          } else {
+            for (int64_t ow = 0; ow < Ow; ++ow) ac[ow] += s[ow * step];
+          }
+        }
+      for (int64_t ow = 0; ow < Ow; ++ow) dst[ow] = std::sqrt(ac[ow]);
     }
   });
 }
@@ -805,12 +817,6 @@ torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Te
   for (const auto& q : pieces) start[q.b + 1]++;
   for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
   auto out = torch::empty({nb, g.N()}, xp.options());
-  if (chunk_pieces(g, pieces, nb)) {  // each pixel chunk's norm once, gathered into the blocks
-    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms_chunk", [&] {
-      member_norms_chunk_impl<scalar_t>(xp.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, nb);
-    });
-    return out;
-  }
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms", [&] {
     member_norms_impl<scalar_t>(xp.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, pieces, start, nb);
   });
@@ -819,52 +825,37 @@ torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Te
 
 // Backward of member_norms: d xp[p, c] = xp[p, c] * sum over the members (b, n) whose
 // sub-vector covers (p, c) of g[b, n] / norm[b, n] (0 where the norm is 0). Each thread
-// owns a range of padded pixel rows.
+// owns a range of padded pixel rows; the factors are summed per unit, then broadcast.
 template <typename T>
 void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const Geo& g,
-                                const std::vector<Piece>& pieces, const TapIndex& ix, bool chunked) {
-  const int64_t N = g.N(), C = g.C, nq = chunked ? C / g.L : 1;
+                                const std::vector<Piece>& pieces, const TapIndex& ix) {
+  const int64_t N = g.N(), C = g.C, U = unit_len(g, pieces), upp = C / U;
   at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> acc(chunked ? g.Wp * nq : 0);
+    std::vector<T> acc(g.Wp * upp);
     for (int64_t row = r0; row < r1; ++row) {
       T* drow = D + row * g.Wp * C;
-      if (chunked) {  // one factor per pixel chunk, summed over the taps, then broadcast
-        std::fill(acc.begin(), acc.end(), T(0));
-        visit_row(g, row, pieces, ix, [&](const Piece& q, int64_t j, int64_t nrow) {
-          // locals: the stores into acc could alias the piece, so its fields would be
-          // reloaded (and q.b % nq recomputed) every iteration
-          const T* __restrict sv = S + q.b * N + nrow;
-          const T* __restrict gv = Gs + q.b * N + nrow;
-          T* __restrict a = acc.data() + j * g.dw * nq + q.b % nq;
-          const int64_t step = g.sw * nq, Ow = g.Ow;
-          for (int64_t ow = 0; ow < Ow; ++ow) {
-            const T s = sv[ow];
-            if (s != T(0)) a[ow * step] += gv[ow] / s;
-          }
-        });
-        const T* xrow = X + row * g.Wp * C;
-        for (int64_t e = 0; e < g.Wp * nq; ++e) {
-          const T f = acc[e];
-#pragma omp simd
-          for (int64_t k = 0; k < g.L; ++k) drow[e * g.L + k] = f * xrow[e * g.L + k];
-        }
-        continue;
-      }
-      std::memset(drow, 0, sizeof(T) * g.Wp * C);
+      std::fill(acc.begin(), acc.end(), T(0));
       visit_row(g, row, pieces, ix, [&](const Piece& q, int64_t j, int64_t nrow) {
-        for (int64_t ow = 0; ow < g.Ow; ++ow) {
-          const int64_t idx = q.b * N + nrow + ow;
-          const T s = S[idx];
+        // locals: the stores into acc could alias the piece, so its fields would be
+        // reloaded every iteration
+        const T* __restrict sv = S + q.b * N + nrow;
+        const T* __restrict gv = Gs + q.b * N + nrow;
+        T* __restrict a = acc.data() + j * g.dw * upp + q.c0 / U;
+        const int64_t step = g.sw * upp, Ow = g.Ow, nu = q.len / U;
+        for (int64_t ow = 0; ow < Ow; ++ow) {
+          const T s = sv[ow];
           if (s == T(0)) continue;
-          const T f = Gs[idx] / s;
-          T* d = drow + (ow * g.sw + j * g.dw) * C + q.c0;
-#pragma omp simd
-          for (int64_t k = 0; k < q.len; ++k) d[k] += f;
+          const T f = gv[ow] / s;
+          T* d = a + ow * step;
+          for (int64_t u = 0; u < nu; ++u) d[u] += f;
         }
       });
       const T* xrow = X + row * g.Wp * C;
+      for (int64_t e = 0; e < g.Wp * upp; ++e) {
+        const T f = acc[e];
 #pragma omp simd
-      for (int64_t k = 0; k < g.Wp * C; ++k) drow[k] *= xrow[k];
+        for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
+      }
     }
   });
 }
@@ -880,8 +871,7 @@ torch::Tensor member_norms_backward(torch::Tensor g_norms, torch::Tensor norms, 
   auto D = torch::empty_like(xp);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms_backward", [&] {
     member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
-                                         xp.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix,
-                                         chunk_pieces(g, pieces, g_norms.size(0)));
+                                         xp.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix);
   });
   return D;
 }
