@@ -228,6 +228,13 @@ def build_parser():
         default="extended",
         help="L values in the candidate list (docs/policies.md)",
     )
+    p.add_argument(
+        "--centroid",
+        choices=["norm", "mean"],
+        default="norm",
+        help="what a cluster's output is built from: its members' mean, or each member's norm "
+        "times the unit mean direction (docs/policies.md)",
+    )
     p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
     p.add_argument("--H", type=int, default=None, help="fixed H for every layer")
     p.add_argument(
@@ -273,11 +280,13 @@ def main(argv=None):
         scope="across-batch" if args.strategy == "cr" else "batch",
         policy=args.policy,
         l_values=args.l_values,
+        centroid=args.centroid,
     )
     t0 = time.perf_counter()
     gm = reuse_compile(copy.deepcopy(base), x_tr[: args.batch_size], config=config)
     log.info(
-        f"reuse_compile: {time.perf_counter() - t0:.1f}s (policy {args.policy}, L values {args.l_values}; "
+        f"reuse_compile: {time.perf_counter() - t0:.1f}s (policy {args.policy}, L values {args.l_values}, "
+        f"centroid {args.centroid}; "
         "not counted in the training time)"
     )
     g = torch.Generator().manual_seed(args.seed + 1)
