@@ -29,6 +29,7 @@ __all__ = [
     "reconstruct_rows",
     "reconstruct_rows_backward",
     "reconstruct_scales_backward",
+    "reconstruct_scaled_backward",
     "member_norms",
     "member_norms_backward",
 ]
@@ -326,6 +327,23 @@ def reconstruct_scales_backward(dy_rows: torch.Tensor, yc: torch.Tensor, inverse
         return ext.reconstruct_scales_backward(dy_rows.contiguous(), yc.contiguous(), inv.contiguous())
     inv = inv.long()
     return torch.stack([(yc[b].index_select(0, inv[b]) * dy_rows).sum(1) for b in range(nb)])
+
+
+def reconstruct_scaled_backward(
+    dy_rows: torch.Tensor, yc: torch.Tensor, inverse: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both gradients of the scaled reconstruction, (dy_c,s (nb, Cmax, M), d_scales (nb, N)),
+    in one pass over the (block, row) pairs (the C++ kernel; else the two functions above)."""
+    nb, cmax, M = yc.shape
+    inv = inverse.reshape(nb, -1)
+    w = scales.reshape(nb, -1).to(yc.dtype)
+    rows = dy_rows.to(yc.dtype)
+    ext = _ext(rows, yc, inv, w)
+    if ext is not None:
+        dyc, dw = ext.reconstruct_backward_scaled(rows.contiguous(), yc.contiguous(), inv.contiguous(), w.contiguous())
+        return dyc, dw
+    dyc = reconstruct_rows_backward(rows, inv, rows.new_zeros(nb, cmax, M), w)
+    return dyc, reconstruct_scales_backward(rows, yc, inv)
 
 
 def member_norms(xp: torch.Tensor, g: Geometry) -> torch.Tensor:

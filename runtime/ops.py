@@ -36,6 +36,7 @@ __all__ = [
     "centroid_gemm",
     "reconstruct",
     "cluster_grad",
+    "reconstruct_grad_scaled",
     "reconstruct_grad",
     "SCOPES",
 ]
@@ -321,11 +322,15 @@ def _reconstruct_setup(ctx, inputs, output):
 def _reconstruct_backward(ctx, g_y):
     inverse, scales, yc = ctx.saved_tensors
     d_yc = d_bias = d_scales = None
-    if ctx.needs_input_grad[0]:
+    both = ctx.has_scales and ctx.needs_input_grad[0] and ctx.needs_input_grad[3]
+    if both:  # one pass for the two (the norm centroid's backward)
+        d_yc, d_scales = reconstruct_grad_scaled(g_y, yc, inverse, scales)
+        d_yc, d_scales = d_yc.to(ctx.yc_dtype), d_scales.to(scales.dtype)
+    elif ctx.needs_input_grad[0]:
         d_yc = reconstruct_grad(g_y, inverse, ctx.cmax, scales).to(ctx.yc_dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         d_bias = g_y.sum((0, 2, 3))
-    if ctx.has_scales and ctx.needs_input_grad[3]:
+    if ctx.has_scales and ctx.needs_input_grad[3] and not both:
         d_scales = reconstruct_scales_grad(g_y, yc, inverse).to(scales.dtype)
     return d_yc, None, d_bias, d_scales
 
@@ -362,6 +367,23 @@ def reconstruct_scales_grad(g_y: torch.Tensor, yc: torch.Tensor, inverse: torch.
 @reconstruct_scales_grad.register_fake
 def _(g_y, yc, inverse):
     return yc.new_empty(inverse.shape)
+
+
+@torch.library.custom_op("reuse::reconstruct_grad_scaled", mutates_args=())
+def reconstruct_grad_scaled(
+    g_y: torch.Tensor, yc: torch.Tensor, inverse: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reconstruct_grad`` with scales and ``reconstruct_scales_grad`` in one pass:
+    (dy_c,s (nb, Cmax, M), d_scales (nb, Nb, Oh, Ow))."""
+    M = g_y.shape[1]
+    rows = g_y.permute(0, 2, 3, 1).reshape(-1, M)
+    d_yc, d_scales = kernels.reconstruct_scaled_backward(rows, yc, inverse, scales)
+    return d_yc, d_scales.view(inverse.shape)
+
+
+@reconstruct_grad_scaled.register_fake
+def _(g_y, yc, inverse, scales):
+    return yc.new_empty(yc.shape), yc.new_empty(inverse.shape)
 
 
 # --------------------------------------------------------------------------- member_norms

@@ -205,10 +205,12 @@ def _op_args(dtype):
     norms = ops.member_norms(xp, k, s, d, 8)
     return {
         "member_norms": (leaf(xp), k, s, d, 8),
-        "member_norms_grad": (torch.randn_like(norms), norms, xp, k, s, d, 8),
+        # backward ops have no autograd of their own (no double backward): plain inputs
+        "member_norms_grad": (torch.randn_like(norms), norms.detach(), xp.detach(), k, s, d, 8),
         "reconstruct_scaled": (leaf(yc), inv, b, leaf(norms)),
-        "reconstruct_scales_grad": (torch.randn_like(y), yc, inv),
-        "reconstruct_grad_scaled": (torch.randn_like(y), inv, cnt.shape[1], norms),
+        "reconstruct_scales_grad": (torch.randn_like(y), yc.detach(), inv),
+        "reconstruct_grad_scaled": (torch.randn_like(y), inv, cnt.shape[1], norms.detach()),
+        "reconstruct_grad_scaled_fused": (torch.randn_like(y), yc.detach(), inv, norms.detach()),
         "cluster_grad": (torch.randn_like(cent), inv, cnt, list(xp.shape), k, s, d),
         "reconstruct_grad": (torch.randn_like(y), inv, cnt.shape[1]),
         "im2col": (x, k, s, p, d),
@@ -234,11 +236,34 @@ def _op_args(dtype):
         "reconstruct_no_bias",
         "cluster_grad",
         "reconstruct_grad",
+        "member_norms",
+        "member_norms_grad",
+        "reconstruct_scaled",
+        "reconstruct_scales_grad",
+        "reconstruct_grad_scaled",
+        "reconstruct_grad_scaled_fused",
     ],
 )
 def test_opcheck(name, dtype):
-    op = getattr(torch.ops.reuse, name.replace("_input_scope", "").replace("_no_bias", "")).default
-    torch.library.opcheck(op, _op_args(dtype)[name])
+    op_name = {
+        "cluster_input_scope": "cluster",
+        "reconstruct_no_bias": "reconstruct",
+        "reconstruct_scaled": "reconstruct",
+        "reconstruct_grad_scaled": "reconstruct_grad",
+        "reconstruct_grad_scaled_fused": "reconstruct_grad_scaled",
+    }.get(name, name)
+    torch.library.opcheck(getattr(torch.ops.reuse, op_name).default, _op_args(dtype)[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_scaled_backward_equals_the_two_ops(dtype):
+    """reconstruct_grad_scaled == (reconstruct_grad with scales, reconstruct_scales_grad)."""
+    args = _op_args(dtype)
+    g_y, yc, inv, norms = args["reconstruct_grad_scaled_fused"]
+    d_yc, d_s = torch.ops.reuse.reconstruct_grad_scaled(g_y, yc, inv, norms)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_yc, torch.ops.reuse.reconstruct_grad(g_y, inv, yc.shape[1], norms), **tol)
+    torch.testing.assert_close(d_s, torch.ops.reuse.reconstruct_scales_grad(g_y, yc, inv), **tol)
 
 
 @pytest.mark.parametrize("centroid", ["mean", "norm"])

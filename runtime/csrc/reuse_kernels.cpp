@@ -753,6 +753,69 @@ torch::Tensor reconstruct_backward(torch::Tensor dy_rows, torch::Tensor inverse,
   return out;
 }
 
+// Both gradients of the scaled reconstruction in one pass over the (block, row) pairs:
+// dyc[b, s] = sum_{n in s} w[b, n] dy[n] and d_w[b, n] = dy[n] . yc[b, inverse[b, n]]
+// (the same slot row of dyc and yc is touched for each pair). Threads own whole blocks
+// (rows in tiles), or with fewer blocks than threads a range of slots.
+template <typename T>
+void reconstruct_backward_scaled_impl(const T* G, const T* Y, const int32_t* V, const T* W, T* dyc, T* dw,
+                                      int64_t nb, int64_t cmax, int64_t N, int64_t M) {
+  auto pair = [&](int64_t b, int64_t n, int64_t s) {
+    const T* __restrict g = G + n * M;
+    const T* __restrict y = Y + (b * cmax + s) * M;
+    T* __restrict o = dyc + (b * cmax + s) * M;
+    const T f = W[b * N + n];
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < M; ++k) {
+      o[k] += f * g[k];
+      acc += g[k] * y[k];
+    }
+    dw[b * N + n] = acc;
+  };
+  if (nb >= at::get_num_threads()) {
+    constexpr int64_t TILE = 512;
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t n0 = 0; n0 < N; n0 += TILE) {
+        const int64_t n1 = std::min(N, n0 + TILE);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int32_t* vb = V + b * N;
+          for (int64_t n = n0; n < n1; ++n) pair(b, n, vb[n]);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, cmax, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int32_t* vb = V + b * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t s = vb[n];
+        if (s >= s0 && s < s1) pair(b, n, s);
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> reconstruct_backward_scaled(torch::Tensor dy_rows, torch::Tensor yc,
+                                                       torch::Tensor inverse, torch::Tensor scales) {
+  check_cpu_contig(dy_rows, "dy_rows");
+  check_cpu_contig(yc, "yc");
+  check_cpu_contig(inverse, "inverse");
+  check_cpu_contig(scales, "scales");
+  const int64_t nb = yc.size(0), cmax = yc.size(1), M = yc.size(2), N = inverse.size(1);
+  TORCH_CHECK(dy_rows.scalar_type() == yc.scalar_type() && scales.scalar_type() == yc.scalar_type(),
+              "reconstruct_backward_scaled: dy, yc and scales must share a dtype");
+  auto dyc = torch::zeros({nb, cmax, M}, yc.options());
+  auto dw = torch::empty({nb, N}, yc.options());
+  AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "reconstruct_backward_scaled", [&] {
+    reconstruct_backward_scaled_impl<scalar_t>(dy_rows.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(),
+                                               inverse.data_ptr<int32_t>(), scales.data_ptr<scalar_t>(),
+                                               dyc.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), nb, cmax, N, M);
+  });
+  return {dyc, dw};
+}
+
 // Units: runs of U channels, U the largest divisor of C that divides every piece's first
 // channel and length, so that every piece covers whole units (U = L for chunk blocks, C for
 // windows and kernel-row runs, 1 in the worst case). A block's norm is then a sum of the
@@ -905,6 +968,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reconstruct", &reconstruct, "y[n] = bias + sum_b yc[b, inverse[b, n]]");
   m.def("reconstruct_backward", &reconstruct_backward, "dyc[b, s] = sum of (scaled) dy over slot s of block b");
   m.def("reconstruct_scales_backward", &reconstruct_scales_backward, "d_scales[b, n] = dy[n] . yc[b, inverse[b, n]]");
+  m.def("reconstruct_backward_scaled", &reconstruct_backward_scaled, "dyc and d_scales of the scaled reconstruction");
   m.def("member_norms", &member_norms, "norm of every member sub-vector");
   m.def("member_norms_backward", &member_norms_backward, "col2im of g / norm times x");
   m.def("slot_keys", &slot_keys, "the hash id of every slot (-1 for empty slots)");
