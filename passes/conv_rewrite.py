@@ -64,7 +64,8 @@ def emit_reuse_conv(
         centroids = graph.create_node(
             "call_function", F.normalize, (centroids,), {"dim": -1}, name=f"{base}_unit_centroids"
         )
-        scales = _node(graph, _ops.member_norms.default, (xp, k, s, d, row.L), f"{base}_norms")
+        # x too: the norms' backward keeps x, not the padded xp (see reuse.member_norms)
+        scales = _node(graph, _ops.member_norms.default, (xp, k, s, d, row.L, x, list(row.padding)), f"{base}_norms")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     if row.cluster_reuse:  # Algorithm 1: outputs of ids seen before come from the store
         yc = graph.call_module(state_path(row.name) + ".store", (yc, centroids, ids, inverse, counts, weight, group))

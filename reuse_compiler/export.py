@@ -334,7 +334,15 @@ def onnx_translation_table() -> dict:
             y = op.Add(y, op.CastLike(bias, y))
         return op.Transpose(y, perm=[0, 3, 1, 2])
 
-    def member_norms(xp, kernel_size: list[int], stride: list[int], dilation: list[int], L: int):
+    def member_norms(
+        xp,
+        kernel_size: list[int],
+        stride: list[int],
+        dilation: list[int],
+        L: int,
+        x=None,  # the unpadded input: only the backward uses it
+        padding: list[int] | None = None,
+    ):
         g = geometry(xp, kernel_size, stride, dilation, L)
         oh, ow = g.out_hw
         rows = im2col_rows(xp, g)  # (Nb, Oh*Ow, nb, L), zero-padded last block

@@ -32,6 +32,7 @@ __all__ = [
     "reconstruct_scaled_backward",
     "member_norms",
     "member_norms_backward",
+    "member_norms_input_backward",
 ]
 
 # Above this many table slots the clustering sorts instead of counting.
@@ -370,3 +371,21 @@ def member_norms_backward(g_norms: torch.Tensor, norms: torch.Tensor, xp: torch.
     for b in range(g.nb):
         g.scatter_block_(dxp, b, g.gather_block(x, b) * factor[b, :, None])
     return dxp
+
+
+def member_norms_input_backward(
+    g_norms: torch.Tensor, norms: torch.Tensor, x_cl: torch.Tensor, g: Geometry, top: int, left: int
+) -> torch.Tensor:
+    """:func:`member_norms_backward` for the unpadded input ``x_cl`` (Nb, H, W, C) that sits at
+    (top, left) of the padded frame ``g``: the gradient w.r.t. ``x_cl``, (Nb, H, W, C), without
+    forming the padded one (the C++ kernel; else pad, compute, slice)."""
+    ct = g_norms.dtype
+    x = x_cl.to(ct)
+    ext = _ext(g_norms, norms, x)
+    if ext is not None:
+        return ext.member_norms_backward_input(
+            g_norms.contiguous(), norms.to(ct).contiguous(), x.contiguous(), g.vector(), g.pieces_tensor(), top, left
+        )
+    H, W = x.shape[1], x.shape[2]
+    xp = F.pad(x, (0, 0, left, g.Wp - W - left, top, g.Hp - H - top))
+    return member_norms_backward(g_norms, norms, xp, g)[:, top : top + H, left : left + W]

@@ -391,32 +391,80 @@ def _(g_y, yc, inverse, scales):
 
 @torch.library.custom_op("reuse::member_norms", mutates_args=())
 def member_norms(
-    xp: torch.Tensor, kernel_size: list[int], stride: list[int], dilation: list[int], L: int
+    xp: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    L: int,
+    x: torch.Tensor | None = None,
+    padding: list[int] | None = None,
 ) -> torch.Tensor:
     """||x_{n,b}||, the norm of every sub-vector, (nb, Nb, Oh, Ow): the per-member scales of
-    the norm-preserving centroid (``ReuseConfig(centroid="norm")``)."""
+    the norm-preserving centroid (``ReuseConfig(centroid="norm")``).
+
+    The rewrite also passes the convolution's input ``x`` with ``xp = im2col(x, ..., padding)``:
+    then the backward keeps ``x`` instead of the padded ``xp`` and returns the gradient for
+    ``x`` directly (none for ``xp``): the norms are a function of ``x``, and the padded
+    copy is neither kept nor given a padded gradient."""
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
     oh, ow = g.out_hw
     return kernels.member_norms(xp, g).to(xp.dtype).view(g.nb, g.Nb, oh, ow)
 
 
 @member_norms.register_fake
-def _(xp, kernel_size, stride, dilation, L):
+def _(xp, kernel_size, stride, dilation, L, x=None, padding=None):
     return xp.new_empty(_per_member_shape(xp.shape, kernel_size, stride, dilation, L))
 
 
 def _norms_setup(ctx, inputs, output):
-    xp, kernel_size, stride, dilation, L = inputs
-    ctx.save_for_backward(xp, output)
+    xp, kernel_size, stride, dilation, L, x, padding = inputs
+    ctx.from_input = x is not None
+    if ctx.from_input and padding is None:
+        raise ValueError("reuse.member_norms: give padding together with x")
+    ctx.save_for_backward(x if ctx.from_input else xp, output)
     ctx.args = (kernel_size, stride, dilation, L)
+    ctx.padding = padding
 
 
 def _norms_backward(ctx, g_norms):
-    xp, norms = ctx.saved_tensors
-    return member_norms_grad(g_norms, norms, xp, *ctx.args), None, None, None, None
+    src, norms = ctx.saved_tensors
+    if ctx.from_input:
+        k, s, d, L = ctx.args
+        dx = member_norms_input_grad(g_norms, norms, src, k, s, ctx.padding, d, L)
+        return None, None, None, None, None, dx, None
+    return member_norms_grad(g_norms, norms, src, *ctx.args), None, None, None, None, None, None
 
 
 member_norms.register_autograd(_norms_backward, setup_context=_norms_setup)
+
+
+@torch.library.custom_op("reuse::member_norms_input_grad", mutates_args=())
+def member_norms_input_grad(
+    g_norms: torch.Tensor,
+    norms: torch.Tensor,
+    x: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    L: int,
+) -> torch.Tensor:
+    """Backward of ``member_norms`` given ``x``: x / ||x|| times the gradient, summed into the
+    input's pixels, (Nb, C, H, W) in channels-last memory (the padding's share is dropped)."""
+    Nb, C, H, W = x.shape
+    top, bottom, left, right = (int(v) for v in padding)
+    g = _padded_geometry([Nb, H + top + bottom, W + left + right, C], kernel_size, stride, dilation, L)
+    nb = g.nb
+    x_cl = x.permute(0, 2, 3, 1)
+    d = kernels.member_norms_input_backward(g_norms.reshape(nb, -1), norms.reshape(nb, -1), x_cl, g, top, left)
+    d = d.to(x.dtype).contiguous()
+    return d.new_empty(0).set_(d.untyped_storage(), d.storage_offset(), (Nb, C, H, W), (H * W * C, 1, W * C, C))
+
+
+@member_norms_input_grad.register_fake
+def _(g_norms, norms, x, kernel_size, stride, padding, dilation, L):
+    Nb, C, H, W = x.shape
+    return x.new_empty_strided((Nb, C, H, W), (H * W * C, 1, W * C, C))
 
 
 @torch.library.custom_op("reuse::member_norms_grad", mutates_args=())
@@ -471,7 +519,7 @@ def reuse_conv2d(
     norms = None
     used = cent
     if centroid == "norm":
-        norms = member_norms(xp, k, s, d, L)
+        norms = member_norms(xp, k, s, d, L, x, p)
         used = F.normalize(cent, dim=-1)
     if keep_parts:
         parts.update(xp=xp, ids=ids, centroids=cent)

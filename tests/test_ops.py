@@ -205,6 +205,8 @@ def _op_args(dtype):
     norms = ops.member_norms(xp, k, s, d, 8)
     return {
         "member_norms": (leaf(xp), k, s, d, 8),
+        "member_norms_of_input": (xp.detach(), k, s, d, 8, leaf(x), p),
+        "member_norms_input_grad": (torch.randn_like(norms), norms.detach(), x.detach(), k, s, p, d, 8),
         # backward ops have no autograd of their own (no double backward): plain inputs
         "member_norms_grad": (torch.randn_like(norms), norms.detach(), xp.detach(), k, s, d, 8),
         "reconstruct_scaled": (leaf(yc), inv, b, leaf(norms)),
@@ -238,6 +240,8 @@ def _op_args(dtype):
         "reconstruct_grad",
         "member_norms",
         "member_norms_grad",
+        "member_norms_of_input",
+        "member_norms_input_grad",
         "reconstruct_scaled",
         "reconstruct_scales_grad",
         "reconstruct_grad_scaled",
@@ -251,6 +255,7 @@ def test_opcheck(name, dtype):
         "reconstruct_scaled": "reconstruct",
         "reconstruct_grad_scaled": "reconstruct_grad",
         "reconstruct_grad_scaled_fused": "reconstruct_grad_scaled",
+        "member_norms_of_input": "member_norms",
     }.get(name, name)
     torch.library.opcheck(getattr(torch.ops.reuse, op_name).default, _op_args(dtype)[name])
 
@@ -276,3 +281,20 @@ def test_gradcheck_chain_float64(centroid):
         return run_chain(x, w, b, k=(3, 2), s=(2, 1), p=(1, 1, 0, 1), d=(1, 1), planes=planes, centroid=centroid)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("C,M,k,s,p,d,L", SHAPES)
+def test_norms_backward_into_the_input_equals_the_padded_one(C, M, k, s, p, d, L):
+    """member_norms given x: its gradient for x equals the padded input's gradient (what
+    member_norms_grad gives) with the padding cut off."""
+    ops = torch.ops.reuse
+    x = torch.randn(2, C, 7, 6, dtype=torch.float64)
+    k, s, p, d = list(k), list(s), list(p), list(d)
+    xp = ops.im2col(x, k, s, p, d)
+    norms = ops.member_norms(xp, k, s, d, L)
+    gn = torch.randn_like(norms)
+    padded = ops.member_norms_grad(gn, norms, xp, k, s, d, L)  # (Nb, Hp, Wp, C)
+    want = padded[:, p[0] : p[0] + 7, p[2] : p[2] + 6].permute(0, 3, 1, 2)
+    got = ops.member_norms_input_grad(gn, norms, x, k, s, p, d, L)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -889,14 +889,24 @@ torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Te
 // Backward of member_norms: d xp[p, c] = xp[p, c] * sum over the members (b, n) whose
 // sub-vector covers (p, c) of g[b, n] / norm[b, n] (0 where the norm is 0). Each thread
 // owns a range of padded pixel rows; the factors are summed per unit, then broadcast.
+//
+// With `in` (pt, pl, H, W) the input is the unpadded x (Nb, H, W, C) sitting at rows
+// [pt, pt + H) and columns [pl, pl + W) of the padded frame, and only its gradient is written
+// (Nb, H, W, C): no padded gradient is formed.
+struct Interior {
+  int64_t pt = 0, pl = 0, H = -1, W = -1;
+};
+
 template <typename T>
 void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const Geo& g,
-                                const std::vector<Piece>& pieces, const TapIndex& ix) {
+                                const std::vector<Piece>& pieces, const TapIndex& ix, Interior in = {}) {
   const int64_t N = g.N(), C = g.C, U = unit_len(g, pieces), upp = C / U;
+  const bool padded = in.H < 0;
   at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
     std::vector<T> acc(g.Wp * upp);
     for (int64_t row = r0; row < r1; ++row) {
-      T* drow = D + row * g.Wp * C;
+      const int64_t hp = row % g.Hp, bb = row / g.Hp;
+      if (!padded && (hp < in.pt || hp >= in.pt + in.H)) continue;  // a padding row
       std::fill(acc.begin(), acc.end(), T(0));
       visit_row(g, row, pieces, ix, [&](const Piece& q, int64_t j, int64_t nrow) {
         // locals: the stores into acc could alias the piece, so its fields would be
@@ -913,11 +923,24 @@ void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const
           for (int64_t u = 0; u < nu; ++u) d[u] += f;
         }
       });
-      const T* xrow = X + row * g.Wp * C;
-      for (int64_t e = 0; e < g.Wp * upp; ++e) {
-        const T f = acc[e];
+      if (padded) {
+        const T* xrow = X + row * g.Wp * C;
+        T* drow = D + row * g.Wp * C;
+        for (int64_t e = 0; e < g.Wp * upp; ++e) {
+          const T f = acc[e];
 #pragma omp simd
-        for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
+          for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
+        }
+      } else {  // the real pixels of this row only
+        const int64_t r = (bb * in.H + hp - in.pt) * in.W * C;
+        const T* xrow = X + r;
+        T* drow = D + r;
+        const T* a = acc.data() + in.pl * upp;
+        for (int64_t e = 0; e < in.W * upp; ++e) {
+          const T f = a[e];
+#pragma omp simd
+          for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
+        }
       }
     }
   });
@@ -935,6 +958,28 @@ torch::Tensor member_norms_backward(torch::Tensor g_norms, torch::Tensor norms, 
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms_backward", [&] {
     member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
                                          xp.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix);
+  });
+  return D;
+}
+
+// member_norms_backward for the unpadded input x (Nb, H, W, C) at offset (pt, pl) of the
+// padded frame described by geo: the gradient w.r.t. x, (Nb, H, W, C).
+torch::Tensor member_norms_backward_input(torch::Tensor g_norms, torch::Tensor norms, torch::Tensor x,
+                                          std::vector<int64_t> geo, torch::Tensor pieces_t, int64_t pt, int64_t pl) {
+  check_cpu_contig(g_norms, "g_norms");
+  check_cpu_contig(norms, "norms");
+  check_cpu_contig(x, "x");
+  const Geo g = make_geo(geo);
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == g.Nb && x.size(3) == g.C && pt >= 0 && pl >= 0 &&
+                  pt + x.size(1) <= g.Hp && pl + x.size(2) <= g.Wp,
+              "member_norms_backward_input: x must be (Nb, H, W, C) inside the padded frame");
+  const auto pieces = read_pieces(pieces_t);
+  const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
+  auto D = torch::empty_like(x);
+  const Interior in{pt, pl, x.size(1), x.size(2)};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "member_norms_backward_input", [&] {
+    member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
+                                         x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix, in);
   });
   return D;
 }
@@ -972,5 +1017,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("member_norms", &member_norms, "norm of every member sub-vector");
   m.def("member_norms_backward", &member_norms_backward, "col2im of g / norm times x");
   m.def("slot_keys", &slot_keys, "the hash id of every slot (-1 for empty slots)");
+  m.def("member_norms_backward_input", &member_norms_backward_input, "member_norms_backward into the unpadded input");
   m.def("gather_ids", &gather_ids, "per-block ids gathered from per-pixel unit ids");
 }
