@@ -383,8 +383,8 @@ def member_norms_input_backward(
     x = x_cl.to(ct)
     ext = _ext(g_norms, norms, x)
     if ext is not None:
-        return ext.member_norms_backward_input(
-            g_norms.contiguous(), norms.to(ct).contiguous(), x.contiguous(), g.vector(), g.pieces_tensor(), top, left
+        return ext.member_norms_backward_input(  # x in any layout (read with its strides)
+            g_norms.contiguous(), norms.to(ct).contiguous(), x, g.vector(), g.pieces_tensor(), top, left
         )
     H, W = x.shape[1], x.shape[2]
     xp = F.pad(x, (0, 0, left, g.Wp - W - left, top, g.Hp - H - top))

@@ -205,7 +205,15 @@ def _op_args(dtype):
     norms = ops.member_norms(xp, k, s, d, 8)
     return {
         "member_norms": (leaf(xp), k, s, d, 8),
-        "member_norms_of_input": (xp.detach(), k, s, d, 8, leaf(x), p),
+        "member_norms_of_input": (
+            xp.detach(),
+            k,
+            s,
+            d,
+            8,
+            leaf(x.contiguous(memory_format=torch.channels_last)),  # channels-last: the backward goes to x
+            p,
+        ),
         "member_norms_input_grad": (torch.randn_like(norms), norms.detach(), x.detach(), k, s, p, d, 8),
         # backward ops have no autograd of their own (no double backward): plain inputs
         "member_norms_grad": (torch.randn_like(norms), norms.detach(), xp.detach(), k, s, d, 8),
@@ -298,3 +306,20 @@ def test_norms_backward_into_the_input_equals_the_padded_one(C, M, k, s, p, d, L
     got = ops.member_norms_input_grad(gn, norms, x, k, s, p, d, L)
     assert got.shape == x.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("C,M,k,s,p,d,L", SHAPES[:7])
+def test_norm_chain_on_channels_last_input_matches_reference(C, M, k, s, p, d, L):
+    """With a channels-last input the norms' backward goes to x directly (not through the
+    padded xp): same output and gradients as the reference."""
+    x, w, b = _inputs(C, M, k)
+    x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    planes = lsh_planes(L, 5, seed=1, dtype=torch.float64)
+    y, st = run_chain(x, w, b, k=k, s=s, p=p, d=d, planes=planes, centroid="norm")
+    y_ref, _ = reference_reuse_conv2d(
+        x, w, b, stride=s, padding=p, dilation=d, L=L, planes=planes, ids=st["ids"], centroid="norm"
+    )
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    for g1, g2 in zip(torch.autograd.grad(y, (x, w, b), gy), torch.autograd.grad(y_ref, (x, w, b), gy)):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)

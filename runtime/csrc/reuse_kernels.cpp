@@ -895,6 +895,7 @@ torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Te
 // (Nb, H, W, C): no padded gradient is formed.
 struct Interior {
   int64_t pt = 0, pl = 0, H = -1, W = -1;
+  int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 1;  // element strides of x (Nb, H, W, C): any layout
 };
 
 template <typename T>
@@ -932,14 +933,21 @@ void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const
           for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
         }
       } else {  // the real pixels of this row only
-        const int64_t r = (bb * in.H + hp - in.pt) * in.W * C;
-        const T* xrow = X + r;
-        T* drow = D + r;
+        T* drow = D + (bb * in.H + hp - in.pt) * in.W * C;
+        const T* xrow = X + bb * in.s0 + (hp - in.pt) * in.s1;
         const T* a = acc.data() + in.pl * upp;
-        for (int64_t e = 0; e < in.W * upp; ++e) {
-          const T f = a[e];
+        if (in.s3 == 1 && in.s2 == C) {  // channels-last rows: contiguous
+          for (int64_t e = 0; e < in.W * upp; ++e) {
+            const T f = a[e];
 #pragma omp simd
-          for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
+            for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
+          }
+        } else {  // e.g. NCHW: strided reads, no channels-last copy of x
+          for (int64_t c = 0; c < C; ++c) {
+            const T* xc = xrow + c * in.s3;
+            const T* ac = a + c / U;
+            for (int64_t w = 0; w < in.W; ++w) drow[w * C + c] = ac[w * upp] * xc[w * in.s2];
+          }
         }
       }
     }
@@ -968,15 +976,15 @@ torch::Tensor member_norms_backward_input(torch::Tensor g_norms, torch::Tensor n
                                           std::vector<int64_t> geo, torch::Tensor pieces_t, int64_t pt, int64_t pl) {
   check_cpu_contig(g_norms, "g_norms");
   check_cpu_contig(norms, "norms");
-  check_cpu_contig(x, "x");
+  TORCH_CHECK(x.device().is_cpu(), "reuse kernels: x must be a CPU tensor");
   const Geo g = make_geo(geo);
   TORCH_CHECK(x.dim() == 4 && x.size(0) == g.Nb && x.size(3) == g.C && pt >= 0 && pl >= 0 &&
                   pt + x.size(1) <= g.Hp && pl + x.size(2) <= g.Wp,
               "member_norms_backward_input: x must be (Nb, H, W, C) inside the padded frame");
   const auto pieces = read_pieces(pieces_t);
   const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
-  auto D = torch::empty_like(x);
-  const Interior in{pt, pl, x.size(1), x.size(2)};
+  auto D = torch::empty(x.sizes(), x.options());  // (Nb, H, W, C) contiguous
+  const Interior in{pt, pl, x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "member_norms_backward_input", [&] {
     member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
                                          x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix, in);
