@@ -129,6 +129,8 @@ def bench_layer(name, spec, args, device):
         x = digit_activations(name, Nb).to(device)
     else:
         x = F.relu(torch.randn(Nb, C, Hh, Ww, generator=g)).to(device)  # synthetic post-ReLU activations
+    if args.memory_format == "channels_last":  # the input's layout, for stock and reuse alike
+        x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.randn(M, C, k, k, generator=g) * (2 / (C * k * k)) ** 0.5).to(device)
     b = torch.zeros(M, device=device)
     oh = (Hh + 2 * p - k) // s + 1
@@ -283,6 +285,12 @@ def main(argv=None):
     ap.add_argument("--l-values", default="fast", choices=["fast", "all", "extended"])
     ap.add_argument("--LH", action="append", default=[], help="extra stage 'L,H' to time (L capped at K)")
     ap.add_argument("--centroid", default="norm", choices=["norm", "mean"], help="reconstruction (ReuseConfig)")
+    ap.add_argument(
+        "--memory-format",
+        default="contiguous",
+        choices=["contiguous", "channels_last"],
+        help="the input's layout (the main job uses channels_last)",
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     global CENTROID
@@ -291,7 +299,8 @@ def main(argv=None):
         raise SystemExit("--device cuda: no CUDA device available")
     print(
         f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs; "
-        f"ratios are against stock fp32 F.conv2d in the same run; L values {args.l_values}, centroid {args.centroid}"
+        f"ratios are against stock fp32 F.conv2d in the same run; L values {args.l_values}, centroid {args.centroid}, "
+        f"input {args.memory_format}"
     )
     results = []
     for name in args.layers.split(","):
