@@ -55,7 +55,10 @@ def emit_reuse_conv(
     xp = _node(graph, _ops.im2col.default, (x, k, s, list(row.padding), d), f"{base}_xp")
     planes = graph.get_attr(state_path(row.name) + ".planes")
     ids = _node(graph, _ops.lsh_hash.default, (xp, planes, k, s, d), f"{base}_ids")
-    cl = _node(graph, _ops.cluster.default, (xp, ids, k, s, d, row.L, row.H, scope), f"{base}_cluster")
+    # x too: with a channels-last x the backward writes x's gradient directly (reuse.cluster)
+    cl = _node(
+        graph, _ops.cluster.default, (xp, ids, k, s, d, row.L, row.H, scope, x, list(row.padding)), f"{base}_cluster"
+    )
     centroids = _node(graph, operator.getitem, (cl, 0), f"{base}_centroids")
     inverse = _node(graph, operator.getitem, (cl, 1), f"{base}_inverse")
     counts = _node(graph, operator.getitem, (cl, 2), f"{base}_counts")

@@ -298,7 +298,18 @@ def onnx_translation_table() -> dict:
         used = op.CastLike(op.Greater(op.Reshape(counts, [-1, 1]), const([0])), xp)  # padding slots: 0
         return op.Mul(op.Gather(window, pick, axis=0), used)
 
-    def cluster(xp, ids, kernel_size: list[int], stride: list[int], dilation: list[int], L: int, H: int, scope: str):
+    def cluster(
+        xp,
+        ids,
+        kernel_size: list[int],
+        stride: list[int],
+        dilation: list[int],
+        L: int,
+        H: int,
+        scope: str,
+        x=None,  # the unpadded input: only the backward uses it
+        padding: list[int] | None = None,
+    ):
         g = geometry(xp, kernel_size, stride, dilation, L)
         H = int(H)
         inverse, counts, cmax = unique_rank(ids, H, scope)

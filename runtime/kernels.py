@@ -33,6 +33,7 @@ __all__ = [
     "member_norms",
     "member_norms_backward",
     "member_norms_input_backward",
+    "centroid_means_input_backward",
 ]
 
 # Above this many table slots the clustering sorts instead of counting.
@@ -389,3 +390,37 @@ def member_norms_input_backward(
     H, W = x.shape[1], x.shape[2]
     xp = F.pad(x, (0, 0, left, g.Wp - W - left, top, g.Hp - H - top))
     return member_norms_backward(g_norms, norms, xp, g)[:, top : top + H, left : left + W]
+
+
+def centroid_means_input_backward(
+    dcent: torch.Tensor,
+    inverse: torch.Tensor,
+    counts: torch.Tensor,
+    g: Geometry,
+    dtype: torch.dtype,
+    top: int,
+    left: int,
+    hw: tuple[int, int],
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`centroid_means_backward` for the unpadded input that sits at (top, left) of the
+    padded frame ``g`` with size ``hw``: its gradient (Nb, H, W, C), without forming the
+    padded one (the C++ kernels; else compute the padded one and slice it)."""
+    H, W = hw
+    inv = inverse.reshape(g.nb, g.N)
+    ext = _ext(dcent, inverse)
+    if ext is not None:
+        return ext.centroid_means_backward_input(
+            dcent.contiguous(),
+            inv.contiguous(),
+            counts.contiguous(),
+            g.vector(),
+            g.pieces_tensor(),
+            keys,
+            _CHUNK_MODES[CHUNK_PATH],
+            top,
+            left,
+            H,
+            W,
+        ).to(dtype)
+    return centroid_means_backward(dcent, inverse, counts, g, dtype)[:, top : top + H, left : left + W].contiguous()

@@ -36,6 +36,7 @@ __all__ = [
     "centroid_gemm",
     "reconstruct",
     "cluster_grad",
+    "cluster_input_grad",
     "reconstruct_grad_scaled",
     "reconstruct_grad",
     "SCOPES",
@@ -147,11 +148,16 @@ def cluster(
     L: int,
     H: int,
     scope: str,
+    x: torch.Tensor | None = None,
+    padding: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cluster each sub-matrix by id within ``scope`` and average the members.
 
     Returns ``(centroids, inverse, counts)``; see the module docstring for shapes. A slot's
-    hash id is ``kernels.slot_keys(ids, inverse, counts)``.
+    hash id is ``kernels.slot_keys(ids, inverse, counts)``. The rewrite also passes the
+    convolution's input ``x`` (``xp = im2col(x, ..., padding)``): if ``x`` is channels-last,
+    the backward writes ``x``'s gradient directly (``cluster_input_grad``; none for ``xp``),
+    so no padded gradient is formed.
     """
     if scope not in SCOPES:
         raise ValueError(f"reuse.cluster: scope must be one of {SCOPES}, got {scope!r}")
@@ -166,7 +172,7 @@ def cluster(
 
 
 @cluster.register_fake
-def _(xp, ids, kernel_size, stride, dilation, L, H, scope):
+def _(xp, ids, kernel_size, stride, dilation, L, H, scope, x=None, padding=None):
     cmax = torch.library.get_ctx().new_dynamic_size()
     nb = ids.shape[0]
     return (
@@ -181,8 +187,20 @@ def _concrete(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and t.device.type != "meta"
 
 
+def _to_input(x, padding) -> bool:
+    """Whether a backward writes the gradient of the unpadded, channels-last ``x`` directly."""
+    if x is None:
+        return False
+    if padding is None:
+        raise ValueError("reuse ops: give padding together with x")
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _cluster_setup(ctx, inputs, output):
-    xp, ids, kernel_size, stride, dilation, L, _, scope = inputs
+    xp, ids, kernel_size, stride, dilation, L, _, scope, x, padding = inputs
+    ctx.to_input = _to_input(x, padding)
+    ctx.padding = padding
+    ctx.x_hw = tuple(x.shape[2:]) if ctx.to_input else None
     _, inverse, counts = output
     # the chunk path of the backward needs each slot's key (nb x Cmax, small), not the ids
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
@@ -198,10 +216,15 @@ def _cluster_setup(ctx, inputs, output):
 
 def _cluster_backward(ctx, g_centroids, _g_inverse, _g_counts):
     inverse, counts, keys = ctx.saved_tensors
-    dxp = None
-    if ctx.needs_input_grad[0] and g_centroids is not None:
+    dxp = dx = None
+    if g_centroids is None:
+        return dxp, None, None, None, None, None, None, None, dx, None
+    if ctx.to_input and ctx.needs_input_grad[8]:
+        xp_shape, k, s, d = ctx.args
+        dx = cluster_input_grad(g_centroids, inverse, counts, xp_shape, k, s, ctx.padding, d, keys).to(ctx.dtype)
+    elif not ctx.to_input and ctx.needs_input_grad[0]:
         dxp = cluster_grad(g_centroids, inverse, counts, *ctx.args, keys).to(ctx.dtype)
-    return dxp, None, None, None, None, None, None, None
+    return dxp, None, None, None, None, None, None, None, dx, None
 
 
 cluster.register_autograd(_cluster_backward, setup_context=_cluster_setup)
@@ -229,6 +252,39 @@ def cluster_grad(
 @cluster_grad.register_fake
 def _(g_centroids, inverse, counts, xp_shape, kernel_size, stride, dilation, keys=None):
     return g_centroids.new_empty(xp_shape)
+
+
+@torch.library.custom_op("reuse::cluster_input_grad", mutates_args=())
+def cluster_input_grad(
+    g_centroids: torch.Tensor,
+    inverse: torch.Tensor,
+    counts: torch.Tensor,
+    xp_shape: list[int],
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``cluster_grad`` for the unpadded input: the gradient of ``x`` (Nb, C, H, W, in
+    channels-last memory) where ``xp = im2col(x, ..., padding)`` has ``xp_shape``; the
+    padding's share is dropped without forming the padded gradient."""
+    Nb, Hp, Wp, C = (int(v) for v in xp_shape)
+    top, bottom, left, right = (int(v) for v in padding)
+    H, W = Hp - top - bottom, Wp - left - right
+    g = _padded_geometry(xp_shape, kernel_size, stride, dilation, g_centroids.shape[-1])
+    d = kernels.centroid_means_input_backward(
+        g_centroids, inverse, counts, g, g_centroids.dtype, top, left, (H, W), keys
+    )
+    d = d.contiguous()
+    return d.new_empty(0).set_(d.untyped_storage(), d.storage_offset(), (Nb, C, H, W), (H * W * C, 1, W * C, C))
+
+
+@cluster_input_grad.register_fake
+def _(g_centroids, inverse, counts, xp_shape, kernel_size, stride, padding, dilation, keys=None):
+    Nb, Hp, Wp, C = (int(v) for v in xp_shape)
+    H, W = Hp - padding[0] - padding[1], Wp - padding[2] - padding[3]
+    return g_centroids.new_empty_strided((Nb, C, H, W), (H * W * C, 1, W * C, C))
 
 
 # --------------------------------------------------------------------------- centroid_gemm
@@ -519,7 +575,7 @@ def reuse_conv2d(
     parts = {}
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d)
-    cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope)
+    cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope, x, p)
     norms = None
     used = cent
     if centroid == "norm":

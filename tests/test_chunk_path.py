@@ -97,12 +97,16 @@ def test_member_norms_chunk_with_stride():
         torch.testing.assert_close(dn, kernels.member_norms_backward(gn, norms, xp, g), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("centroid", ["mean", "norm"])
 @pytest.mark.parametrize("C,k,p,d,L,hw", CHUNK_SHAPES[:4])
-def test_chain_on_chunk_path_matches_reference(C, k, p, d, L, hw, centroid):
-    """The whole chain with the chunk path forced: the reference's output and gradients."""
+def test_chain_on_chunk_path_matches_reference(C, k, p, d, L, hw, centroid, layout):
+    """The whole chain with the chunk path forced: the reference's output and gradients
+    (channels-last: the chunk backward writes x's gradient, no padded one)."""
     kernels.CHUNK_PATH = "always"
-    x = torch.randn(3, C, *hw, dtype=torch.float64, requires_grad=True)
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}[layout]
+    x = torch.randn(3, C, *hw, dtype=torch.float64).contiguous(memory_format=fmt)
+    x.requires_grad_()
     w = torch.randn(5, C, *k, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
     planes = lsh_planes(L, 4, seed=1, dtype=torch.float64)

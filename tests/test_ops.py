@@ -227,6 +227,19 @@ def _op_args(dtype):
         "lsh_hash": (xp.detach(), planes, k, s, d),
         "cluster": (leaf(xp), ids, k, s, d, 8, 4, "batch"),
         "cluster_input_scope": (leaf(xp), ids, k, s, d, 8, 4, "input"),
+        "cluster_of_input": (
+            xp.detach(),
+            ids,
+            k,
+            s,
+            d,
+            8,
+            4,
+            "batch",
+            leaf(x.contiguous(memory_format=torch.channels_last)),  # the backward goes to x
+            p,
+        ),
+        "cluster_input_grad": (torch.randn_like(cent), inv, cnt, list(xp.shape), k, s, p, d),
         "centroid_gemm": (leaf(cent), w),
         "reconstruct": (leaf(yc), inv, b),
         "reconstruct_no_bias": (leaf(yc), inv, None),
@@ -250,6 +263,8 @@ def _op_args(dtype):
         "member_norms_grad",
         "member_norms_of_input",
         "member_norms_input_grad",
+        "cluster_of_input",
+        "cluster_input_grad",
         "reconstruct_scaled",
         "reconstruct_scales_grad",
         "reconstruct_grad_scaled",
@@ -264,6 +279,7 @@ def test_opcheck(name, dtype):
         "reconstruct_grad_scaled": "reconstruct_grad",
         "reconstruct_grad_scaled_fused": "reconstruct_grad_scaled",
         "member_norms_of_input": "member_norms",
+        "cluster_of_input": "cluster",
     }.get(name, name)
     torch.library.opcheck(getattr(torch.ops.reuse, op_name).default, _op_args(dtype)[name])
 
@@ -308,18 +324,35 @@ def test_norms_backward_into_the_input_equals_the_padded_one(C, M, k, s, p, d, L
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("C,M,k,s,p,d,L", SHAPES[:7])
-def test_norm_chain_on_channels_last_input_matches_reference(C, M, k, s, p, d, L):
-    """With a channels-last input the norms' backward goes to x directly (not through the
-    padded xp): same output and gradients as the reference."""
+@pytest.mark.parametrize("centroid", ["mean", "norm"])
+@pytest.mark.parametrize("C,M,k,s,p,d,L", SHAPES)
+def test_chain_on_channels_last_input_matches_reference(C, M, k, s, p, d, L, centroid):
+    """With a channels-last input the cluster's and the norms' backwards write x's gradient
+    directly (no padded gradient): same output and gradients as the reference."""
     x, w, b = _inputs(C, M, k)
     x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     planes = lsh_planes(L, 5, seed=1, dtype=torch.float64)
-    y, st = run_chain(x, w, b, k=k, s=s, p=p, d=d, planes=planes, centroid="norm")
+    y, st = run_chain(x, w, b, k=k, s=s, p=p, d=d, planes=planes, centroid=centroid)
     y_ref, _ = reference_reuse_conv2d(
-        x, w, b, stride=s, padding=p, dilation=d, L=L, planes=planes, ids=st["ids"], centroid="norm"
+        x, w, b, stride=s, padding=p, dilation=d, L=L, planes=planes, ids=st["ids"], centroid=centroid
     )
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     gy = torch.randn_like(y)
     for g1, g2 in zip(torch.autograd.grad(y, (x, w, b), gy), torch.autograd.grad(y_ref, (x, w, b), gy)):
         torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("C,M,k,s,p,d,L", SHAPES)
+def test_cluster_backward_into_the_input_equals_the_padded_one(C, M, k, s, p, d, L):
+    """cluster_input_grad == cluster_grad with the padding cut off."""
+    ops = torch.ops.reuse
+    x = torch.randn(2, C, 7, 6, dtype=torch.float64)
+    k, s, p, d = list(k), list(s), list(p), list(d)
+    xp = ops.im2col(x, k, s, p, d)
+    ids = ops.lsh_hash(xp, lsh_planes(L, 4, seed=2, dtype=torch.float64), k, s, d)
+    cent, inv, cnt = ops.cluster(xp, ids, k, s, d, L, 4, "batch")
+    gc = torch.randn_like(cent)
+    padded = ops.cluster_grad(gc, inv, cnt, list(xp.shape), k, s, d)
+    want = padded[:, p[0] : p[0] + 7, p[2] : p[2] + 6].permute(0, 3, 1, 2)
+    got = ops.cluster_input_grad(gc, inv, cnt, list(xp.shape), k, s, p, d)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -42,6 +42,14 @@ struct Piece {
   int64_t b, t, c0, len, e0;
 };
 
+// The unpadded input x (Nb, H, W, C) sits at rows [pt, pt + H) and columns [pl, pl + W) of
+// the padded frame. Backward kernels given one (H >= 0) write x's gradient (Nb, H, W, C)
+// instead of the padded one. H < 0: the padded frame itself.
+struct Interior {
+  int64_t pt = 0, pl = 0, H = -1, W = -1;
+  int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 1;  // element strides of x (Nb, H, W, C): any layout
+};
+
 std::vector<Piece> read_pieces(const torch::Tensor& pieces) {
   TORCH_CHECK(pieces.dtype() == torch::kInt64 && pieces.dim() == 2 && pieces.size(1) == 5,
               "reuse kernels: pieces must be an int64 (n, 5) tensor");
@@ -379,7 +387,7 @@ void chunk_means_impl(const T* X, const int64_t* cnt, T* S, const Geo& g, const 
 
 template <typename T>
 void chunk_means_backward_impl(const T* Gc, const int64_t* cnt, T* D, const Geo& g, const ChunkPlan& cp, int64_t nb,
-                               int64_t cmax) {
+                               int64_t cmax, Interior in = {}) {
   const int64_t L = g.L, C = g.C, nq = cp.nq, nh = cp.nh, nw = cp.nw, G = cp.G, E = G * L;
   const int64_t kh = g.kh, kw = g.kw, tcells = (kh + 1) * (kw + 1), rcells = nh * nw;
   std::vector<T> PT(nq * tcells * E, T(0));
@@ -406,13 +414,17 @@ void chunk_means_backward_impl(const T* Gc, const int64_t* cnt, T* D, const Geo&
            T(1));
     }
   });
+  const bool padded = in.H < 0;
+  const int64_t w_lo = padded ? 0 : in.pl, w_hi = padded ? g.Wp : in.pl + in.W;
   at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t row = w0; row < w1; ++row) {
-      const int64_t ri = cp.rint[row % g.Hp];
-      for (int64_t wp = 0; wp < g.Wp; ++wp) {
+      const int64_t hp = row % g.Hp, ri = cp.rint[hp];
+      if (!padded && (hp < in.pt || hp >= in.pt + in.H)) continue;
+      T* out = padded ? D + row * g.Wp * C : D + (row / g.Hp * in.H + hp - in.pt) * in.W * C;
+      for (int64_t wp = w_lo; wp < w_hi; ++wp) {
         const int64_t p = row * g.Wp + wp;
         for (int64_t q = 0; q < nq; ++q) {
-          T* d = D + p * C + q * L;
+          T* d = out + (wp - w_lo) * C + q * L;
           const int64_t k = cp.U[p * nq + q];
           if (k < 0)
             std::fill(d, d + L, T(0));
@@ -551,11 +563,16 @@ torch::Tensor centroid_means(torch::Tensor xp, torch::Tensor inverse, torch::Ten
 // (tap, piece) the output row's inverse entries are read sequentially along ow.
 template <typename T>
 void centroid_means_backward_impl(const T* Gc, const int32_t* V, const int64_t* cnt, T* D, const Geo& g,
-                                  const std::vector<Piece>& pieces, const TapIndex& ix, int64_t cmax) {
+                                  const std::vector<Piece>& pieces, const TapIndex& ix, int64_t cmax,
+                                  Interior in = {}) {
   const int64_t N = g.N(), C = g.C, L = g.L;
+  const bool padded = in.H < 0;
   at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> buf(padded ? 0 : g.Wp * C);  // the padded row, of which x's part is kept
     for (int64_t row = r0; row < r1; ++row) {
-      T* drow = D + row * g.Wp * C;
+      const int64_t hp = row % g.Hp;
+      if (!padded && (hp < in.pt || hp >= in.pt + in.H)) continue;
+      T* drow = padded ? D + row * g.Wp * C : buf.data();
       std::memset(drow, 0, sizeof(T) * g.Wp * C);
       visit_row(g, row, pieces, ix, [&](const Piece& q, int64_t j, int64_t nrow) {
         const int32_t* vrow = V + q.b * N + nrow;
@@ -570,20 +587,25 @@ void centroid_means_backward_impl(const T* Gc, const int32_t* V, const int64_t* 
           for (int64_t k = 0; k < q.len; ++k) d[k] += f * src[k];
         }
       });
+      if (!padded)
+        std::memcpy(D + (row / g.Hp * in.H + hp - in.pt) * in.W * C, drow + in.pl * C, sizeof(T) * in.W * C);
     }
   });
 }
 
-torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
-                                      std::vector<int64_t> geo, torch::Tensor pieces_t,
-                                      c10::optional<torch::Tensor> keys, int64_t mode) {
+torch::Tensor centroid_means_backward_into(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
+                                           std::vector<int64_t> geo, torch::Tensor pieces_t,
+                                           c10::optional<torch::Tensor> keys, int64_t mode, Interior in) {
   check_cpu_contig(g_cent, "g_cent");
   check_cpu_contig(inverse, "inverse");
   check_cpu_contig(counts, "counts");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
   const int64_t nb = inverse.size(0), cmax = g_cent.size(1);
-  auto D = torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options());
+  TORCH_CHECK(in.H < 0 || (in.pt >= 0 && in.pl >= 0 && in.pt + in.H <= g.Hp && in.pl + in.W <= g.Wp),
+              "centroid_means_backward: the input must lie inside the padded frame");
+  auto D = in.H < 0 ? torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options())
+                    : torch::empty({g.Nb, in.H, in.W, g.C}, g_cent.options());
   ChunkPlan cp;
   if (keys.has_value()) {
     check_cpu_contig(*keys, "keys");
@@ -591,7 +613,7 @@ torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor invers
       chunk_pixel_keys(cp, g, inverse.data_ptr<int32_t>(), nb, cmax);
       AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward_chunk", [&] {
         chunk_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(),
-                                            D.data_ptr<scalar_t>(), g, cp, nb, cmax);
+                                            D.data_ptr<scalar_t>(), g, cp, nb, cmax, in);
       });
       return D;
     }
@@ -599,9 +621,25 @@ torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor invers
   const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
   AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward", [&] {
     centroid_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), inverse.data_ptr<int32_t>(),
-                                           counts.data_ptr<int64_t>(), D.data_ptr<scalar_t>(), g, pieces, ix, cmax);
+                                           counts.data_ptr<int64_t>(), D.data_ptr<scalar_t>(), g, pieces, ix, cmax,
+                                           in);
   });
   return D;
+}
+
+torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
+                                      std::vector<int64_t> geo, torch::Tensor pieces_t,
+                                      c10::optional<torch::Tensor> keys, int64_t mode) {
+  return centroid_means_backward_into(g_cent, inverse, counts, geo, pieces_t, keys, mode, Interior{});
+}
+
+// The same, written only for the unpadded input (Nb, H, W, C) at (pt, pl) of the padded frame.
+torch::Tensor centroid_means_backward_input(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
+                                            std::vector<int64_t> geo, torch::Tensor pieces_t,
+                                            c10::optional<torch::Tensor> keys, int64_t mode, int64_t pt, int64_t pl,
+                                            int64_t H, int64_t W) {
+  TORCH_CHECK(H >= 0 && W >= 0, "centroid_means_backward_input: H and W must be >= 0");
+  return centroid_means_backward_into(g_cent, inverse, counts, geo, pieces_t, keys, mode, Interior{pt, pl, H, W});
 }
 
 // y[n] = bias + sum_b w[b, n] * yc[b, inverse[b, n]] (w = 1 without scales): (N, M); each
@@ -893,10 +931,7 @@ torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Te
 // With `in` (pt, pl, H, W) the input is the unpadded x (Nb, H, W, C) sitting at rows
 // [pt, pt + H) and columns [pl, pl + W) of the padded frame, and only its gradient is written
 // (Nb, H, W, C): no padded gradient is formed.
-struct Interior {
-  int64_t pt = 0, pl = 0, H = -1, W = -1;
-  int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 1;  // element strides of x (Nb, H, W, C): any layout
-};
+
 
 template <typename T>
 void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const Geo& g,
@@ -1018,6 +1053,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compact", &compact, "rank the ids present in each block (segment): (inverse, counts)");
   m.def("centroid_means", &centroid_means, "per-slot means of the members' sub-vectors");
   m.def("centroid_means_backward", &centroid_means_backward, "col2im of each member's share of its slot's gradient");
+  m.def("centroid_means_backward_input", &centroid_means_backward_input, "centroid_means_backward into the unpadded input");
   m.def("reconstruct", &reconstruct, "y[n] = bias + sum_b yc[b, inverse[b, n]]");
   m.def("reconstruct_backward", &reconstruct_backward, "dyc[b, s] = sum of (scaled) dy over slot s of block b");
   m.def("reconstruct_scales_backward", &reconstruct_scales_backward, "d_scales[b, n] = dy[n] . yc[b, inverse[b, n]]");
