@@ -378,8 +378,8 @@ def member_norms_input_backward(
     g_norms: torch.Tensor, norms: torch.Tensor, x_cl: torch.Tensor, g: Geometry, top: int, left: int
 ) -> torch.Tensor:
     """:func:`member_norms_backward` for the unpadded input ``x_cl`` (Nb, H, W, C) that sits at
-    (top, left) of the padded frame ``g``: the gradient w.r.t. ``x_cl``, (Nb, H, W, C), without
-    forming the padded one (the C++ kernel; else pad, compute, slice)."""
+    (top, left) of the padded frame ``g``: the gradient w.r.t. x, (Nb, C, H, W) channels-last,
+    without forming the padded one (the C++ kernel; else pad, compute, slice)."""
     ct = g_norms.dtype
     x = x_cl.to(ct)
     ext = _ext(g_norms, norms, x)
@@ -389,7 +389,14 @@ def member_norms_input_backward(
         )
     H, W = x.shape[1], x.shape[2]
     xp = F.pad(x, (0, 0, left, g.Wp - W - left, top, g.Hp - H - top))
-    return member_norms_backward(g_norms, norms, xp, g)[:, top : top + H, left : left + W]
+    return _channels_last(member_norms_backward(g_norms, norms, xp, g)[:, top : top + H, left : left + W])
+
+
+def _channels_last(d_nhwc: torch.Tensor) -> torch.Tensor:
+    """(Nb, H, W, C) -> a fresh (Nb, C, H, W) channels-last tensor (what the C++ kernels return)."""
+    Nb, H, W, C = d_nhwc.shape
+    out = torch.empty(Nb, C, H, W, dtype=d_nhwc.dtype, device=d_nhwc.device, memory_format=torch.channels_last)
+    return out.copy_(d_nhwc.permute(0, 3, 1, 2))
 
 
 def centroid_means_input_backward(
@@ -404,8 +411,8 @@ def centroid_means_input_backward(
     keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`centroid_means_backward` for the unpadded input that sits at (top, left) of the
-    padded frame ``g`` with size ``hw``: its gradient (Nb, H, W, C), without forming the
-    padded one (the C++ kernels; else compute the padded one and slice it)."""
+    padded frame ``g`` with size ``hw``: its gradient, (Nb, C, H, W) channels-last, without
+    forming the padded one (the C++ kernels; else compute the padded one and slice it)."""
     H, W = hw
     inv = inverse.reshape(g.nb, g.N)
     ext = _ext(dcent, inverse)
@@ -423,4 +430,4 @@ def centroid_means_input_backward(
             H,
             W,
         ).to(dtype)
-    return centroid_means_backward(dcent, inverse, counts, g, dtype)[:, top : top + H, left : left + W].contiguous()
+    return _channels_last(centroid_means_backward(dcent, inverse, counts, g, dtype)[:, top : top + H, left : left + W])

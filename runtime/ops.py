@@ -97,9 +97,14 @@ def _check_window(shape, kernel_size, padding, dilation):
 def _im2col_setup(ctx, inputs, output):
     ctx.padding = inputs[3]
     ctx.hw = inputs[0].shape[2:]
+    # When cluster and member_norms send their gradients to x directly (channels-last x),
+    # xp gets none: no zero padded gradient should be made up for it.
+    ctx.set_materialize_grads(False)
 
 
 def _im2col_backward(ctx, grad):
+    if grad is None:
+        return None, None, None, None, None
     t, _, left, _ = ctx.padding
     h, w = ctx.hw
     return grad.permute(0, 3, 1, 2)[:, :, t : t + h, left : left + w], None, None, None, None
@@ -273,11 +278,10 @@ def cluster_input_grad(
     top, bottom, left, right = (int(v) for v in padding)
     H, W = Hp - top - bottom, Wp - left - right
     g = _padded_geometry(xp_shape, kernel_size, stride, dilation, g_centroids.shape[-1])
-    d = kernels.centroid_means_input_backward(
+    # (Nb, C, H, W) channels-last, a fresh tensor autograd can add other gradients into
+    return kernels.centroid_means_input_backward(
         g_centroids, inverse, counts, g, g_centroids.dtype, top, left, (H, W), keys
     )
-    d = d.contiguous()
-    return d.new_empty(0).set_(d.untyped_storage(), d.storage_offset(), (Nb, C, H, W), (H * W * C, 1, W * C, C))
 
 
 @cluster_input_grad.register_fake
@@ -517,8 +521,7 @@ def member_norms_input_grad(
     nb = g.nb
     x_cl = x.permute(0, 2, 3, 1)
     d = kernels.member_norms_input_backward(g_norms.reshape(nb, -1), norms.reshape(nb, -1), x_cl, g, top, left)
-    d = d.to(x.dtype).contiguous()
-    return d.new_empty(0).set_(d.untyped_storage(), d.storage_offset(), (Nb, C, H, W), (H * W * C, 1, W * C, C))
+    return d.to(x.dtype)  # (Nb, C, H, W) channels-last, a fresh tensor autograd can add into
 
 
 @member_norms_input_grad.register_fake

@@ -604,8 +604,10 @@ torch::Tensor centroid_means_backward_into(torch::Tensor g_cent, torch::Tensor i
   const int64_t nb = inverse.size(0), cmax = g_cent.size(1);
   TORCH_CHECK(in.H < 0 || (in.pt >= 0 && in.pl >= 0 && in.pt + in.H <= g.Hp && in.pl + in.W <= g.Wp),
               "centroid_means_backward: the input must lie inside the padded frame");
+  // the input's gradient is allocated channels-last (Nb, C, H, W): (Nb, H, W, C) in memory, and
+  // autograd can add other gradients into it in place
   auto D = in.H < 0 ? torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options())
-                    : torch::empty({g.Nb, in.H, in.W, g.C}, g_cent.options());
+                    : torch::empty({g.Nb, g.C, in.H, in.W}, g_cent.options().memory_format(at::MemoryFormat::ChannelsLast));
   ChunkPlan cp;
   if (keys.has_value()) {
     check_cpu_contig(*keys, "keys");
@@ -633,7 +635,8 @@ torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor invers
   return centroid_means_backward_into(g_cent, inverse, counts, geo, pieces_t, keys, mode, Interior{});
 }
 
-// The same, written only for the unpadded input (Nb, H, W, C) at (pt, pl) of the padded frame.
+// The same, written only for the unpadded input at (pt, pl) of the padded frame: (Nb, C, H, W)
+// channels-last.
 torch::Tensor centroid_means_backward_input(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
                                             std::vector<int64_t> geo, torch::Tensor pieces_t,
                                             c10::optional<torch::Tensor> keys, int64_t mode, int64_t pt, int64_t pl,
@@ -1006,7 +1009,7 @@ torch::Tensor member_norms_backward(torch::Tensor g_norms, torch::Tensor norms, 
 }
 
 // member_norms_backward for the unpadded input x (Nb, H, W, C) at offset (pt, pl) of the
-// padded frame described by geo: the gradient w.r.t. x, (Nb, H, W, C).
+// padded frame described by geo: the gradient w.r.t. x, (Nb, C, H, W) channels-last.
 torch::Tensor member_norms_backward_input(torch::Tensor g_norms, torch::Tensor norms, torch::Tensor x,
                                           std::vector<int64_t> geo, torch::Tensor pieces_t, int64_t pt, int64_t pl) {
   check_cpu_contig(g_norms, "g_norms");
@@ -1018,7 +1021,9 @@ torch::Tensor member_norms_backward_input(torch::Tensor g_norms, torch::Tensor n
               "member_norms_backward_input: x must be (Nb, H, W, C) inside the padded frame");
   const auto pieces = read_pieces(pieces_t);
   const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
-  auto D = torch::empty(x.sizes(), x.options());  // (Nb, H, W, C) contiguous
+  // (Nb, C, H, W) channels-last: (Nb, H, W, C) in memory, and autograd can add into it in place
+  auto D = torch::empty({x.size(0), x.size(3), x.size(1), x.size(2)},
+                        x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const Interior in{pt, pl, x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "member_norms_backward_input", [&] {
     member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
