@@ -205,7 +205,6 @@ def _cluster_setup(ctx, inputs, output):
     xp, ids, kernel_size, stride, dilation, L, _, scope, x, padding = inputs
     ctx.to_input = _to_input(x, padding)
     ctx.padding = padding
-    ctx.x_hw = tuple(x.shape[2:]) if ctx.to_input else None
     _, inverse, counts = output
     # the chunk path of the backward needs each slot's key (nb x Cmax, small), not the ids
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
