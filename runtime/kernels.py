@@ -32,8 +32,6 @@ __all__ = [
     "reconstruct_scaled_backward",
     "member_norms",
     "member_norms_backward",
-    "member_norms_input_backward",
-    "centroid_means_input_backward",
 ]
 
 # Above this many table slots the clustering sorts instead of counting.
@@ -252,10 +250,15 @@ def centroid_means_backward(
     g: Geometry,
     dtype: torch.dtype,
     keys: torch.Tensor | None = None,
+    interior: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Gradient of the centroids (means) w.r.t. the padded input: every member of a
     cluster receives the cluster's gradient divided by its size (Eq. 13), added into the
-    pixels its sub-vector came from (col2im)."""
+    pixels its sub-vector came from (col2im).
+
+    With ``interior`` = (top, left, H, W), the gradient of the unpadded input that sits there
+    in the padded frame, (Nb, C, H, W) channels-last; the C++ kernels then never form the
+    padded one."""
     inv = inverse.reshape(g.nb, g.N)
     ext = _ext(dcent, inverse)
     if ext is not None:
@@ -267,6 +270,7 @@ def centroid_means_backward(
             g.pieces_tensor(),
             keys,
             _CHUNK_MODES[CHUNK_PATH],
+            *(interior or (0, 0, -1, -1)),
         ).to(dtype)
     share = dcent / counts.clamp(min=1).unsqueeze(-1).to(dcent.dtype)
     inv = inv.long()
@@ -276,7 +280,18 @@ def centroid_means_backward(
         for t, c0, c1, e0 in pieces:
             part = share[b, :, e0 : e0 + c1 - c0].index_select(0, inv[b])
             g.tap_view(dxp, t, c0, c1).add_(part.view(g.Nb, oh, ow, c1 - c0))
-    return dxp.to(dtype)
+    return _crop(dxp, interior).to(dtype)
+
+
+def _crop(d_padded: torch.Tensor, interior: tuple[int, int, int, int] | None) -> torch.Tensor:
+    """The padded (Nb, Hp, Wp, C) gradient as is, or its ``interior`` (top, left, H, W) as a
+    fresh (Nb, C, H, W) channels-last tensor (what the C++ kernels return)."""
+    if interior is None:
+        return d_padded
+    top, left, H, W = interior
+    Nb, C = d_padded.shape[0], d_padded.shape[3]
+    out = torch.empty(Nb, C, H, W, dtype=d_padded.dtype, device=d_padded.device, memory_format=torch.channels_last)
+    return out.copy_(d_padded[:, top : top + H, left : left + W].permute(0, 3, 1, 2))
 
 
 def reconstruct_rows(
@@ -357,77 +372,38 @@ def member_norms(xp: torch.Tensor, g: Geometry) -> torch.Tensor:
     return torch.stack([g.gather_block(x, b).norm(dim=1) for b in range(g.nb)])
 
 
-def member_norms_backward(g_norms: torch.Tensor, norms: torch.Tensor, xp: torch.Tensor, g: Geometry) -> torch.Tensor:
+def member_norms_backward(
+    g_norms: torch.Tensor,
+    norms: torch.Tensor,
+    xp: torch.Tensor,
+    g: Geometry,
+    at: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Gradient of the member norms w.r.t. the padded input: x / ||x|| times the incoming
-    gradient, added into the pixels of each sub-vector (0 for zero sub-vectors)."""
+    gradient, added into the pixels of each sub-vector (0 for zero sub-vectors).
+
+    With ``at`` = (top, left), ``xp`` is instead the unpadded input (Nb, H, W, C), any layout,
+    sitting there in the padded frame ``g``; the result is its gradient, (Nb, C, H, W)
+    channels-last, and the C++ kernel never forms the padded one."""
     ct = g_norms.dtype
     x = xp.to(ct)
     ext = _ext(g_norms, norms, x)
     if ext is not None:
         return ext.member_norms_backward(
-            g_norms.contiguous(), norms.to(ct).contiguous(), x.contiguous(), g.vector(), g.pieces_tensor()
+            g_norms.contiguous(),
+            norms.to(ct).contiguous(),
+            x if at is not None else x.contiguous(),  # the unpadded input is read with its strides
+            g.vector(),
+            g.pieces_tensor(),
+            *(at or (-1, -1)),
         )
+    interior = None
+    if at is not None:
+        (top, left), (H, W) = at, x.shape[1:3]
+        x = F.pad(x, (0, 0, left, g.Wp - W - left, top, g.Hp - H - top))
+        interior = (top, left, H, W)
     factor = torch.where(norms > 0, g_norms / norms.clamp_min(torch.finfo(ct).tiny), torch.zeros_like(g_norms))
     dxp = torch.zeros_like(x)
     for b in range(g.nb):
         g.scatter_block_(dxp, b, g.gather_block(x, b) * factor[b, :, None])
-    return dxp
-
-
-def member_norms_input_backward(
-    g_norms: torch.Tensor, norms: torch.Tensor, x_cl: torch.Tensor, g: Geometry, top: int, left: int
-) -> torch.Tensor:
-    """:func:`member_norms_backward` for the unpadded input ``x_cl`` (Nb, H, W, C) that sits at
-    (top, left) of the padded frame ``g``: the gradient w.r.t. x, (Nb, C, H, W) channels-last,
-    without forming the padded one (the C++ kernel; else pad, compute, slice)."""
-    ct = g_norms.dtype
-    x = x_cl.to(ct)
-    ext = _ext(g_norms, norms, x)
-    if ext is not None:
-        return ext.member_norms_backward_input(  # x in any layout (read with its strides)
-            g_norms.contiguous(), norms.to(ct).contiguous(), x, g.vector(), g.pieces_tensor(), top, left
-        )
-    H, W = x.shape[1], x.shape[2]
-    xp = F.pad(x, (0, 0, left, g.Wp - W - left, top, g.Hp - H - top))
-    return _channels_last(member_norms_backward(g_norms, norms, xp, g)[:, top : top + H, left : left + W])
-
-
-def _channels_last(d_nhwc: torch.Tensor) -> torch.Tensor:
-    """(Nb, H, W, C) -> a fresh (Nb, C, H, W) channels-last tensor (what the C++ kernels return)."""
-    Nb, H, W, C = d_nhwc.shape
-    out = torch.empty(Nb, C, H, W, dtype=d_nhwc.dtype, device=d_nhwc.device, memory_format=torch.channels_last)
-    return out.copy_(d_nhwc.permute(0, 3, 1, 2))
-
-
-def centroid_means_input_backward(
-    dcent: torch.Tensor,
-    inverse: torch.Tensor,
-    counts: torch.Tensor,
-    g: Geometry,
-    dtype: torch.dtype,
-    top: int,
-    left: int,
-    hw: tuple[int, int],
-    keys: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`centroid_means_backward` for the unpadded input that sits at (top, left) of the
-    padded frame ``g`` with size ``hw``: its gradient, (Nb, C, H, W) channels-last, without
-    forming the padded one (the C++ kernels; else compute the padded one and slice it)."""
-    H, W = hw
-    inv = inverse.reshape(g.nb, g.N)
-    ext = _ext(dcent, inverse)
-    if ext is not None:
-        return ext.centroid_means_backward_input(
-            dcent.contiguous(),
-            inv.contiguous(),
-            counts.contiguous(),
-            g.vector(),
-            g.pieces_tensor(),
-            keys,
-            _CHUNK_MODES[CHUNK_PATH],
-            top,
-            left,
-            H,
-            W,
-        ).to(dtype)
-    return _channels_last(centroid_means_backward(dcent, inverse, counts, g, dtype)[:, top : top + H, left : left + W])
+    return _crop(dxp, interior)

@@ -278,8 +278,8 @@ def cluster_input_grad(
     H, W = Hp - top - bottom, Wp - left - right
     g = _padded_geometry(xp_shape, kernel_size, stride, dilation, g_centroids.shape[-1])
     # (Nb, C, H, W) channels-last, a fresh tensor autograd can add other gradients into
-    return kernels.centroid_means_input_backward(
-        g_centroids, inverse, counts, g, g_centroids.dtype, top, left, (H, W), keys
+    return kernels.centroid_means_backward(
+        g_centroids, inverse, counts, g, g_centroids.dtype, keys, interior=(top, left, H, W)
     )
 
 
@@ -519,7 +519,7 @@ def member_norms_input_grad(
     g = _padded_geometry([Nb, H + top + bottom, W + left + right, C], kernel_size, stride, dilation, L)
     nb = g.nb
     x_cl = x.permute(0, 2, 3, 1)
-    d = kernels.member_norms_input_backward(g_norms.reshape(nb, -1), norms.reshape(nb, -1), x_cl, g, top, left)
+    d = kernels.member_norms_backward(g_norms.reshape(nb, -1), norms.reshape(nb, -1), x_cl, g, at=(top, left))
     return d.to(x.dtype)  # (Nb, C, H, W) channels-last, a fresh tensor autograd can add into
 
 

@@ -436,6 +436,18 @@ void chunk_means_backward_impl(const T* Gc, const int64_t* cnt, T* D, const Geo&
   });
 }
 
+// The chunk path's plan, with every pixel chunk's key rank, when keys are given and the path
+// applies (mode as for centroid_means); false: take the per-row kernels.
+bool chunk_path(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, int64_t nb, int64_t cmax,
+                const c10::optional<torch::Tensor>& keys, const torch::Tensor& counts, const torch::Tensor& inverse,
+                int64_t mode) {
+  if (!keys.has_value()) return false;
+  check_cpu_contig(*keys, "keys");
+  if (!chunk_plan(cp, g, pieces, nb, cmax, keys->data_ptr<int64_t>(), counts.data_ptr<int64_t>(), mode)) return false;
+  chunk_pixel_keys(cp, g, inverse.data_ptr<int32_t>(), nb, cmax);
+  return true;
+}
+
 }  // namespace
 
 // keys[b, s]: the hash id of slot s of block b (-1 for empty slots).
@@ -536,16 +548,12 @@ torch::Tensor centroid_means(torch::Tensor xp, torch::Tensor inverse, torch::Ten
   const int64_t nb = inverse.size(0), cmax = counts.size(1);
   auto S = torch::empty({nb, cmax, g.L}, xp.options());
   ChunkPlan cp;
-  if (keys.has_value()) {
-    check_cpu_contig(*keys, "keys");
-    if (chunk_plan(cp, g, pieces, nb, cmax, keys->data_ptr<int64_t>(), counts.data_ptr<int64_t>(), mode)) {
-      chunk_pixel_keys(cp, g, inverse.data_ptr<int32_t>(), nb, cmax);
-      AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "centroid_means_chunk", [&] {
-        chunk_means_impl<scalar_t>(xp.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), S.data_ptr<scalar_t>(), g, cp,
-                                   nb, cmax);
-      });
-      return S;
-    }
+  if (chunk_path(cp, g, pieces, nb, cmax, keys, counts, inverse, mode)) {
+    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "centroid_means_chunk", [&] {
+      chunk_means_impl<scalar_t>(xp.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), S.data_ptr<scalar_t>(), g, cp,
+                                 nb, cmax);
+    });
+    return S;
   }
   std::vector<int64_t> start(nb + 1, 0);
   for (const auto& q : pieces) start[q.b + 1]++;
@@ -593,32 +601,32 @@ void centroid_means_backward_impl(const T* Gc, const int32_t* V, const int64_t* 
   });
 }
 
-torch::Tensor centroid_means_backward_into(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
-                                           std::vector<int64_t> geo, torch::Tensor pieces_t,
-                                           c10::optional<torch::Tensor> keys, int64_t mode, Interior in) {
+// With H >= 0, only the unpadded input at (pt, pl) of the padded frame gets its gradient,
+// (Nb, C, H, W) channels-last; with H < 0, the padded frame (Nb, Hp, Wp, C).
+torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
+                                      std::vector<int64_t> geo, torch::Tensor pieces_t,
+                                      c10::optional<torch::Tensor> keys, int64_t mode, int64_t pt, int64_t pl,
+                                      int64_t H, int64_t W) {
   check_cpu_contig(g_cent, "g_cent");
   check_cpu_contig(inverse, "inverse");
   check_cpu_contig(counts, "counts");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
   const int64_t nb = inverse.size(0), cmax = g_cent.size(1);
-  TORCH_CHECK(in.H < 0 || (in.pt >= 0 && in.pl >= 0 && in.pt + in.H <= g.Hp && in.pl + in.W <= g.Wp),
+  const Interior in{pt, pl, H, W};
+  TORCH_CHECK(in.H < 0 || (in.pt >= 0 && in.pl >= 0 && in.W >= 0 && in.pt + in.H <= g.Hp && in.pl + in.W <= g.Wp),
               "centroid_means_backward: the input must lie inside the padded frame");
   // the input's gradient is allocated channels-last (Nb, C, H, W): (Nb, H, W, C) in memory, and
   // autograd can add other gradients into it in place
   auto D = in.H < 0 ? torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options())
                     : torch::empty({g.Nb, g.C, in.H, in.W}, g_cent.options().memory_format(at::MemoryFormat::ChannelsLast));
   ChunkPlan cp;
-  if (keys.has_value()) {
-    check_cpu_contig(*keys, "keys");
-    if (chunk_plan(cp, g, pieces, nb, cmax, keys->data_ptr<int64_t>(), counts.data_ptr<int64_t>(), mode)) {
-      chunk_pixel_keys(cp, g, inverse.data_ptr<int32_t>(), nb, cmax);
-      AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward_chunk", [&] {
-        chunk_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(),
-                                            D.data_ptr<scalar_t>(), g, cp, nb, cmax, in);
-      });
-      return D;
-    }
+  if (chunk_path(cp, g, pieces, nb, cmax, keys, counts, inverse, mode)) {
+    AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward_chunk", [&] {
+      chunk_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(),
+                                          D.data_ptr<scalar_t>(), g, cp, nb, cmax, in);
+    });
+    return D;
   }
   const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
   AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward", [&] {
@@ -627,22 +635,6 @@ torch::Tensor centroid_means_backward_into(torch::Tensor g_cent, torch::Tensor i
                                            in);
   });
   return D;
-}
-
-torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
-                                      std::vector<int64_t> geo, torch::Tensor pieces_t,
-                                      c10::optional<torch::Tensor> keys, int64_t mode) {
-  return centroid_means_backward_into(g_cent, inverse, counts, geo, pieces_t, keys, mode, Interior{});
-}
-
-// The same, written only for the unpadded input at (pt, pl) of the padded frame: (Nb, C, H, W)
-// channels-last.
-torch::Tensor centroid_means_backward_input(torch::Tensor g_cent, torch::Tensor inverse, torch::Tensor counts,
-                                            std::vector<int64_t> geo, torch::Tensor pieces_t,
-                                            c10::optional<torch::Tensor> keys, int64_t mode, int64_t pt, int64_t pl,
-                                            int64_t H, int64_t W) {
-  TORCH_CHECK(H >= 0 && W >= 0, "centroid_means_backward_input: H and W must be >= 0");
-  return centroid_means_backward_into(g_cent, inverse, counts, geo, pieces_t, keys, mode, Interior{pt, pl, H, W});
 }
 
 // y[n] = bias + sum_b w[b, n] * yc[b, inverse[b, n]] (w = 1 without scales): (N, M); each
@@ -992,40 +984,32 @@ void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const
   });
 }
 
-torch::Tensor member_norms_backward(torch::Tensor g_norms, torch::Tensor norms, torch::Tensor xp,
-                                    std::vector<int64_t> geo, torch::Tensor pieces_t) {
+// With pt < 0, x is the padded xp (Nb, Hp, Wp, C), contiguous, and so is the gradient. With
+// pt, pl >= 0, x is the unpadded input (Nb, H, W, C) in any layout (read with its strides) at
+// (pt, pl) of the padded frame, and its gradient is (Nb, C, H, W) channels-last.
+torch::Tensor member_norms_backward(torch::Tensor g_norms, torch::Tensor norms, torch::Tensor x,
+                                    std::vector<int64_t> geo, torch::Tensor pieces_t, int64_t pt, int64_t pl) {
   check_cpu_contig(g_norms, "g_norms");
   check_cpu_contig(norms, "norms");
-  check_cpu_contig(xp, "xp");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
   const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
-  auto D = torch::empty_like(xp);
-  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "member_norms_backward", [&] {
-    member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
-                                         xp.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix);
-  });
-  return D;
-}
-
-// member_norms_backward for the unpadded input x (Nb, H, W, C) at offset (pt, pl) of the
-// padded frame described by geo: the gradient w.r.t. x, (Nb, C, H, W) channels-last.
-torch::Tensor member_norms_backward_input(torch::Tensor g_norms, torch::Tensor norms, torch::Tensor x,
-                                          std::vector<int64_t> geo, torch::Tensor pieces_t, int64_t pt, int64_t pl) {
-  check_cpu_contig(g_norms, "g_norms");
-  check_cpu_contig(norms, "norms");
-  TORCH_CHECK(x.device().is_cpu(), "reuse kernels: x must be a CPU tensor");
-  const Geo g = make_geo(geo);
-  TORCH_CHECK(x.dim() == 4 && x.size(0) == g.Nb && x.size(3) == g.C && pt >= 0 && pl >= 0 &&
-                  pt + x.size(1) <= g.Hp && pl + x.size(2) <= g.Wp,
-              "member_norms_backward_input: x must be (Nb, H, W, C) inside the padded frame");
-  const auto pieces = read_pieces(pieces_t);
-  const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
-  // (Nb, C, H, W) channels-last: (Nb, H, W, C) in memory, and autograd can add into it in place
-  auto D = torch::empty({x.size(0), x.size(3), x.size(1), x.size(2)},
-                        x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const Interior in{pt, pl, x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "member_norms_backward_input", [&] {
+  torch::Tensor D;
+  Interior in;
+  if (pt < 0) {
+    check_cpu_contig(x, "xp");
+    D = torch::empty_like(x);
+  } else {
+    TORCH_CHECK(x.device().is_cpu(), "reuse kernels: x must be a CPU tensor");
+    TORCH_CHECK(x.dim() == 4 && x.size(0) == g.Nb && x.size(3) == g.C && pl >= 0 && pt + x.size(1) <= g.Hp &&
+                    pl + x.size(2) <= g.Wp,
+                "member_norms_backward: x must be (Nb, H, W, C) inside the padded frame");
+    // (Nb, C, H, W) channels-last: (Nb, H, W, C) in memory, and autograd can add into it in place
+    D = torch::empty({x.size(0), x.size(3), x.size(1), x.size(2)},
+                     x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    in = Interior{pt, pl, x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "member_norms_backward", [&] {
     member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
                                          x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix, in);
   });
@@ -1058,7 +1042,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compact", &compact, "rank the ids present in each block (segment): (inverse, counts)");
   m.def("centroid_means", &centroid_means, "per-slot means of the members' sub-vectors");
   m.def("centroid_means_backward", &centroid_means_backward, "col2im of each member's share of its slot's gradient");
-  m.def("centroid_means_backward_input", &centroid_means_backward_input, "centroid_means_backward into the unpadded input");
   m.def("reconstruct", &reconstruct, "y[n] = bias + sum_b yc[b, inverse[b, n]]");
   m.def("reconstruct_backward", &reconstruct_backward, "dyc[b, s] = sum of (scaled) dy over slot s of block b");
   m.def("reconstruct_scales_backward", &reconstruct_scales_backward, "d_scales[b, n] = dy[n] . yc[b, inverse[b, n]]");
@@ -1066,6 +1049,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("member_norms", &member_norms, "norm of every member sub-vector");
   m.def("member_norms_backward", &member_norms_backward, "col2im of g / norm times x");
   m.def("slot_keys", &slot_keys, "the hash id of every slot (-1 for empty slots)");
-  m.def("member_norms_backward_input", &member_norms_backward_input, "member_norms_backward into the unpadded input");
   m.def("gather_ids", &gather_ids, "per-block ids gathered from per-pixel unit ids");
 }
