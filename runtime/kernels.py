@@ -143,13 +143,18 @@ def compact(ids: torch.Tensor, H: int, scope: str, with_keys: bool = False):
     slot. Scope "input" keeps images apart; "batch" clusters the whole batch. With
     ``with_keys``, also each slot's hash id (:func:`slot_keys`).
     """
-    if with_keys:
-        ext = _ext(ids)
-        if ext is not None and ids[0].numel() > 0:
-            inverse, counts, keys = ext.compact(ids.reshape(ids.shape[0], -1).contiguous(), H, _segment(ids, scope))
-            return inverse.view_as(ids), counts, keys
-        inverse, counts = compact(ids, H, scope)
-        return inverse, counts, slot_keys(ids, inverse, counts)
+    ext = _ext(ids)
+    if ext is not None and ids[0].numel() > 0:  # the C++ ranking knows the keys anyway
+        inverse, counts, keys = ext.compact(ids.reshape(ids.shape[0], -1).contiguous(), H, _segment(ids, scope))
+        inverse = inverse.view_as(ids)
+    else:
+        inverse, counts = _compact_torch(ids, H, scope)
+        keys = slot_keys(ids, inverse, counts) if with_keys else None
+    return (inverse, counts, keys) if with_keys else (inverse, counts)
+
+
+def _compact_torch(ids: torch.Tensor, H: int, scope: str):
+    """:func:`compact` in plain PyTorch (a counting pass for small H, else a sort)."""
     nb = ids.shape[0]
     Nb = ids.shape[1]
     flat = ids.reshape(nb, -1)
@@ -158,10 +163,6 @@ def compact(ids: torch.Tensor, H: int, scope: str, with_keys: bool = False):
     base = torch.arange(nb, device=dev)[:, None]
     if N == 0:
         return ids.to(torch.int32), torch.zeros(nb, 0, dtype=torch.int64, device=dev)
-    ext = _ext(ids)
-    if ext is not None:
-        inverse, counts, _ = ext.compact(flat.contiguous(), H, _segment(ids, scope))
-        return inverse.view_as(ids), counts
     if scope == "batch" and H <= 20 and nb << H <= max(_DENSE_SLOTS, 4 * nb * N):
         S = 1 << H
         present = torch.bincount((flat + base * S).view(-1), minlength=nb * S).view(nb, S)
