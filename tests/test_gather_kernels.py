@@ -1,0 +1,74 @@
+"""The C++ gather-sum kernels (reconstruct and its gradients) against the equations written
+out in plain PyTorch, on the shapes that take each code path: full 64-byte column strips and
+a narrower last strip (M), one block or several per thread, and block groups (tables larger
+than the L2 budget, so that one thread's blocks are processed in several groups)."""
+
+import pytest
+import torch
+
+from reuse_compiler.runtime import extension, kernels
+
+pytestmark = pytest.mark.skipif(not extension.enabled(), reason="C++ kernels disabled")
+
+
+def _case(nb, cmax, N, M, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    yc = torch.randn(nb, cmax, M, generator=g, dtype=dtype)
+    inv = torch.randint(0, cmax, (nb, N), generator=g, dtype=torch.int32)
+    inv[:, : N // 3] = 0  # a hot slot, as real clusterings have
+    scales = torch.rand(nb, N, generator=g, dtype=dtype)
+    bias = torch.randn(M, generator=g, dtype=dtype)
+    dy = torch.randn(N, M, generator=g, dtype=dtype)
+    return yc, inv, scales, bias, dy
+
+
+def _ref_forward(yc, inv, bias, scales):
+    nb = yc.shape[0]
+    terms = yc[torch.arange(nb)[:, None], inv.long()]  # (nb, N, M)
+    if scales is not None:
+        terms = terms * scales[..., None]
+    y = terms.sum(0)
+    return y if bias is None else y + bias
+
+
+def _ref_backward(dy, inv, cmax, scales, yc=None):
+    nb = inv.shape[0]
+    dyc = torch.zeros(nb, cmax, dy.shape[1], dtype=dy.dtype)
+    for b in range(nb):
+        src = dy if scales is None else dy * scales[b, :, None]
+        dyc[b].index_add_(0, inv[b].long(), src)
+    d_scales = None if yc is None else (dy[None] * yc[torch.arange(nb)[:, None], inv.long()]).sum(-1)
+    return dyc, d_scales
+
+
+SHAPES = [
+    (1, 7, 50, 5),  # one block (fewer than threads): slot ranges; a narrow strip only
+    (3, 11, 97, 64),  # full strips (64 floats / 2 x 32 doubles)
+    (6, 300, 130, 80),  # a full strip and a narrow one; 6 x 96-192 KB tables: block groups
+    (40, 9, 260, 16),  # many blocks, narrow strip, rows across two row tiles
+]
+
+
+@pytest.mark.parametrize("nb,cmax,N,M", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_scales", [False, True])
+def test_reconstruct_matches_equation(nb, cmax, N, M, dtype, with_scales):
+    yc, inv, scales, bias, _ = _case(nb, cmax, N, M, dtype)
+    s = scales if with_scales else None
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kernels.reconstruct_rows(yc, inv, bias, s), _ref_forward(yc, inv, bias, s), **tol)
+    torch.testing.assert_close(kernels.reconstruct_rows(yc, inv, None, s), _ref_forward(yc, inv, None, s), **tol)
+
+
+@pytest.mark.parametrize("nb,cmax,N,M", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reconstruct_gradients_match_equation(nb, cmax, N, M, dtype):
+    yc, inv, scales, _, dy = _case(nb, cmax, N, M, dtype, seed=1)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for s in (None, scales):
+        got = kernels.reconstruct_rows_backward(dy, inv, torch.zeros(nb, cmax, M, dtype=dtype), s)
+        torch.testing.assert_close(got, _ref_backward(dy, inv, cmax, s)[0], **tol)
+    dyc, d_scales = kernels.reconstruct_scaled_backward(dy, yc, inv, scales)
+    ref_dyc, ref_ds = _ref_backward(dy, inv, cmax, scales, yc)
+    torch.testing.assert_close(dyc, ref_dyc, **tol)
+    torch.testing.assert_close(d_scales.reshape(nb, N), ref_ds, **tol)
