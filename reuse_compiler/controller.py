@@ -241,11 +241,15 @@ class AdaptiveReuse:
         a_cur = self._probe()
         trials = []
         chosen = rule = None
-        for j in range(i + 1, len(cands)):
+        # The built-in probe's accuracy is at most 1: above A_cur = 1/1.1 not even a perfect
+        # candidate could pass an amendment, so none is probed (same decision, no probe
+        # forwards). A callable probe may return any score: its candidates are all probed.
+        reachable = callable(self.probe) or _passes_31_32(1.0, a_cur) or _ratio(1.0, a_cur) >= 1.1
+        for j in range(i + 1, len(cands) if reachable else i + 1):
             set_stage(self.gm, name, L=cands[j][0], H=cands[j][1])
             a_j = self._probe()
             trials.append((j, a_j))
-            if (a_cur < 0.5 and _ratio(a_j, a_cur) >= 1.5) or (a_cur >= 0.5 and a_j - a_cur >= 0.1):
+            if _passes_31_32(a_j, a_cur):
                 chosen, rule = j, "amendment 3.1" if a_cur < 0.5 else "amendment 3.2"
                 break
         if chosen is None:
@@ -263,7 +267,10 @@ class AdaptiveReuse:
         set_stage(self.gm, name, L=old["L"], H=old["H"])
         new = {**old, "exact": True} if self.finish == "exact" else old
         why = "last candidate" if i == len(cands) - 1 else "no candidate passes 3.3"
-        return self._change(name, old, new, f"end: {why}", A_cur=a_cur, A_new=None, probes=probes, settled=True)
+        extra = {} if reachable else {"unreachable": True}
+        return self._change(
+            name, old, new, f"end: {why}", A_cur=a_cur, A_new=None, probes=probes, settled=True, **extra
+        )
 
     def _probe(self) -> float:
         """Probe accuracy at the current stages, in eval mode, leaving the plan's
@@ -319,6 +326,11 @@ class AdaptiveReuse:
         self.history = [dict(h) for h in state["history"]]
         for name, stage in state["stages"].items():
             set_stage(self.gm, name, **stage)
+
+
+def _passes_31_32(a_j: float, a_cur: float) -> bool:
+    """Amendment 3.1 (A_cur < 0.5: A_j / A_cur >= 1.5) or 3.2 (A_cur >= 0.5: A_j - A_cur >= 0.1)."""
+    return (a_cur < 0.5 and _ratio(a_j, a_cur) >= 1.5) or (a_cur >= 0.5 and a_j - a_cur >= 0.1)
 
 
 def _ratio(a: float, b: float) -> float:

@@ -119,6 +119,33 @@ def test_lh_3_3_end_when_no_candidate_qualifies(finish):
     assert len(ctl.history) == n  # a settled layer is not probed again
 
 
+def test_lh_does_not_probe_candidates_no_accuracy_could_promote(monkeypatch):
+    gm = _one_layer()
+    x = torch.randn(64, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = gm.eval()(x).argmax(1)  # A_cur = 1.0 > 1/1.1: no candidate could pass 3.2 or 3.3
+    gm.train()
+    ctl = AdaptiveReuse(gm, "lh", probe=(x, y), patience=0, finish="exact")
+    calls = []
+    probe = ctl._probe
+    monkeypatch.setattr(ctl, "_probe", lambda: calls.append(1) or probe())
+    ctl.step(1.0)
+    _plateau(ctl)
+    h = ctl.history[-1]
+    assert h["A_cur"] == 1.0 and len(calls) == 1  # A_cur only
+    assert h["rule"] == "end: no candidate passes 3.3" and h["probes"] == [] and h["unreachable"]
+    assert gm.reuse_plan["0"].exact
+    # below the bound a perfect candidate could pass 3.3, so the candidates are probed
+    gm = _one_layer()
+    y = y.clone()
+    y[:8] = (y[:8] + 1) % 10  # A_cur <= 56/64 = 0.875 < 1/1.1
+    ctl = AdaptiveReuse(gm, "lh", probe=(x, y), patience=0, finish="exact")
+    ctl.step(1.0)
+    _plateau(ctl)
+    h = ctl.history[-1]
+    assert h["probes"] and "unreachable" not in h
+
+
 def test_lh_walks_to_the_last_candidate_then_finishes_exact():
     gm = _one_layer()
     n = len(gm.reuse_plan["0"].candidates)
