@@ -42,7 +42,9 @@ def _ref_backward(dy, inv, cmax, scales, yc=None):
 
 
 SHAPES = [
-    (1, 7, 50, 5),  # one block (fewer than threads): slot ranges; a narrow strip only
+    (1, 7, 50, 5),  # one block (fewer than threads), few rows: one range; a narrow strip only
+    (1, 40, 5000, 64),  # one block, rows split among threads into private sums
+    (1, 13, 3001, 70),  # the same with a narrow last strip and uneven ranges
     (3, 11, 97, 64),  # full strips (64 floats / 2 x 32 doubles)
     (6, 300, 130, 80),  # a full strip and a narrow one; 6 x 96-192 KB tables: block groups
     (40, 9, 260, 16),  # many blocks, narrow strip, rows across two row tiles

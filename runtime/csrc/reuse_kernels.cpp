@@ -9,7 +9,9 @@
 //
 // Parallelism: ATen's at::parallel_for (the same OpenMP pool and thread count as torch).
 // Every kernel partitions its *outputs* among threads (blocks, slot ranges, output rows or
-// pixels), so no two threads write the same memory and no atomics are needed.
+// pixels), or (the scatter-adds with fewer blocks than threads) gives each thread a private
+// copy that is summed afterwards, so no two threads write the same memory and no atomics
+// are needed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -835,25 +837,47 @@ void for_pairs_by_blocks(int64_t nb, int64_t N, int64_t table_bytes, const int32
   });
 }
 
+// Fewer blocks than threads: the rows are cut into one range per thread, each range adds
+// into its own zeroed copy of the (nb, cmax, M) output (the first range into the output
+// itself), and the copies are summed at the end. Balanced however the rows spread over the
+// slots (on the digits one all-zero slot holds most rows, which left one thread of the
+// former slot-range split doing most of the work).
+template <typename T, typename Fn>
+void for_pairs_by_rows(int64_t nb, int64_t N, int64_t cmax, int64_t M, const int32_t* V, T* out, Fn fn) {
+  const int64_t size = nb * cmax * M;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 1024));
+  std::vector<std::vector<T>> priv(chunks - 1);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* o = out;
+      if (c) {
+        priv[c - 1].assign(size, T(0));
+        o = priv[c - 1].data();
+      }
+      const int64_t n0 = N * c / chunks, n1 = N * (c + 1) / chunks;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int32_t* vb = V + b * N;
+        for (int64_t n = n0; n < n1; ++n) fn(o, b, n, vb[n]);
+      }
+    }
+  });
+  if (chunks > 1)
+    at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+      for (const auto& p : priv) add_row(out + i0, p.data() + i0, i1 - i0);
+    });
+}
+
 template <typename T>
 void reconstruct_backward_impl(const T* G, const int32_t* V, const T* W, T* out, int64_t nb, int64_t cmax, int64_t N,
                                int64_t M) {
-  const int nth = at::get_num_threads();
-  if (nb >= nth) {  // each thread owns whole blocks
+  if (nb >= at::get_num_threads()) {  // each thread owns whole blocks
     for_pairs_by_blocks(nb, N, cmax * M * (int64_t)sizeof(T), V, [&](int64_t b, int64_t n, int64_t s) {
       add_row_w(out + (b * cmax + s) * M, G + n * M, W, b * N + n, M);
     });
     return;
   }
-  at::parallel_for(0, cmax, 1, [&](int64_t s0, int64_t s1) {  // each thread owns a slot range
-    for (int64_t b = 0; b < nb; ++b) {
-      const int32_t* vb = V + b * N;
-      T* ob = out + b * cmax * M;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t s = vb[n];
-        if (s >= s0 && s < s1) add_row_w(ob + s * M, G + n * M, W, b * N + n, M);
-      }
-    }
+  for_pairs_by_rows(nb, N, cmax, M, V, out, [&](T* o, int64_t b, int64_t n, int64_t s) {
+    add_row_w(o + (b * cmax + s) * M, G + n * M, W, b * N + n, M);
   });
 }
 
@@ -876,14 +900,14 @@ torch::Tensor reconstruct_backward(torch::Tensor dy_rows, torch::Tensor inverse,
 // Both gradients of the scaled reconstruction in one pass over the (block, row) pairs:
 // dyc[b, s] = sum_{n in s} w[b, n] dy[n] and d_w[b, n] = dy[n] . yc[b, inverse[b, n]]
 // (the same slot row of dyc and yc is touched for each pair). Threads own whole blocks
-// (rows in tiles), or with fewer blocks than threads a range of slots.
+// (rows in tiles), or with fewer blocks than threads a range of rows.
 template <typename T>
 void reconstruct_backward_scaled_impl(const T* G, const T* Y, const int32_t* V, const T* W, T* dyc, T* dw,
                                       int64_t nb, int64_t cmax, int64_t N, int64_t M) {
-  auto pair = [&](int64_t b, int64_t n, int64_t s) {
+  auto pair_into = [&](T* base, int64_t b, int64_t n, int64_t s) {
     const T* __restrict g = G + n * M;
     const T* __restrict y = Y + (b * cmax + s) * M;
-    T* __restrict o = dyc + (b * cmax + s) * M;
+    T* __restrict o = base + (b * cmax + s) * M;
     const T f = W[b * N + n];
     T acc = 0;
 #pragma omp simd reduction(+ : acc)
@@ -894,18 +918,11 @@ void reconstruct_backward_scaled_impl(const T* G, const T* Y, const int32_t* V, 
     dw[b * N + n] = acc;
   };
   if (nb >= at::get_num_threads()) {  // each thread owns whole blocks
-    for_pairs_by_blocks(nb, N, 2 * cmax * M * (int64_t)sizeof(T), V, pair);
+    for_pairs_by_blocks(nb, N, 2 * cmax * M * (int64_t)sizeof(T), V,
+                        [&](int64_t b, int64_t n, int64_t s) { pair_into(dyc, b, n, s); });
     return;
   }
-  at::parallel_for(0, cmax, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const int32_t* vb = V + b * N;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t s = vb[n];
-        if (s >= s0 && s < s1) pair(b, n, s);
-      }
-    }
-  });
+  for_pairs_by_rows(nb, N, cmax, M, V, dyc, pair_into);
 }
 
 std::vector<torch::Tensor> reconstruct_backward_scaled(torch::Tensor dy_rows, torch::Tensor yc,
