@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reuse_compiler  # noqa: E402,F401
+from examples.train import tune_malloc  # noqa: E402
 from reuse_compiler import policies  # noqa: E402
 from reuse_compiler.runtime import extension  # noqa: E402
 from reuse_compiler.runtime.ops import reuse_conv2d  # noqa: E402
@@ -291,16 +292,23 @@ def main(argv=None):
         choices=["contiguous", "channels_last"],
         help="the input's layout (the main job uses channels_last)",
     )
+    ap.add_argument(
+        "--malloc",
+        default="tuned",
+        choices=["tuned", "default"],
+        help="tuned: glibc malloc keeps freed memory, as in the main job (examples/train.py --malloc)",
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     global CENTROID
     CENTROID = args.centroid
+    malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     print(
         f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs; "
         f"ratios are against stock fp32 F.conv2d in the same run; L values {args.l_values}, centroid {args.centroid}, "
-        f"input {args.memory_format}"
+        f"input {args.memory_format}, malloc {malloc}"
     )
     results = []
     for name in args.layers.split(","):
