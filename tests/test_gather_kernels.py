@@ -1,7 +1,8 @@
 """The C++ gather-sum kernels (reconstruct and its gradients) against the equations written
 out in plain PyTorch, on the shapes that take each code path: full 64-byte column strips and
 a narrower last strip (M), one block or several per thread, and block groups (tables larger
-than the L2 budget, so that one thread's blocks are processed in several groups)."""
+than the L2 budget, so that one thread's blocks are processed in several groups); and the
+centroid sums of one block over many rows (split among threads into private sums)."""
 
 import pytest
 import torch
@@ -74,3 +75,26 @@ def test_reconstruct_gradients_match_equation(nb, cmax, N, M, dtype):
     ref_dyc, ref_ds = _ref_backward(dy, inv, cmax, scales, yc)
     torch.testing.assert_close(dyc, ref_dyc, **tol)
     torch.testing.assert_close(d_scales.reshape(nb, N), ref_ds, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C,L", [(1, 25), (3, 75)])  # one block (L = K): rows split into private sums
+def test_centroid_means_one_block_many_rows_match_torch(C, L, dtype):
+    from reuse_compiler.runtime import ops
+    from reuse_compiler.runtime.geometry import Geometry
+    from reuse_compiler.runtime.reference import lsh_planes
+
+    g0 = torch.Generator().manual_seed(2)
+    x = torch.relu(torch.randn(24, C, 12, 12, generator=g0, dtype=dtype))
+    x[:, :, :4] = 0  # many all-zero windows: one hot slot, as on the digits
+    k, s, p, d = [5, 5], [1, 1], [2, 2, 2, 2], [1, 1]
+    xp = ops.im2col(x, k, s, p, d)
+    ids = ops.lsh_hash(xp, lsh_planes(L, 6, seed=1, dtype=dtype), k, s, d)
+    inv, cnt = kernels.compact(ids, 6, "batch")
+    g = Geometry.of(xp.shape, k, s, d, L)
+    assert cnt.shape[0] == 1 and g.N >= 2048  # more than one row range per thread count
+    got = kernels.centroid_means(xp, inv, cnt, g)
+    with extension.disabled():
+        want = kernels.centroid_means(xp, inv, cnt, g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, **tol)

@@ -101,6 +101,36 @@ inline void add_row(T* __restrict d, const T* __restrict s, int64_t len) {
   for (int64_t k = 0; k < len; ++k) d[k] += s[k];
 }
 
+// Fewer blocks than threads: the rows are cut into one range per thread, each range adds
+// into its own zeroed copy of the (nb, cmax, M) output (the first range into the output
+// itself), and the copies are summed at the end. Balanced however the rows spread over the
+// slots (on the digits one all-zero slot holds most rows, which left one thread of the
+// former slot-range split doing most of the work).
+template <typename T, typename Fn>
+void for_pairs_by_rows(int64_t nb, int64_t N, int64_t cmax, int64_t M, const int32_t* V, T* out, Fn fn) {
+  const int64_t size = nb * cmax * M;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 1024));
+  std::vector<std::vector<T>> priv(chunks - 1);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* o = out;
+      if (c) {
+        priv[c - 1].assign(size, T(0));
+        o = priv[c - 1].data();
+      }
+      const int64_t n0 = N * c / chunks, n1 = N * (c + 1) / chunks;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int32_t* vb = V + b * N;
+        for (int64_t n = n0; n < n1; ++n) fn(o, b, n, vb[n]);
+      }
+    }
+  });
+  if (chunks > 1)
+    at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+      for (const auto& p : priv) add_row(out + i0, p.data() + i0, i1 - i0);
+    });
+}
+
 void check_cpu_contig(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "reuse kernels: ", name, " must be a contiguous CPU tensor");
   if (std::string(name) == "inverse")
@@ -469,8 +499,8 @@ torch::Tensor slot_keys(torch::Tensor ids, torch::Tensor inverse, int64_t cmax) 
 }
 
 // Per slot, the mean of its members' sub-vectors: (nb, Cmax, L). Each thread owns whole
-// blocks (or, with fewer blocks than threads, a range of slots), zeroes its part of the
-// output, accumulates, and divides by the slot's count.
+// blocks, zeroes its part of the output, accumulates, and divides by the slot's count; with
+// fewer blocks than threads, the rows are split into private sums (for_pairs_by_rows).
 template <typename T>
 void centroid_means_impl(const T* X, const int32_t* V, const int64_t* cnt, T* S, const Geo& g,
                          const std::vector<Piece>& pieces, const std::vector<int64_t>& start, int64_t nb,
@@ -485,25 +515,6 @@ void centroid_means_impl(const T* X, const int32_t* V, const int64_t* cnt, T* S,
         for (int64_t k = 0; k < L; ++k) row[k] *= inv;
       }
     }
-  };
-  auto accumulate = [&](int64_t b, int64_t s0, int64_t s1, bool all) {
-    const int32_t* vb = V + b * N;
-    T* sb = S + b * cmax * L;
-    int64_t n = 0;
-    for (int64_t bb = 0; bb < g.Nb; ++bb)
-      for (int64_t oh = 0; oh < g.Oh; ++oh) {
-        const int64_t a0 = (bb * g.Hp + oh * g.sh) * g.Wp;
-        for (int64_t ow = 0; ow < g.Ow; ++ow, ++n) {
-          const int64_t s = vb[n];
-          if (!all && (s < s0 || s >= s1)) continue;
-          const int64_t a = a0 + ow * g.sw;
-          T* dst = sb + s * L;
-          for (int64_t p = start[b]; p < start[b + 1]; ++p) {
-            const Piece& q = pieces[p];
-            add_row(dst + q.e0, X + (a + g.tap_offset(q.t)) * C + q.c0, q.len);
-          }
-        }
-      }
   };
   if (nb >= at::get_num_threads()) {  // each thread owns whole blocks; rows in tiles of
     // TILE, the thread's blocks inside a tile, so the tile's input pixels and the current
@@ -529,12 +540,19 @@ void centroid_means_impl(const T* X, const int32_t* V, const int64_t* cnt, T* S,
     });
     return;
   }
-  at::parallel_for(0, cmax, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t b = 0; b < nb; ++b) {
-      std::memset(S + (b * cmax + s0) * L, 0, sizeof(T) * (s1 - s0) * L);
-      accumulate(b, s0, s1, false);
-      finish(b, s0, s1);
+  // fewer blocks than threads: rows split among threads into private sums (see
+  // for_pairs_by_rows), then every slot divided by its count
+  std::memset(S, 0, sizeof(T) * nb * cmax * L);
+  for_pairs_by_rows(nb, N, cmax, L, V, S, [&](T* o, int64_t b, int64_t n, int64_t s) {
+    const int64_t a = g.anchor(n);
+    T* dst = o + (b * cmax + s) * L;
+    for (int64_t p = start[b]; p < start[b + 1]; ++p) {
+      const Piece& q = pieces[p];
+      add_row(dst + q.e0, X + (a + g.tap_offset(q.t)) * C + q.c0, q.len);
     }
+  });
+  at::parallel_for(0, cmax, 64, [&](int64_t s0, int64_t s1) {
+    for (int64_t b = 0; b < nb; ++b) finish(b, s0, s1);
   });
 }
 
@@ -835,36 +853,6 @@ void for_pairs_by_blocks(int64_t nb, int64_t N, int64_t table_bytes, const int32
       }
     }
   });
-}
-
-// Fewer blocks than threads: the rows are cut into one range per thread, each range adds
-// into its own zeroed copy of the (nb, cmax, M) output (the first range into the output
-// itself), and the copies are summed at the end. Balanced however the rows spread over the
-// slots (on the digits one all-zero slot holds most rows, which left one thread of the
-// former slot-range split doing most of the work).
-template <typename T, typename Fn>
-void for_pairs_by_rows(int64_t nb, int64_t N, int64_t cmax, int64_t M, const int32_t* V, T* out, Fn fn) {
-  const int64_t size = nb * cmax * M;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 1024));
-  std::vector<std::vector<T>> priv(chunks - 1);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      T* o = out;
-      if (c) {
-        priv[c - 1].assign(size, T(0));
-        o = priv[c - 1].data();
-      }
-      const int64_t n0 = N * c / chunks, n1 = N * (c + 1) / chunks;
-      for (int64_t b = 0; b < nb; ++b) {
-        const int32_t* vb = V + b * N;
-        for (int64_t n = n0; n < n1; ++n) fn(o, b, n, vb[n]);
-      }
-    }
-  });
-  if (chunks > 1)
-    at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
-      for (const auto& p : priv) add_row(out + i0, p.data() + i0, i1 - i0);
-    });
 }
 
 template <typename T>
