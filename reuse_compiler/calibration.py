@@ -115,6 +115,7 @@ def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3
         [
             _device_id(x),
             torch.__version__,
+            extension.fingerprint(),
             str(x.dtype),
             list(x.shape),
             list(w.shape),

@@ -21,7 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-__all__ = ["get", "enabled", "set_enabled", "SOURCE"]
+__all__ = ["get", "enabled", "set_enabled", "fingerprint", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("csrc") / "reuse_kernels.cpp"
 log = logging.getLogger("reuse_compiler")
@@ -80,6 +80,23 @@ def get():
                 stacklevel=2,
             )
     return _module
+
+
+_fingerprints: dict[bool, str] = {}
+
+
+def fingerprint() -> str:
+    """Which kernels run: a hash of the runtime's sources (the C++ kernels and the Python
+    modules that drive them) and whether the C++ build is in use. Timings measured under
+    one fingerprint (the measured policy's calibration cache) are not reused under another,
+    e.g. after an upgrade that changed the kernels."""
+    on = get() is not None
+    if on not in _fingerprints:
+        h = hashlib.sha1(b"ext" if on else b"torch")
+        for path in (SOURCE, *(Path(__file__).with_name(n) for n in ("kernels.py", "ops.py", "geometry.py"))):
+            h.update(path.read_bytes())
+        _fingerprints[on] = h.hexdigest()[:16]
+    return _fingerprints[on]
 
 
 def enabled() -> bool:

@@ -49,6 +49,20 @@ def test_calibration_is_cached(cache, monkeypatch):
     assert [r.calibration for r in first.reuse_plan] == [r.calibration for r in second.reuse_plan]
 
 
+def test_calibration_is_redone_when_the_kernels_change(cache, monkeypatch):
+    from reuse_compiler.runtime import extension
+
+    x = torch.randn(4, 1, 28, 28)
+    cfg = ReuseConfig(policy="measured", calibration_repeats=1)
+    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    timed = []
+    stage_fn = cal._stage_fn
+    monkeypatch.setattr(cal, "_stage_fn", lambda *a, **k: timed.append(a) or stage_fn(*a, **k))
+    monkeypatch.setattr(extension, "fingerprint", lambda: "other kernels")
+    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    assert timed  # the cached timings belong to other kernels: measured again
+
+
 def test_bad_policy():
     with pytest.raises(ValueError, match="ReuseConfig.policy"):
         ReuseConfig(policy="fastest")
