@@ -80,6 +80,23 @@ def pack_ids(proj: torch.Tensor) -> torch.Tensor:
     return ((proj > 0).to(ft) @ powers).to(torch.int64)
 
 
+def _pack_last(proj: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_ids` of ``proj`` (..., H), by the C++ kernel when the view allows it
+    (H contiguous, or a 4-D (Nb, A, B, H) permutation of a contiguous NCHW conv output)."""
+    H = proj.shape[-1]
+    ext = _ext(proj) if proj.dtype in (torch.float32, torch.float64) and H <= 63 and proj.numel() else None
+    if ext is not None:
+        lead = proj.shape[:-1]
+        if proj.stride(-1) == 1 and proj.dim() == 2:  # (U, H) rows, any row stride
+            return ext.pack_signs(proj.unsqueeze(-1)).view(lead)
+        if proj.is_contiguous():
+            return ext.pack_signs(proj.reshape(-1, H, 1)).view(lead)
+        if proj.dim() == 4 and proj.permute(0, 3, 1, 2).is_contiguous():  # an NCHW conv output, permuted
+            nchw = proj.permute(0, 3, 1, 2)
+            return ext.pack_signs(nchw.reshape(lead[0], H, -1)).view(lead)
+    return pack_ids(proj)
+
+
 def _project(rows: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     """rows @ planes with the planes zero-padded to a multiple of 16 columns (BLAS is much
     faster for those shapes), sliced back to H columns."""
@@ -107,19 +124,19 @@ def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tenso
     if kind == "window":
         v = planes.view(g.kh, g.kw, g.C, H).permute(3, 2, 0, 1)
         proj = F.conv2d(xp.permute(0, 3, 1, 2).to(ct), v, stride=(g.sh, g.sw), dilation=(g.dh, g.dw))
-        return pack_ids(proj.permute(0, 2, 3, 1)).unsqueeze(0)
+        return _pack_last(proj.permute(0, 2, 3, 1)).unsqueeze(0)
     if kind in ("chunk", "row"):
         P = g.Nb * g.Hp * g.Wp
         rows = xp.reshape(P, g.C).to(ct)
         if kind == "chunk":
             nq = g.C // g.L
-            unit = pack_ids(_project(rows.view(P * nq, g.L), planes)).view(P, nq)
+            unit = _pack_last(_project(rows.view(P * nq, g.L), planes)).view(P, nq)
             taps, per_tap = range(g.kh * g.kw), nq
         else:  # m pixels of a kernel row, all channels: a (1 x m) convolution over every anchor
             m = g.L // g.C
             v = planes.view(m, g.C, H).permute(2, 1, 0).unsqueeze(2)  # (H, C, 1, m)
             proj = F.conv2d(xp.permute(0, 3, 1, 2).to(ct), v, dilation=(1, g.dw))  # (Nb, H, Hp, Wp - span)
-            unit = F.pad(pack_ids(proj.permute(0, 2, 3, 1)), (0, (m - 1) * g.dw)).reshape(P)
+            unit = F.pad(_pack_last(proj.permute(0, 2, 3, 1)), (0, (m - 1) * g.dw)).reshape(P)
             taps = [i * g.kw + jj * m for i in range(g.kh) for jj in range(g.kw // m)]
             per_tap = 1
         ext = _ext(unit)
@@ -131,7 +148,7 @@ def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tenso
         return ids.reshape(g.nb, g.Nb, oh, ow)
     ids = torch.empty(g.nb, g.N, dtype=torch.int64, device=xp.device)
     for b in range(g.nb):
-        ids[b] = pack_ids(_project(g.gather_block(xp, b).to(ct), planes))
+        ids[b] = _pack_last(_project(g.gather_block(xp, b).to(ct), planes))
     return ids.view(g.nb, g.Nb, oh, ow)
 
 

@@ -12,6 +12,16 @@ from reuse_compiler.runtime import extension, kernels
 pytestmark = pytest.mark.skipif(not extension.enabled(), reason="C++ kernels disabled")
 
 
+@pytest.fixture(autouse=True)
+def _require_extension():
+    """A failed build must fail these tests, not fall back to the kernels they are checked against."""
+    if extension.get() is None:
+        pytest.fail("the C++ kernels did not build")
+    kernels.REQUIRE_EXTENSION = True
+    yield
+    kernels.REQUIRE_EXTENSION = False
+
+
 def _case(nb, cmax, N, M, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     yc = torch.randn(nb, cmax, M, generator=g, dtype=dtype)
@@ -98,3 +108,23 @@ def test_centroid_means_one_block_many_rows_match_torch(C, L, dtype):
         want = kernels.centroid_means(xp, inv, cnt, g)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("H", [1, 8, 13, 40, 63])
+def test_pack_signs_matches_pack_bits_in_every_layout(H, dtype):
+    from reuse_compiler.runtime.reference import pack_bits
+
+    g = torch.Generator().manual_seed(H)
+    nchw = torch.randn(3, H, 5, 7, generator=g, dtype=dtype)
+    nchw[0, :, 0] = 0.0  # zero is not > 0
+    nchw[1, :, 1] = -0.0
+    views = {
+        "rows with a padded stride": torch.randn(50, H + 3, generator=g, dtype=dtype)[:, :H],
+        "contiguous": nchw.permute(0, 2, 3, 1).contiguous(),
+        "permuted NCHW": nchw.permute(0, 2, 3, 1),
+        "channels-last NCHW, permuted": nchw.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1),
+        "other strides (fallback)": nchw.permute(0, 3, 2, 1),
+    }
+    for name, proj in views.items():
+        assert torch.equal(kernels._pack_last(proj), pack_bits(proj)), name

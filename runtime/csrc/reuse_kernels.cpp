@@ -1121,6 +1121,43 @@ torch::Tensor gather_ids(torch::Tensor unit, int64_t per_pixel, torch::Tensor bl
   return ids;
 }
 
+// ids[o, i] = sum_k (proj[o, k, i] > 0) << k for proj viewed as (outer, H, inner), inner
+// stride 1 (or inner = 1): the sign bits of the projections, packed (H <= 63).
+template <typename T>
+void pack_signs_impl(const T* P, int64_t* out, int64_t outer, int64_t H, int64_t inner, int64_t so, int64_t sk) {
+  at::parallel_for(0, outer, std::max<int64_t>(1, 4096 / inner), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      int64_t* d = out + o * inner;
+      const T* p = P + o * so;
+      if (inner == 1) {
+        int64_t id = 0;
+        for (int64_t k = 0; k < H; ++k) id |= int64_t(p[k * sk] > 0) << k;
+        d[0] = id;
+        continue;
+      }
+      std::memset(d, 0, sizeof(int64_t) * inner);
+      for (int64_t k = 0; k < H; ++k) {
+        const T* pk = p + k * sk;
+#pragma omp simd
+        for (int64_t i = 0; i < inner; ++i) d[i] |= int64_t(pk[i] > 0) << k;
+      }
+    }
+  });
+}
+
+torch::Tensor pack_signs(torch::Tensor proj) {
+  TORCH_CHECK(proj.device().is_cpu() && proj.dim() == 3, "pack_signs: a CPU (outer, H, inner) tensor");
+  const int64_t outer = proj.size(0), H = proj.size(1), inner = proj.size(2);
+  TORCH_CHECK(H <= 63, "pack_signs: at most 63 bits");
+  TORCH_CHECK(inner == 1 || proj.stride(2) == 1, "pack_signs: the inner dimension must be contiguous");
+  auto ids = torch::empty({outer, inner}, proj.options().dtype(torch::kInt64));
+  AT_DISPATCH_FLOATING_TYPES(proj.scalar_type(), "pack_signs", [&] {
+    pack_signs_impl<scalar_t>(proj.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(), outer, H, inner, proj.stride(0),
+                              proj.stride(1));
+  });
+  return ids;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compact", &compact, "rank the ids present in each block (segment): (inverse, counts)");
   m.def("centroid_means", &centroid_means, "per-slot means of the members' sub-vectors");
@@ -1133,4 +1170,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("member_norms_backward", &member_norms_backward, "col2im of g / norm times x");
   m.def("slot_keys", &slot_keys, "the hash id of every slot (-1 for empty slots)");
   m.def("gather_ids", &gather_ids, "per-block ids gathered from per-pixel unit ids");
+  m.def("pack_signs", &pack_signs, "packed sign bits of (outer, H, inner) projections");
 }
