@@ -178,7 +178,33 @@ def reuse_compile(
             state.set_params(row.L, row.H)
             _register(gm, state_path(row.name), state)
     gm.reuse_plan = ReusePlan(rows, measure=_measure(gm))
+    _keep_on_deepcopy(gm)
     return rebuild(gm)
+
+
+_REUSE_ATTRS = ("_reuse_source", "reuse_config", "reuse_plan")
+
+
+def _keep_on_deepcopy(gm: fx.GraphModule) -> None:
+    """Make ``copy.deepcopy(gm)`` a compiled module too (an EMA copy, a copy per trial):
+    ``GraphModule.__deepcopy__`` keeps only the graph, submodules, parameters and buffers,
+    so the plan, the config and the traced source are copied here, and the copy's plan
+    reads its own runtime state. (``type(gm)`` is fx's per-instance class, so this touches
+    no other module.)"""
+    cls = type(gm)
+    if "__deepcopy__" in cls.__dict__:
+        return
+
+    def __deepcopy__(self, memo):
+        res = fx.GraphModule.__deepcopy__(self, memo)
+        for name in _REUSE_ATTRS:
+            if name in self.__dict__:
+                setattr(res, name, copy.deepcopy(self.__dict__[name], memo))
+        res.reuse_plan._measure = _measure(res)
+        _keep_on_deepcopy(res)
+        return res
+
+    cls.__deepcopy__ = __deepcopy__
 
 
 def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:

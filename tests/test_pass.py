@@ -298,3 +298,28 @@ def test_cli_inspect_prints_plan_and_graph(capsys):
         == 0
     )
     assert json.loads(capsys.readouterr().out)["layers"][1]["L"] == 5
+
+
+def test_deepcopy_is_an_independent_compiled_module():
+    import copy
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 32, 32)
+    gm = reuse_compile(cifarnet(width=0.25), x)
+    with torch.no_grad():
+        y = gm(x)
+    twin = copy.deepcopy(gm)
+    assert [(r.name, r.L, r.H, r.exact) for r in twin.reuse_plan] == [
+        (r.name, r.L, r.H, r.exact) for r in gm.reuse_plan
+    ]
+    assert twin.reuse_config == gm.reuse_config
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), y)
+    # the copy's plan reads the copy's runtime state, and its stages and weights are its own
+    assert twin.reuse_plan["conv1"].r_c is not None
+    set_stage(twin, "conv1", exact=True)
+    assert twin.reuse_plan["conv1"].exact and not gm.reuse_plan["conv1"].exact
+    with torch.no_grad():
+        next(twin.parameters()).add_(1.0)
+        torch.testing.assert_close(gm(x), y)
+    assert copy.deepcopy(twin).reuse_plan["conv1"].exact  # a copy of a copy

@@ -1,0 +1,103 @@
+"""Training-step benchmark: one whole step of the main job's model (forward, loss, backward,
+Adam), stock vs reuse, time and peak memory measured in one run.
+
+The model and data are the main job's (``examples/train.py``: CifarNet on the real digits,
+batch 128, channels-last, Adam 1e-3). Variants, timed interleaved round-robin after
+warm-up steps, medians of ``--repeats`` rounds of ``--steps`` steps each:
+
+- stock fp32 (the baseline every ratio divides by);
+- reuse with the main job's default config at its first stages (measured policy, extended
+  L values, norm centroid), and the same with the paper's L values (``--l-values fast``);
+- each reuse model with every layer set exact (the rewrite's cost when it does not reuse).
+
+"peak" is the maximum of the profiler's memory timeline during one step (parameters,
+optimizer state and the batch excluded), the figure the issue's "peak training memory"
+target is about; unlike the per-layer benchmark it includes every layer and the optimizer.
+
+    python benchmarks/step.py
+    python benchmarks/step.py --repeats 9 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.layers import machine, peak_bytes  # noqa: E402
+from examples.train import MODELS, load_digits, tune_malloc  # noqa: E402
+from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
+
+
+def make_step(model, x, y):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed round")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--malloc", default="tuned", choices=["tuned", "default"])
+    args = ap.parse_args(argv)
+    malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
+    torch.manual_seed(0)
+    (x_tr, y_tr), _ = load_digits(0.2, 0)
+    x = x_tr[: args.batch_size].contiguous(memory_format=torch.channels_last)
+    y = y_tr[: args.batch_size]
+    base = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
+
+    models = {"stock fp32": copy.deepcopy(base)}
+    for name, l_values in (("reuse (defaults)", "extended"), ("reuse (--l-values fast)", "fast")):
+        gm = reuse_compile(copy.deepcopy(base), x, config=ReuseConfig(policy="measured", l_values=l_values))
+        stages = ", ".join(f"{r.name} " + ("exact" if r.exact else f"L={r.L} H={r.H}") for r in gm.reuse_plan)
+        models[f"{name}: {stages}"] = gm
+        exact = copy.deepcopy(gm)
+        set_stage(exact, exact=True)
+        models[f"{name}, every layer exact"] = exact
+
+    steps = {name: make_step(m, x, y) for name, m in models.items()}
+    for fn in steps.values():  # warm-up: Adam's state, the kernels' first calls
+        fn()
+        fn()
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    peaks = {name: peak_bytes(fn, "cpu") for name, fn in steps.items()}
+
+    base_ms = statistics.median(times["stock fp32"]) * 1e3
+    print(
+        f"# training step of examples/train.py's CifarNet (batch {args.batch_size}, channels-last, Adam) on "
+        f"{machine('cpu')}; malloc {malloc}; medians of {args.repeats} interleaved rounds of {args.steps} steps"
+    )
+    print("| variant | step ms | step x | peak MB | peak x |")
+    print("|---|---:|---:|---:|---:|")
+    for name in steps:
+        ms = statistics.median(times[name]) * 1e3
+        print(
+            f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {peaks[name] / 2**20:.1f} | "
+            f"{peaks[name] / peaks['stock fp32']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
