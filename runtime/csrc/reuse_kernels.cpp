@@ -500,7 +500,8 @@ torch::Tensor slot_keys(torch::Tensor ids, torch::Tensor inverse, int64_t cmax) 
 
 // Per slot, the mean of its members' sub-vectors: (nb, Cmax, L). Each thread owns whole
 // blocks, zeroes its part of the output, accumulates, and divides by the slot's count; with
-// fewer blocks than threads, the rows are split into private sums (for_pairs_by_rows).
+// fewer blocks than threads, or a few small ones, the rows are split into private sums
+// (for_pairs_by_rows).
 template <typename T>
 void centroid_means_impl(const T* X, const int32_t* V, const int64_t* cnt, T* S, const Geo& g,
                          const std::vector<Piece>& pieces, const std::vector<int64_t>& start, int64_t nb,
@@ -516,7 +517,12 @@ void centroid_means_impl(const T* X, const int32_t* V, const int64_t* cnt, T* S,
       }
     }
   };
-  if (nb >= at::get_num_threads()) {  // each thread owns whole blocks; rows in tiles of
+  // A few blocks (fewer than 4 per thread) with small tables go by rows too: whole blocks
+  // left threads unevenly loaded (5 blocks on 2 threads) and were measured slower (conv1
+  // L=5: 5.4 -> 3.0 ms, conv2 L=320: 2.2 -> 1.7 ms; L=32's 50 blocks stay by blocks).
+  const int64_t nth = at::get_num_threads();
+  const bool few = nb < 4 * nth && nb * cmax * L * (int64_t)sizeof(T) <= (int64_t(2) << 20);
+  if (nb >= nth && !few) {  // each thread owns whole blocks; rows in tiles of
     // TILE, the thread's blocks inside a tile, so the tile's input pixels and the current
     // block's table stay in cache
     constexpr int64_t TILE = 512;
@@ -540,8 +546,8 @@ void centroid_means_impl(const T* X, const int32_t* V, const int64_t* cnt, T* S,
     });
     return;
   }
-  // fewer blocks than threads: rows split among threads into private sums (see
-  // for_pairs_by_rows), then every slot divided by its count
+  // fewer blocks than threads (or a few small ones): rows split among threads into private
+  // sums (see for_pairs_by_rows), then every slot divided by its count
   std::memset(S, 0, sizeof(T) * nb * cmax * L);
   for_pairs_by_rows(nb, N, cmax, L, V, S, [&](T* o, int64_t b, int64_t n, int64_t s) {
     const int64_t a = g.anchor(n);
