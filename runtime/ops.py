@@ -23,6 +23,8 @@ strided. Cmax is data-dependent.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -170,10 +172,29 @@ def cluster(
     keys = None
     if kernels.chunk_path_applies(ids, g, scope):
         inverse, counts, keys = kernels.compact(ids, H, scope, with_keys=True)
+        _hand_keys(inverse, keys)
     else:
         inverse, counts = kernels.compact(ids, H, scope)
     centroids = kernels.centroid_means(xp, inverse, counts, g, keys).to(xp.dtype)
     return centroids, inverse, counts
+
+
+# The slot keys `compact` returned in cluster's forward, for its setup_context (which sees
+# only the op's outputs): keyed by the id of the `inverse` output, checked by identity, and
+# dropped when that tensor is freed (forwards without autograd never collect theirs).
+# Saves the second pass over the ids (~1 ms per step at conv2 L=32).
+_KEYS: dict[int, tuple] = {}
+
+
+def _hand_keys(inverse: torch.Tensor, keys: torch.Tensor) -> None:
+    if _concrete(inverse):
+        _KEYS[id(inverse)] = (weakref.ref(inverse), keys)
+        weakref.finalize(inverse, _KEYS.pop, id(inverse), None)
+
+
+def _take_keys(inverse: torch.Tensor) -> torch.Tensor | None:
+    entry = _KEYS.pop(id(inverse), None)
+    return entry[1] if entry is not None and entry[0]() is inverse else None
 
 
 @cluster.register_fake
@@ -211,7 +232,9 @@ def _cluster_setup(ctx, inputs, output):
     _, inverse, counts = output
     # the chunk path of the backward needs each slot's key (nb x Cmax, small), not the ids
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
-    keys = kernels.chunk_keys(ids, inverse, counts, g, scope) if _concrete(ids) else None
+    keys = _take_keys(inverse)
+    if keys is None and _concrete(ids):
+        keys = kernels.chunk_keys(ids, inverse, counts, g, scope)
     ctx.save_for_backward(inverse, counts, keys)
     # inverse and counts get no gradient: no zero tensors of their size in the backward
     # (inverse's would be nb x N, as large as inverse itself, at the backward's peak)

@@ -131,3 +131,32 @@ def test_opcheck_on_chunk_geometry(dtype):
     cent, inv, cnt = ops.cluster(xp, ids, k, s, d, 2, 4, "batch")
     keys = kernels.slot_keys(ids, inv, cnt)
     torch.library.opcheck(ops.cluster_grad.default, (torch.randn_like(cent), inv, cnt, list(xp.shape), k, s, d, keys))
+
+
+def test_cluster_hands_its_keys_to_the_backward(monkeypatch):
+    """compact's slot keys reach cluster's autograd without a second pass over the ids, and
+    forwards whose keys no backward collects leave nothing behind."""
+    import gc
+
+    from reuse_compiler.runtime import ops as rops
+
+    kernels.CHUNK_PATH = "always"
+    C, k, p, d, L, hw = CHUNK_SHAPES[2]
+    x = torch.randn(3, C, *hw, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, C, *k, dtype=torch.float64, requires_grad=True)
+    planes = lsh_planes(L, 4, seed=1, dtype=torch.float64)
+    y_expected, _ = run_chain(x, w, None, k=k, s=(1, 1), p=p, d=d, planes=planes, centroid="mean")
+    g_expected = torch.autograd.grad(y_expected.sum(), (x, w))
+
+    def no_scan(*a, **kw):
+        raise AssertionError("cluster's setup_context scanned the ids for the slot keys")
+
+    monkeypatch.setattr(kernels, "chunk_keys", no_scan)
+    y, _ = run_chain(x, w, None, k=k, s=(1, 1), p=p, d=d, planes=planes, centroid="mean")
+    for g1, g2 in zip(torch.autograd.grad(y.sum(), (x, w)), g_expected):
+        torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for _ in range(3):
+            run_chain(x, w, None, k=k, s=(1, 1), p=p, d=d, planes=planes, centroid="mean")
+    gc.collect()
+    assert not rops._KEYS
