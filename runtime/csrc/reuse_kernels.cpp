@@ -663,13 +663,14 @@ torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor invers
   return D;
 }
 
-// The gather-sum kernels below work on column strips of NV 64-byte vectors (64 floats or
-// 32 doubles per strip), keeping a strip of one output row (forward) or of one gradient row
-// (backward) in registers while it meets every block of a group; the groups are sized so
-// that their centroid tables stay in L2 (kTableBudget), and each thread's rows go through
-// in tiles whose inverse (and scales) entries are first transposed to (row, block) order.
-// Measured on conv2 (M = 64): 1.6-2x faster than a row-at-a-time add at L = 32, ~4x at
-// L = 8 (whose 200 tables of 155 KB thrashed the caches).
+// The reconstruction (a gather-sum) works on column strips of NV 64-byte vectors (64 floats
+// or 32 doubles per strip), keeping a strip of one output row in registers while it meets
+// every block of a group; the groups are sized so that their centroid tables stay in L2
+// (kTableBudget), and each thread's rows go through in tiles whose inverse (and scales)
+// entries are first transposed to (row, block) order. Measured on conv2 (M = 64): 1.3-1.6x
+// faster than a row-at-a-time add at L = 32, 2-3x at L = 8 (whose 200 tables of 155 KB
+// thrashed the caches); see benchmarks/kernels_ab.py. (The scatter backwards keep a
+// block-outer order, below: a register strip per gradient row was slower there.)
 template <typename T>
 struct Vec {
   typedef T type __attribute__((vector_size(64)));
@@ -689,13 +690,6 @@ template <typename T>
 inline void vstore(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
-template <typename T>
-inline T vsum(typename Vec<T>::type v) {
-  T s = 0;
-  for (int64_t k = 0; k < Vec<T>::W; ++k) s += v[k];
-  return s;
-}
-
 inline int64_t block_group(int64_t nb, int64_t table_bytes) {
   return std::max<int64_t>(1, std::min<int64_t>(nb, kTableBudget / std::max<int64_t>(table_bytes, 1)));
 }
