@@ -44,8 +44,8 @@ def build(source: str, tag: str):
     return cpp_extension.load(
         name=f"reuse_kernels_ab_{tag}_{digest}",
         sources=[str(path)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=extension.CFLAGS,
+        extra_ldflags=extension.LDFLAGS,
     )
 
 

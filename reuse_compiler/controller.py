@@ -244,7 +244,7 @@ class AdaptiveReuse:
         # The built-in probe's accuracy is at most 1: above A_cur = 1/1.1 not even a perfect
         # candidate could pass an amendment, so none is probed (same decision, no probe
         # forwards). A callable probe may return any score: its candidates are all probed.
-        reachable = callable(self.probe) or _passes_31_32(1.0, a_cur) or _ratio(1.0, a_cur) >= 1.1
+        reachable = callable(self.probe) or _passes_31_32(1.0, a_cur) or _passes_33(1.0, a_cur)
         for j in range(i + 1, len(cands) if reachable else i + 1):
             set_stage(self.gm, name, L=cands[j][0], H=cands[j][1])
             a_j = self._probe()
@@ -254,7 +254,7 @@ class AdaptiveReuse:
                 break
         if chosen is None:
             for j, a_j in trials:
-                if _ratio(a_j, a_cur) >= 1.1:
+                if _passes_33(a_j, a_cur):
                     chosen, rule = j, "amendment 3.3"
                     break
         probes = [{"L": cands[j][0], "H": cands[j][1], "acc": a} for j, a in trials]
@@ -331,6 +331,11 @@ class AdaptiveReuse:
 def _passes_31_32(a_j: float, a_cur: float) -> bool:
     """Amendment 3.1 (A_cur < 0.5: A_j / A_cur >= 1.5) or 3.2 (A_cur >= 0.5: A_j - A_cur >= 0.1)."""
     return (a_cur < 0.5 and _ratio(a_j, a_cur) >= 1.5) or (a_cur >= 0.5 and a_j - a_cur >= 0.1)
+
+
+def _passes_33(a_j: float, a_cur: float) -> bool:
+    """Amendment 3.3: A_j / A_cur >= 1.1."""
+    return _ratio(a_j, a_cur) >= 1.1
 
 
 def _ratio(a: float, b: float) -> float:

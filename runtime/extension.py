@@ -21,9 +21,11 @@ import sys
 import warnings
 from pathlib import Path
 
-__all__ = ["get", "enabled", "set_enabled", "fingerprint", "SOURCE"]
+__all__ = ["get", "enabled", "set_enabled", "fingerprint", "SOURCE", "CFLAGS", "LDFLAGS"]
 
 SOURCE = Path(__file__).with_name("csrc") / "reuse_kernels.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 log = logging.getLogger("reuse_compiler")
 
 _module = None
@@ -56,8 +58,8 @@ def _build():
     return cpp_extension.load(
         name=f"reuse_kernels_{tag}",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=CFLAGS,
+        extra_ldflags=LDFLAGS,
         verbose=False,
     )
 

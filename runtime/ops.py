@@ -313,7 +313,7 @@ def cluster_input_grad(
 def _(g_centroids, inverse, counts, xp_shape, kernel_size, stride, padding, dilation, keys=None):
     Nb, Hp, Wp, C = (int(v) for v in xp_shape)
     H, W = Hp - padding[0] - padding[1], Wp - padding[2] - padding[3]
-    return g_centroids.new_empty_strided((Nb, C, H, W), (H * W * C, 1, W * C, C))
+    return g_centroids.new_empty_strided(*_out_geometry(Nb, C, H, W))
 
 
 # --------------------------------------------------------------------------- centroid_gemm
@@ -386,6 +386,7 @@ def reconstruct(
 
 
 def _out_geometry(Nb, M, oh, ow):
+    """Size and strides of a (Nb, M, oh, ow) tensor in channels-last memory."""
     return (Nb, M, oh, ow), (oh * ow * M, 1, ow * M, M)
 
 
@@ -546,8 +547,7 @@ def member_norms_input_grad(
 
 @member_norms_input_grad.register_fake
 def _(g_norms, norms, x, kernel_size, stride, padding, dilation, L):
-    Nb, C, H, W = x.shape
-    return x.new_empty_strided((Nb, C, H, W), (H * W * C, 1, W * C, C))
+    return x.new_empty_strided(*_out_geometry(*x.shape))
 
 
 @torch.library.custom_op("reuse::member_norms_grad", mutates_args=())

@@ -690,8 +690,9 @@ template <typename T>
 inline void vstore(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
-inline int64_t block_group(int64_t nb, int64_t table_bytes) {
-  return std::max<int64_t>(1, std::min<int64_t>(nb, kTableBudget / std::max<int64_t>(table_bytes, 1)));
+// How many blocks' tables of table_bytes each fit the budget (at least 1, at most nb).
+inline int64_t block_group(int64_t nb, int64_t table_bytes, int64_t budget) {
+  return std::max<int64_t>(1, std::min<int64_t>(nb, budget / std::max<int64_t>(table_bytes, 1)));
 }
 
 // (row, block) copies of V[b * N + n] (and W) for blocks [g0, g0 + gn) and rows [n0, n0 + nt).
@@ -715,7 +716,7 @@ void reconstruct_impl(const T* Y, const int32_t* V, const T* bias, const T* W, T
                       int64_t N, int64_t M) {
   using VT = typename Vec<T>::type;
   constexpr int64_t VW = Vec<T>::W, CW = NV * VW;
-  const int64_t GB = block_group(nb, cmax * M * (int64_t)sizeof(T));
+  const int64_t GB = block_group(nb, cmax * M * (int64_t)sizeof(T), kTableBudget);
   at::parallel_for(0, N, kRowTile, [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> vt(kRowTile * GB);
     std::vector<T> wt(W ? kRowTile * GB : 0);
@@ -840,7 +841,7 @@ constexpr int64_t kScatterBudget = 256 << 10;
 template <typename Fn>
 void for_pairs_by_blocks(int64_t nb, int64_t N, int64_t table_bytes, const int32_t* V, Fn fn) {
   constexpr int64_t TILE = 512;
-  const int64_t GB = std::max<int64_t>(1, std::min<int64_t>(nb, kScatterBudget / std::max<int64_t>(table_bytes, 1)));
+  const int64_t GB = block_group(nb, table_bytes, kScatterBudget);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t g0 = b0; g0 < b1; g0 += GB) {
       const int64_t g1 = std::min(b1, g0 + GB);
@@ -858,15 +859,15 @@ void for_pairs_by_blocks(int64_t nb, int64_t N, int64_t table_bytes, const int32
 template <typename T>
 void reconstruct_backward_impl(const T* G, const int32_t* V, const T* W, T* out, int64_t nb, int64_t cmax, int64_t N,
                                int64_t M) {
+  auto add_into = [&](T* base, int64_t b, int64_t n, int64_t s) {
+    add_row_w(base + (b * cmax + s) * M, G + n * M, W, b * N + n, M);
+  };
   if (nb >= at::get_num_threads()) {  // each thread owns whole blocks
-    for_pairs_by_blocks(nb, N, cmax * M * (int64_t)sizeof(T), V, [&](int64_t b, int64_t n, int64_t s) {
-      add_row_w(out + (b * cmax + s) * M, G + n * M, W, b * N + n, M);
-    });
+    for_pairs_by_blocks(nb, N, cmax * M * (int64_t)sizeof(T), V,
+                        [&](int64_t b, int64_t n, int64_t s) { add_into(out, b, n, s); });
     return;
   }
-  for_pairs_by_rows(nb, N, cmax, M, V, out, [&](T* o, int64_t b, int64_t n, int64_t s) {
-    add_row_w(o + (b * cmax + s) * M, G + n * M, W, b * N + n, M);
-  });
+  for_pairs_by_rows(nb, N, cmax, M, V, out, add_into);
 }
 
 torch::Tensor reconstruct_backward(torch::Tensor dy_rows, torch::Tensor inverse, int64_t cmax,
