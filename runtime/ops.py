@@ -399,7 +399,10 @@ def _(yc, inverse, bias, scales=None):
 def _reconstruct_setup(ctx, inputs, output):
     yc, inverse, bias, scales = inputs
     ctx.has_scales = scales is not None
-    ctx.save_for_backward(inverse, scales, yc if ctx.has_scales else None)
+    # y_c is needed only for the scales' gradient: a first layer's norms (of the model's input)
+    # need none, and keeping y_c there would only raise the backward's peak.
+    keep_yc = ctx.has_scales and ctx.needs_input_grad[3]
+    ctx.save_for_backward(inverse, scales, yc if keep_yc else None)
     ctx.cmax = yc.shape[1]
     ctx.yc_dtype = yc.dtype
     ctx.has_bias = bias is not None

@@ -295,6 +295,24 @@ def test_fused_scaled_backward_equals_the_two_ops(dtype):
     torch.testing.assert_close(d_s, torch.ops.reuse.reconstruct_scales_grad(g_y, yc, inv), **tol)
 
 
+def test_reconstruct_keeps_centroid_outputs_only_for_the_scales_gradient():
+    """A first layer's norms (of the model's input) need no gradient: reconstruct then does
+    not keep y_c for its backward (it would only raise the peak), and d y_c is unchanged."""
+    g_y, yc, inv, norms = _op_args(torch.float64)["reconstruct_grad_scaled_fused"]
+    grads = []
+    for norms_grad in (True, False):
+        yc_ = yc.detach().clone().requires_grad_()
+        s_ = norms.detach().clone().requires_grad_(norms_grad)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            y = torch.ops.reuse.reconstruct(yc_, inv, None, s_)
+        kept_yc = any(t.shape == yc.shape and t.dtype == yc.dtype for t in saved)
+        assert kept_yc == norms_grad
+        y.backward(g_y)
+        grads.append(yc_.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("centroid", ["mean", "norm"])
 def test_gradcheck_chain_float64(centroid):
     """float64 gradcheck of the op chain w.r.t. input, weight and bias (input without zeros)."""
