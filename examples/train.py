@@ -252,6 +252,12 @@ def build_parser():
         help="what a cluster's output is built from: its members' mean, or each member's norm "
         "times the unit mean direction (docs/policies.md)",
     )
+    p.add_argument(
+        "--max-error",
+        type=float,
+        default=None,
+        help="measured policy: keep only stages whose relative output error on the example batch is at most this",
+    )
     p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
     p.add_argument("--H", type=int, default=None, help="fixed H for every layer")
     p.add_argument(
@@ -306,6 +312,7 @@ def main(argv=None):
         policy=args.policy,
         l_values=args.l_values,
         centroid=args.centroid,
+        max_error=args.max_error,
     )
     t0 = time.perf_counter()
     gm = reuse_compile(copy.deepcopy(base), x_tr[: args.batch_size], config=config)

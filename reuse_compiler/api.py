@@ -228,13 +228,25 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
             bias = _resolve(gm, a["bias"])
         if weight is None:
             continue  # a computed weight: keep the paper's order
-        row.calibration = calibrate(row, inputs[row.node], weight, bias, config.calibration_repeats, config.centroid)
-        faster = sorted((c for c in row.calibration["candidates"] if c["ratio"] < 1.0), key=lambda c: c["ms"])
+        x, input_grad = inputs[row.node]
+        row.calibration = calibrate(row, x, weight, bias, config.calibration_repeats, config.centroid, input_grad)
+        cands = row.calibration["candidates"]
+        faster = sorted((c for c in cands if c["ratio"] < 1.0), key=lambda c: c["ms"])
         if not faster:
-            best = min(c["ratio"] for c in row.calibration["candidates"])
+            best = min(c["ratio"] for c in cands)
             row.reason = f"measured policy: no candidate is faster than exact here (best {best:.2f}x)"
             row.exact = True
             continue
+        if config.max_error is not None:
+            faster = [c for c in faster if c["error"] <= config.max_error]
+            if not faster:
+                best = min(c["error"] for c in cands if c["ratio"] < 1.0)
+                row.reason = (
+                    f"measured policy: no faster-than-exact candidate has output error <= max_error="
+                    f"{config.max_error:g} (lowest {best:.3f})"
+                )
+                row.exact = True
+                continue
         row.candidates = [(c["L"], c["H"]) for c in faster]
         row.L = config.for_layer("L", row.name) or row.candidates[0][0]
         row.H = config.for_layer("H", row.name) or row.candidates[0][1]

@@ -6,8 +6,10 @@ cheaper than the exact convolution. With ``ReuseConfig(policy="measured")``,
 ``reuse_compile`` times, for every rewritable layer, the exact convolution and each
 candidate (forward + backward on the layer's real input from the example batch, median of
 ``calibration_repeats`` runs after one warm-up), keeps the candidates that are faster than
-exact, and orders them by measured time (fastest, i.e. most aggressive, first). A layer with
-no faster candidate stays exact and the plan says why. Timings are cached on disk per device,
+exact (and, with ``max_error``, whose relative output error on that input is at most
+``max_error``), and orders them by measured time (fastest, i.e. most aggressive, first). A
+layer with no such candidate stays exact and the plan says why. The input gradient is timed
+only where training computes one (not for a layer fed by the batch itself). Timings are cached on disk per device,
 shape and stage (``$REUSE_COMPILER_CACHE`` or ``~/.cache/reuse_compiler/calibration.json``),
 so a second compile of the same model is instant.
 """
@@ -50,23 +52,27 @@ def _device_id(t: torch.Tensor) -> str:
     return f"cpu:{cpu}:{torch.get_num_threads()}t:ext={extension.get() is not None}"
 
 
-def capture_conv_inputs(gm: fx.GraphModule, args: tuple, nodes: set[str]) -> dict[str, torch.Tensor]:
-    """Run the traced source graph once (eval, no_grad) and keep the inputs of ``nodes``."""
-    captured: dict[str, torch.Tensor] = {}
+def capture_conv_inputs(gm: fx.GraphModule, args: tuple, nodes: set[str]) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Run the traced source graph once (eval mode) and keep the inputs of ``nodes``, each with
+    whether it requires grad in training (it does when it depends on a parameter that
+    requires grad; a first layer's input, the batch, does not, and stock PyTorch then skips
+    that layer's input gradient)."""
+    captured: dict[str, tuple[torch.Tensor, bool]] = {}
 
     class Capture(fx.Interpreter):
         def run_node(self, n):
             if n.name in nodes:
                 a = self.fetch_args_kwargs_from_env(n)[0]
-                captured[n.name] = a[0].detach() if a else n.kwargs["input"]
+                x = a[0] if a else n.kwargs["input"]
+                captured[n.name] = (x.detach(), bool(x.requires_grad))
             return super().run_node(n)
 
     module = fx.GraphModule(gm, gm._reuse_source)
     was = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        with torch.no_grad():
-            Capture(module).run(*args)
+        with torch.enable_grad():
+            Capture(module).run(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     finally:
         for m, mode in was:
             m.training = mode
@@ -81,19 +87,19 @@ def _chain(x, w, b, row, L, H, centroid):
     return y, parts["counts"]
 
 
-def _stage_fn(x, w, b, row, L, H, centroid):
+def _stage_fn(x, w, b, row, L, H, centroid, input_grad=True):
     def run():
-        y, _ = _chain(x.detach().requires_grad_(), w.detach().requires_grad_(), b, row, L, H, centroid)
+        y, _ = _chain(x.detach().requires_grad_(input_grad), w.detach().requires_grad_(), b, row, L, H, centroid)
         y.backward(torch.ones_like(y))
 
     return run
 
 
-def _exact_fn(x, w, b, row):
+def _exact_fn(x, w, b, row, input_grad=True):
     t, bo, left, r = row.padding
 
     def run():
-        xx = x.detach().requires_grad_()
+        xx = x.detach().requires_grad_(input_grad)
         ww = w.detach().requires_grad_()
         y = F.conv2d(F.pad(xx, (left, r, t, bo)), ww, b, stride=row.stride, dilation=row.dilation)
         y.backward(torch.ones_like(y))
@@ -101,14 +107,26 @@ def _exact_fn(x, w, b, row):
     return run
 
 
-def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3, centroid: str = "norm") -> dict:
+def _exact_out(x, w, b, row):
+    t, bo, left, r = row.padding
+    return F.conv2d(F.pad(x, (left, r, t, bo)), w, b, stride=row.stride, dilation=row.dilation)
+
+
+def calibrate(
+    row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3, centroid: str = "norm", input_grad: bool = True
+) -> dict:
     """Time exact and every candidate of ``row`` (with the given centroid) on input ``x`` (first
-    group only for grouped convs), forward + backward, in ``repeats`` interleaved rounds after a warm-up round;
-    returns ``{"exact_ms", "candidates": [{"L", "H", "ms", "ratio", "r_c", "predicted"}]}`` in
-    the row's candidate order (medians). Uses and updates the on-disk cache."""
+    group only for grouped convs), forward + backward, in ``repeats`` interleaved rounds after a
+    warm-up round; the backward computes the input gradient only if ``input_grad`` (as training
+    does: a first layer's input needs none). Returns ``{"exact_ms", "input_grad", "candidates":
+    [{"L", "H", "ms", "ratio", "r_c", "predicted", "error"}]}`` in the row's candidate order
+    (medians; ``error`` is the relative output error ||y - y_exact|| / ||y_exact|| on ``x``).
+    Uses and updates the on-disk cache."""
     g = row.groups
     cg, mg = row.in_channels // g, row.out_channels // g
-    x = x[:, :cg].contiguous()
+    # the layer's input as training sees it: same memory format (channels-last stays so)
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    x = x[:, :cg].contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     w = weight.detach()[:mg]
     b = None if bias is None else bias.detach()[:mg]
     key = json.dumps(
@@ -118,6 +136,7 @@ def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3
             extension.fingerprint(),
             str(x.dtype),
             list(x.shape),
+            "channels_last" if cl else "contiguous",
             list(w.shape),
             row.stride,
             row.padding,
@@ -125,6 +144,7 @@ def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3
             [list(c) for c in row.candidates],
             repeats,
             centroid,
+            input_grad,
         ]
     )
     path = cache_path()
@@ -134,7 +154,8 @@ def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3
         cache = {}
     if key in cache:
         return cache[key]
-    fns = [_exact_fn(x, w, b, row)] + [_stage_fn(x, w, b, row, L, H, centroid) for L, H in row.candidates]
+    fns = [_exact_fn(x, w, b, row, input_grad)]
+    fns += [_stage_fn(x, w, b, row, L, H, centroid, input_grad) for L, H in row.candidates]
     times = [[] for _ in fns]
     for rnd in range(repeats + 1):  # round 0 warms up
         for i, fn in enumerate(fns):
@@ -144,15 +165,25 @@ def calibrate(row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3
                 times[i].append(time.perf_counter() - t0)
     exact_ms = statistics.median(times[0]) * 1e3
     out = []
-    for (L, H), t in zip(row.candidates, times[1:]):
-        with torch.no_grad():
-            _, cnt = _chain(x, w, b, row, L, H, centroid)
-        r_c = float(((cnt > 0).sum(1).double() / cnt.sum(1).clamp(min=1)).mean())
-        ms = statistics.median(t) * 1e3
-        out.append(
-            {"L": L, "H": H, "ms": ms, "ratio": ms / exact_ms, "r_c": r_c, "predicted": expected_cost(L, H, mg, r_c)}
-        )
-    result = {"exact_ms": exact_ms, "candidates": out}
+    with torch.no_grad():
+        y_exact = _exact_out(x, w, b, row)
+        scale = float(y_exact.norm()) or 1.0
+        for (L, H), t in zip(row.candidates, times[1:]):
+            y, cnt = _chain(x, w, b, row, L, H, centroid)
+            r_c = float(((cnt > 0).sum(1).double() / cnt.sum(1).clamp(min=1)).mean())
+            ms = statistics.median(t) * 1e3
+            out.append(
+                {
+                    "L": L,
+                    "H": H,
+                    "ms": ms,
+                    "ratio": ms / exact_ms,
+                    "r_c": r_c,
+                    "predicted": expected_cost(L, H, mg, r_c),
+                    "error": float((y - y_exact).norm()) / scale,
+                }
+            )
+    result = {"exact_ms": exact_ms, "input_grad": input_grad, "candidates": out}
     cache[key] = result
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

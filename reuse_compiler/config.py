@@ -61,6 +61,9 @@ class ReuseConfig:
             exact and every candidate on this device at compile time (cached on disk), keeps
             the candidates faster than exact and orders them by time (docs/performance.md).
         calibration_repeats: timed runs per stage for the measured policy (median).
+        max_error: measured policy only: also drop the candidates whose relative output error
+            ||y - y_exact|| / ||y_exact|| on the layer's input from the example batch exceeds
+            this (None: no error filter). Trades speed for accuracy per step.
         centroid: "norm" (default: keeps each member's length, ||x|| times the output of the
             unit vector along the cluster mean; exact for collinear members) or "mean" (the
             paper: a member's output is its cluster mean's output). docs/results.md has the
@@ -77,6 +80,7 @@ class ReuseConfig:
     l_values: str = "fast"
     policy: str = "paper"
     calibration_repeats: int = 3
+    max_error: float | None = None
     centroid: str = "norm"
 
     def __post_init__(self):
@@ -99,6 +103,15 @@ class ReuseConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ReuseConfig.{name} must be an int >= 1; got {v!r}")
+        if self.max_error is not None:
+            if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) or self.max_error <= 0:
+                raise ValueError(f"ReuseConfig.max_error must be None or a number > 0; got {self.max_error!r}")
+            if self.policy != "measured":
+                raise ValueError(
+                    "ReuseConfig.max_error filters by the errors the measured policy measures; "
+                    f"use policy='measured' with it (got policy={self.policy!r})"
+                )
+            self.max_error = float(self.max_error)
         if self.l_values not in L_CHOICES:
             raise ValueError(
                 f"ReuseConfig.l_values must be one of {', '.join(map(repr, L_CHOICES))}; got {self.l_values!r}"

@@ -78,6 +78,17 @@ class LayerPlan:
                 return c["ratio"]
         return None
 
+    @property
+    def output_error(self) -> float | None:
+        """Measured relative output error of the current stage on the example batch (measured
+        policy): ||y - y_exact|| / ||y_exact||."""
+        if self.calibration is None or self.exact:
+            return None
+        for c in self.calibration["candidates"]:
+            if (c["L"], c["H"]) == (self.L, self.H):
+                return c.get("error")
+        return None
+
     def predicted_flop_ratio(self, r_c: float | None = None, reuse_rate: float | None = None) -> float | None:
         """Forward FLOPs relative to the exact layer: H/M + r_c + 1/L (Eq. 5), or with
         cluster reuse H/M + (1 - R) r_c + 1/L (Eq. 6)."""
@@ -94,6 +105,7 @@ class LayerPlan:
                 d[k] = list(d[k])
         d["candidates"] = [list(c) for c in self.candidates]
         d["time_ratio"] = self.time_ratio
+        d["output_error"] = self.output_error
         return d
 
 
@@ -111,6 +123,7 @@ _COLUMNS = [
     ("R", lambda r: "-" if r.reuse_rate is None or r.exact else f"{r.reuse_rate:.3f}"),
     ("FLOPs", lambda r: "-" if r.flop_ratio is None or r.exact else f"{r.flop_ratio:.3f}"),
     ("time", lambda r: "-" if r.time_ratio is None else f"{r.time_ratio:.2f}x"),
+    ("err", lambda r: "-" if r.output_error is None else f"{r.output_error:.3f}"),
     ("note", lambda r: r.reason or ""),
 ]
 

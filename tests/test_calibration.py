@@ -25,14 +25,89 @@ def test_measured_policy_orders_and_filters(cache):
         for c in calib["candidates"]:
             assert c["ms"] > 0 and 0 < c["r_c"] <= 1 and c["ratio"] == pytest.approx(c["ms"] / calib["exact_ms"])
             assert c["predicted"] == pytest.approx(c["H"] / row.M + c["r_c"] + 1 / c["L"])
+            assert 0 <= c["error"] < 2
         faster = sorted((c for c in calib["candidates"] if c["ratio"] < 1), key=lambda c: c["ms"])
         if faster:
             assert row.candidates == [(c["L"], c["H"]) for c in faster]
             assert (row.L, row.H) == row.candidates[0] and row.time_ratio == faster[0]["ratio"] < 1
         else:
             assert row.exact and "no candidate is faster" in row.reason
+    # the batch needs no gradient, so conv1 is timed as training runs it: no input gradient
+    assert [r.calibration["input_grad"] for r in gm.reuse_plan] == [False, True]
     gm(x)
-    assert "time" in str(gm.reuse_plan)
+    assert "time" in str(gm.reuse_plan) and "err" in str(gm.reuse_plan)
+    for row in gm.reuse_plan:
+        if not row.exact:
+            assert row.output_error == next(
+                c["error"] for c in row.calibration["candidates"] if (c["L"], c["H"]) == (row.L, row.H)
+            )
+
+
+def test_calibration_error_is_the_relative_output_error(cache):
+    """The recorded error is ||y - y_exact|| / ||y_exact|| of the stage on the calibration input."""
+    import torch.nn.functional as F
+
+    from reuse_compiler.runtime.ops import reuse_conv2d
+    from reuse_compiler.runtime.reference import lsh_planes
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=ReuseConfig(policy="measured"))
+    row = gm.reuse_plan["conv1"]
+    w, b = gm.conv1.weight.detach(), gm.conv1.bias.detach()
+    y_exact = F.conv2d(x, w, b, padding=2)
+    for c in row.calibration["candidates"]:
+        y, _ = reuse_conv2d(x, w, b, lsh_planes(c["L"], c["H"], seed=0), [5, 5], [1, 1], [2, 2, 2, 2], [1, 1])
+        assert c["error"] == pytest.approx(float((y - y_exact).norm() / y_exact.norm()), rel=1e-4)
+
+
+def test_max_error_filters_candidates(cache, monkeypatch):
+    """Faster-than-exact candidates with error > max_error are dropped (timings and errors
+    injected, so the test does not depend on this machine's speed)."""
+
+    def fake(row, x, weight, bias, repeats, centroid, input_grad):
+        n = len(row.candidates)
+        return {
+            "exact_ms": 10.0,
+            "input_grad": input_grad,
+            "candidates": [
+                {
+                    "L": L,
+                    "H": H,
+                    "ms": 5.0 + i,
+                    "ratio": (5.0 + i) / 10,
+                    "r_c": 0.1,
+                    "predicted": 0.5,
+                    "error": 0.9 - 0.8 * i / max(n - 1, 1),
+                }
+                for i, (L, H) in enumerate(row.candidates)
+            ],
+        }
+
+    monkeypatch.setattr(cal, "calibrate", fake)
+    x = torch.randn(8, 1, 28, 28)
+    model = cifarnet(in_channels=1, image_size=28, width=0.5)
+    free = reuse_compile(model, x, config=ReuseConfig(policy="measured"))
+    gm = reuse_compile(model, x, config=ReuseConfig(policy="measured", max_error=0.5))
+    for row, ref in zip(gm.reuse_plan, free.reuse_plan):
+        kept = [(c["L"], c["H"]) for c in ref.calibration["candidates"] if c["ratio"] < 1 and c["error"] <= 0.5]
+        assert kept and row.candidates == kept and len(kept) < len(free.reuse_plan[row.name].candidates)
+        assert (row.L, row.H) == kept[0] and row.output_error <= 0.5
+    tight = reuse_compile(model, x, config=ReuseConfig(policy="measured", max_error=0.01))
+    for row in tight.reuse_plan:
+        assert row.exact and "max_error=0.01" in row.reason
+
+
+def test_calibration_times_the_input_in_its_memory_format(cache, monkeypatch):
+    """A channels-last model is timed channels-last (stock's fastest layout for it)."""
+    seen = []
+    exact_fn = cal._exact_fn
+    monkeypatch.setattr(cal, "_exact_fn", lambda x, *a: seen.append(x) or exact_fn(x, *a))
+    model = cifarnet(in_channels=1, image_size=28, width=0.25).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    reuse_compile(model, x, config=ReuseConfig(policy="measured", calibration_repeats=1))
+    assert len(seen) == 2 and seen[1].is_contiguous(memory_format=torch.channels_last)
+    assert not seen[1].is_contiguous()
 
 
 def test_calibration_is_cached(cache, monkeypatch):
@@ -66,3 +141,14 @@ def test_calibration_is_redone_when_the_kernels_change(cache, monkeypatch):
 def test_bad_policy():
     with pytest.raises(ValueError, match="ReuseConfig.policy"):
         ReuseConfig(policy="fastest")
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, "0.3", True])
+def test_bad_max_error(bad):
+    with pytest.raises(ValueError, match="ReuseConfig.max_error"):
+        ReuseConfig(policy="measured", max_error=bad)
+
+
+def test_max_error_needs_the_measured_policy():
+    with pytest.raises(ValueError, match="policy='measured'"):
+        ReuseConfig(max_error=0.3)
