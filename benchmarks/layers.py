@@ -6,7 +6,9 @@ interleaved round-robin, after warm-up, the median of ``--repeats`` runs of:
 - stock fp32 ``F.conv2d`` (the baseline every ratio divides by), stock under bf16 autocast;
 - the reuse chain at the first, middle and last Policy-3 candidate (and any extra --LH),
 
-each for the forward alone and forward+backward (input and weight gradients). It also
+each for the forward alone and forward+backward (weight gradient, and the input gradient
+except for a model's first layer: its input is the batch, and training computes no
+gradient for it; stock's backward is then the weight gradient alone). It also
 reports the theoretical forward FLOP ratio H/M + r_c + 1/L (Eq. 21, with the measured r_c),
 the relative output error ||y - y_exact|| / ||y_exact||, the bytes autograd saves for the
 backward, and the peak-RSS growth of one forward+backward (CPU) or the CUDA peak.
@@ -149,9 +151,11 @@ def bench_layer(name, spec, args, device):
 
     variants = {}
 
+    x_grad = not first  # as in training: no input gradient for the layer fed by the batch
+
     def stock(train, autocast=False):
         def run():
-            xx = x.detach().requires_grad_(train)
+            xx = x.detach().requires_grad_(train and x_grad)
             ww = w.detach().requires_grad_(train)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 y = F.conv2d(xx, ww, b, stride=s, padding=p)
@@ -165,7 +169,7 @@ def bench_layer(name, spec, args, device):
         planes = lsh_planes(L, H, seed=1).to(device)
 
         def run():
-            xx = x.detach().requires_grad_(train)
+            xx = x.detach().requires_grad_(train and x_grad)
             ww = w.detach().requires_grad_(train)
             y, _ = chain(xx, ww, b, k, s, p, planes)
             if train:
@@ -247,7 +251,8 @@ def print_table(result):
     print(
         f"\n## {result['layer']}  (x: {tuple(result['shape'][:4])}, M={result['M']}, K={result['K']}, "
         f"N={result['N']}, L range {result['L_range']}, H range {result['H_range']}, "
-        f"{len(result['candidates'])} candidates)"
+        f"{len(result['candidates'])} candidates"
+        + ("; first layer: backward without input gradient, as in training)" if result["shape"][-1] else ")")
     )
     hdr = (
         "| variant | fwd ms | fwd x | fwd+bwd ms | fwd+bwd x | saved MB (x) | peak MB (x) | r_c | FLOP x (Eq.21) "
