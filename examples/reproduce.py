@@ -676,17 +676,20 @@ def initial_stages(run: dict) -> dict:
 
 def reuse_phase_ratio(run: dict) -> tuple[float, int] | None:
     """(mean reuse-epoch duration / mean stock duration of the same epochs, number of such
-    epochs): epochs with no switch inside and every layer still reusing at their end."""
+    epochs): epochs with no switch inside and every layer that started with reuse still
+    reusing at their end (a layer the plan keeps exact from the start, e.g. the measured
+    policy's conv1, does not disqualify every epoch)."""
 
     def durations(epochs):
         t = [e["time"] for e in epochs]
         return [b - a for a, b in zip([0.0] + t[:-1], t)]
 
     switched = {sw["epoch"] for sw in run["switches"]}
+    reusing = {k for k, v in initial_stages(run).items() if v != "exact"}
     idx = [
         i
         for i, e in enumerate(run["reuse_epochs"])
-        if e["epoch"] not in switched and all(v != "exact" for v in e.get("stages", {}).values())
+        if e["epoch"] not in switched and reusing and all(e.get("stages", {}).get(k) != "exact" for k in reusing)
     ]
     if not idx:
         return None
@@ -800,7 +803,8 @@ def report_table4(ctx: Ctx, record: dict) -> None:
             rows,
         )
         + "\nreuse-epoch / stock-epoch time: mean duration of the epochs run entirely at a reuse stage (no "
-        "switch inside, no layer exact at its end) over the stock run's mean duration of the same epochs, "
+        "switch inside, no layer that started with reuse exact at its end) over the stock run's mean "
+        "duration of the same epochs, "
         "in the same call (how much faster a reuse epoch is, independent of when the controller stops "
         "reusing).\n\n## Stage switches\n\nA_cur: probe accuracy at the current stages; best probe: the "
         "best later candidate tried (strategy lh).\n\n"

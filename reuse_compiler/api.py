@@ -229,7 +229,9 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
         if weight is None:
             continue  # a computed weight: keep the paper's order
         x, input_grad = inputs[row.node]
-        row.calibration = calibrate(row, x, weight, bias, config.calibration_repeats, config.centroid, input_grad)
+        row.calibration = calibrate(
+            row, x, weight, bias, config.calibration_repeats, config.centroid, input_grad, config.seed
+        )
         cands = row.calibration["candidates"]
         faster = sorted((c for c in cands if c["ratio"] < 1.0), key=lambda c: c["ms"])
         if not faster:

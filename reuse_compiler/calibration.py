@@ -30,6 +30,7 @@ from torch import fx
 from reuse_compiler.runtime import extension
 from reuse_compiler.runtime.ops import reuse_conv2d
 from reuse_compiler.runtime.reference import lsh_planes
+from reuse_compiler.runtime.state import planes_seed
 
 from .policies import expected_cost
 
@@ -79,17 +80,19 @@ def capture_conv_inputs(gm: fx.GraphModule, args: tuple, nodes: set[str]) -> dic
     return captured
 
 
-def _chain(x, w, b, row, L, H, centroid):
-    planes = lsh_planes(L, H, seed=0).to(x.device)
+def _chain(x, w, b, row, L, H, centroid, seed=0):
+    # the layer's own hash family (the one training will use), so r_c and the error are its own
+    planes = lsh_planes(L, H, planes_seed(seed, row.name, L, H)).to(x.device)
     y, parts = reuse_conv2d(
         x, w, b, planes, row.kernel_size, row.stride, row.padding, row.dilation, centroid=centroid, keep_parts=False
     )
     return y, parts["counts"]
 
 
-def _stage_fn(x, w, b, row, L, H, centroid, input_grad=True):
+def _stage_fn(x, w, b, row, L, H, centroid, input_grad=True, seed=0):
     def run():
-        y, _ = _chain(x.detach().requires_grad_(input_grad), w.detach().requires_grad_(), b, row, L, H, centroid)
+        xx, ww = x.detach().requires_grad_(input_grad), w.detach().requires_grad_()
+        y, _ = _chain(xx, ww, b, row, L, H, centroid, seed)
         y.backward(torch.ones_like(y))
 
     return run
@@ -113,14 +116,22 @@ def _exact_out(x, w, b, row):
 
 
 def calibrate(
-    row, x: torch.Tensor, weight: torch.Tensor, bias, repeats: int = 3, centroid: str = "norm", input_grad: bool = True
+    row,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias,
+    repeats: int = 3,
+    centroid: str = "norm",
+    input_grad: bool = True,
+    seed: int = 0,
 ) -> dict:
     """Time exact and every candidate of ``row`` (with the given centroid) on input ``x`` (first
     group only for grouped convs), forward + backward, in ``repeats`` interleaved rounds after a
     warm-up round; the backward computes the input gradient only if ``input_grad`` (as training
     does: a first layer's input needs none). Returns ``{"exact_ms", "input_grad", "candidates":
     [{"L", "H", "ms", "ratio", "r_c", "predicted", "error"}]}`` in the row's candidate order
-    (medians; ``error`` is the relative output error ||y - y_exact|| / ||y_exact|| on ``x``).
+    (medians; ``error`` is the relative output error ||y - y_exact|| / ||y_exact|| on ``x``,
+    with the layer's own hash planes for ``seed``, as are r_c and the timings).
     Uses and updates the on-disk cache."""
     g = row.groups
     cg, mg = row.in_channels // g, row.out_channels // g
@@ -145,6 +156,8 @@ def calibrate(
             repeats,
             centroid,
             input_grad,
+            seed,
+            row.name,
         ]
     )
     path = cache_path()
@@ -155,7 +168,7 @@ def calibrate(
     if key in cache:
         return cache[key]
     fns = [_exact_fn(x, w, b, row, input_grad)]
-    fns += [_stage_fn(x, w, b, row, L, H, centroid, input_grad) for L, H in row.candidates]
+    fns += [_stage_fn(x, w, b, row, L, H, centroid, input_grad, seed) for L, H in row.candidates]
     times = [[] for _ in fns]
     for rnd in range(repeats + 1):  # round 0 warms up
         for i, fn in enumerate(fns):
@@ -169,7 +182,7 @@ def calibrate(
         y_exact = _exact_out(x, w, b, row)
         scale = float(y_exact.norm()) or 1.0
         for (L, H), t in zip(row.candidates, times[1:]):
-            y, cnt = _chain(x, w, b, row, L, H, centroid)
+            y, cnt = _chain(x, w, b, row, L, H, centroid, seed)
             r_c = float(((cnt > 0).sum(1).double() / cnt.sum(1).clamp(min=1)).mean())
             ms = statistics.median(t) * 1e3
             out.append(

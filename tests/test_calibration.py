@@ -49,6 +49,7 @@ def test_calibration_error_is_the_relative_output_error(cache):
 
     from reuse_compiler.runtime.ops import reuse_conv2d
     from reuse_compiler.runtime.reference import lsh_planes
+    from reuse_compiler.runtime.state import planes_seed
 
     torch.manual_seed(0)
     x = torch.randn(4, 1, 28, 28)
@@ -57,7 +58,8 @@ def test_calibration_error_is_the_relative_output_error(cache):
     w, b = gm.conv1.weight.detach(), gm.conv1.bias.detach()
     y_exact = F.conv2d(x, w, b, padding=2)
     for c in row.calibration["candidates"]:
-        y, _ = reuse_conv2d(x, w, b, lsh_planes(c["L"], c["H"], seed=0), [5, 5], [1, 1], [2, 2, 2, 2], [1, 1])
+        planes = lsh_planes(c["L"], c["H"], planes_seed(0, "conv1", c["L"], c["H"]))  # the layer's own family
+        y, _ = reuse_conv2d(x, w, b, planes, [5, 5], [1, 1], [2, 2, 2, 2], [1, 1])
         assert c["error"] == pytest.approx(float((y - y_exact).norm() / y_exact.norm()), rel=1e-4)
 
 
@@ -65,7 +67,7 @@ def test_max_error_filters_candidates(cache, monkeypatch):
     """Faster-than-exact candidates with error > max_error are dropped (timings and errors
     injected, so the test does not depend on this machine's speed)."""
 
-    def fake(row, x, weight, bias, repeats, centroid, input_grad):
+    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed):
         n = len(row.candidates)
         return {
             "exact_ms": 10.0,

@@ -116,3 +116,22 @@ def test_all_quick(tmp_path, monkeypatch):
     md = (out / "norm.md").read_text()
     _, rows = _table_rows(md, "run")
     assert [r[0] for r in rows] == names
+
+
+def test_reuse_phase_ratio_ignores_layers_exact_from_the_start():
+    """Table IV's reuse-epoch column: a layer the plan keeps exact throughout (the measured
+    policy's conv1) does not disqualify the epochs in which conv2 reuses."""
+    ep = [{"epoch": i + 1, "time": t} for i, t in enumerate([1.0, 2.0, 4.0, 7.0])]
+    stages = ["L=320 H=8", "L=320 H=8", "exact", "exact"]
+    run = {
+        "reuse_epochs": [dict(e, stages={"conv1": "exact", "conv2": s}) for e, s in zip(ep, stages)],
+        "stock_epochs": [{"epoch": i + 1, "time": 3.0 * (i + 1)} for i in range(4)],
+        "switches": [{"epoch": 3, "layer": "conv2", "old": "L=320 H=8", "new": "exact"}],
+    }
+    # epochs 1 and 2 (1 s each) ran at reuse; stock took 3 s each
+    assert reproduce.reuse_phase_ratio(run) == (2.0 / 6.0, 2)
+    # nothing reused from the start: no such epochs
+    for e in run["reuse_epochs"]:
+        e["stages"]["conv2"] = "exact"
+    run["switches"] = []
+    assert reproduce.reuse_phase_ratio(run) is None
