@@ -68,6 +68,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", default="batch", help="input | batch | across-batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", default="", help="comma-separated layer or module names kept exact")
+    p.add_argument(
+        "--policy",
+        choices=["paper", "measured"],
+        default="paper",
+        help="candidate order: the paper's FLOP model, or times measured here at compile time "
+        "(on the random example batch: its errors are those of random data)",
+    )
+    p.add_argument("--l-values", choices=["fast", "all", "extended"], default="fast", help="L values in the candidates")
+    p.add_argument("--centroid", choices=["norm", "mean"], default="norm")
+    p.add_argument("--max-error", type=float, default=None, help="measured policy: drop stages with a larger error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +107,17 @@ def compile_from_args(args):
     model = factory(**kwargs)
     exclude = [e for e in args.exclude.split(",") if e]
     try:
-        config = ReuseConfig(L=args.L, H=args.H, scope=args.scope, seed=args.seed, exclude=exclude)
+        config = ReuseConfig(
+            L=args.L,
+            H=args.H,
+            scope=args.scope,
+            seed=args.seed,
+            exclude=exclude,
+            policy=args.policy,
+            l_values=args.l_values,
+            centroid=args.centroid,
+            max_error=args.max_error,
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
     x = torch.randn(*args.input_shape, generator=torch.Generator().manual_seed(args.seed))

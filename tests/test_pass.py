@@ -300,6 +300,17 @@ def test_cli_inspect_prints_plan_and_graph(capsys):
     assert json.loads(capsys.readouterr().out)["layers"][1]["L"] == 5
 
 
+def test_cli_inspect_measured_policy(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("REUSE_COMPILER_CACHE", str(tmp_path))
+    args = ["inspect", "reuse_compiler.models:cifarnet", "--input-shape", "4,1,28,28", "--no-graph"]
+    args += ["--kwargs", '{"in_channels": 1, "image_size": 28, "width": 0.25}', "--policy", "measured"]
+    assert cli_main([*args, "--json", "--max-error", "5"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert all(r["calibration"] is not None for r in layers)
+    with pytest.raises(SystemExit, match="max_error"):
+        cli_main([*args, "--max-error", "0"])
+
+
 def test_deepcopy_is_an_independent_compiled_module():
     import copy
 
