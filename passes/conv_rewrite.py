@@ -48,7 +48,7 @@ def emit_reuse_conv(
     """Emit one chain at the graph's insertion point and return its output node. With
     ``record`` the chain ends with a call to the layer's state module (measurements). With
     ``centroid="norm"`` the centroids are normalised and each member's output is scaled by
-    its own norm (``reuse.member_norms``)."""
+    its own norm (``reuse.cluster_norms`` returns the norms with the clusters)."""
     k = list(row.kernel_size)
     s = list(row.stride)
     d = list(row.dilation)
@@ -56,9 +56,10 @@ def emit_reuse_conv(
     planes = graph.get_attr(state_path(row.name) + ".planes")
     ids = _node(graph, _ops.lsh_hash.default, (xp, planes, k, s, d), f"{base}_ids")
     # x too: with a channels-last x the backward writes x's gradient directly (reuse.cluster)
-    cl = _node(
-        graph, _ops.cluster.default, (xp, ids, k, s, d, row.L, row.H, scope, x, list(row.padding)), f"{base}_cluster"
-    )
+    # and the norms' backward keeps x, not the padded xp; with the norm centroid one op
+    # returns the norms too, so the input's two gradients share one buffer (reuse.cluster_norms)
+    op = _ops.cluster_norms.default if centroid == "norm" else _ops.cluster.default
+    cl = _node(graph, op, (xp, ids, k, s, d, row.L, row.H, scope, x, list(row.padding)), f"{base}_cluster")
     centroids = _node(graph, operator.getitem, (cl, 0), f"{base}_centroids")
     inverse = _node(graph, operator.getitem, (cl, 1), f"{base}_inverse")
     counts = _node(graph, operator.getitem, (cl, 2), f"{base}_counts")
@@ -67,8 +68,7 @@ def emit_reuse_conv(
         centroids = graph.create_node(
             "call_function", F.normalize, (centroids,), {"dim": -1}, name=f"{base}_unit_centroids"
         )
-        # x too: the norms' backward keeps x, not the padded xp (see reuse.member_norms)
-        scales = _node(graph, _ops.member_norms.default, (xp, k, s, d, row.L, x, list(row.padding)), f"{base}_norms")
+        scales = _node(graph, operator.getitem, (cl, 3), f"{base}_norms")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     if row.cluster_reuse:  # Algorithm 1: outputs of ids seen before come from the store
         yc = graph.call_module(state_path(row.name) + ".store", (yc, centroids, ids, inverse, counts, weight, group))

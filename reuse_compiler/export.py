@@ -360,11 +360,27 @@ def onnx_translation_table() -> dict:
         norms = op.Sqrt(op.ReduceSum(op.Mul(rows, rows), [3], keepdims=0))  # (Nb, Oh*Ow, nb)
         return op.Reshape(op.Transpose(norms, perm=[2, 0, 1]), [g.nb, -1, oh, ow])
 
+    def cluster_norms(
+        xp,
+        ids,
+        kernel_size: list[int],
+        stride: list[int],
+        dilation: list[int],
+        L: int,
+        H: int,
+        scope: str,
+        x=None,  # the unpadded input: only the backward uses it
+        padding: list[int] | None = None,
+    ):
+        centroids, inverse, counts = cluster(xp, ids, kernel_size, stride, dilation, L, H, scope)
+        return centroids, inverse, counts, member_norms(xp, kernel_size, stride, dilation, L)
+
     ops = torch.ops.reuse
     return {
         ops.im2col.default: im2col,
         ops.lsh_hash.default: lsh_hash,
         ops.cluster.default: cluster,
+        ops.cluster_norms.default: cluster_norms,
         ops.centroid_gemm.default: centroid_gemm,
         ops.reconstruct.default: reconstruct,
         ops.member_norms.default: member_norms,

@@ -396,25 +396,36 @@ def member_norms_backward(
     xp: torch.Tensor,
     g: Geometry,
     at: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of the member norms w.r.t. the padded input: x / ||x|| times the incoming
     gradient, added into the pixels of each sub-vector (0 for zero sub-vectors).
 
     With ``at`` = (top, left), ``xp`` is instead the unpadded input (Nb, H, W, C), any layout,
     sitting there in the padded frame ``g``; the result is its gradient, (Nb, C, H, W)
-    channels-last, and the C++ kernel never forms the padded one."""
+    channels-last, and the C++ kernel never forms the padded one.
+
+    With ``out`` (the result's shape and layout), the gradient is added into ``out``, which is
+    returned: the C++ kernel writes it there directly, without a second x-sized tensor."""
     ct = g_norms.dtype
     x = xp.to(ct)
     ext = _ext(g_norms, norms, x)
     if ext is not None:
-        return ext.member_norms_backward(
+        direct = out is not None and out.dtype == ct and out.device == x.device
+        d = ext.member_norms_backward(
             g_norms.contiguous(),
             norms.to(ct).contiguous(),
             x if at is not None else x.contiguous(),  # the unpadded input is read with its strides
             g.vector(),
             g.pieces_tensor(),
             *(at or (-1, -1)),
+            out if direct else None,
         )
+        if out is None or direct:
+            return d
+        return out.add_(d)
+    if out is not None:
+        return out.add_(member_norms_backward(g_norms, norms, xp, g, at))
     interior = None
     if at is not None:
         (top, left), (H, W) = at, x.shape[1:3]

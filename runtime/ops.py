@@ -35,6 +35,7 @@ __all__ = [
     "im2col",
     "lsh_hash",
     "cluster",
+    "cluster_norms",
     "centroid_gemm",
     "reconstruct",
     "cluster_grad",
@@ -166,8 +167,12 @@ def cluster(
     the backward writes ``x``'s gradient directly (``cluster_input_grad``; none for ``xp``),
     so no padded gradient is formed.
     """
+    return _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, "reuse.cluster")
+
+
+def _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, op):
     if scope not in SCOPES:
-        raise ValueError(f"reuse.cluster: scope must be one of {SCOPES}, got {scope!r}")
+        raise ValueError(f"{op}: scope must be one of {SCOPES}, got {scope!r}")
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
     keys = None
     if kernels.chunk_path_applies(ids, g, scope):
@@ -225,16 +230,22 @@ def _to_input(x, padding) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _cluster_setup(ctx, inputs, output):
-    xp, ids, kernel_size, stride, dilation, L, _, scope, x, padding = inputs
-    ctx.to_input = _to_input(x, padding)
-    ctx.padding = padding
-    _, inverse, counts = output
+def _slot_keys_for_backward(inputs, inverse, counts):
+    xp, ids, kernel_size, stride, dilation, L, _, scope = inputs[:8]
     # the chunk path of the backward needs each slot's key (nb x Cmax, small), not the ids
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
     keys = _take_keys(inverse)
     if keys is None and _concrete(ids):
         keys = kernels.chunk_keys(ids, inverse, counts, g, scope)
+    return keys
+
+
+def _cluster_setup(ctx, inputs, output):
+    xp, ids, kernel_size, stride, dilation, L, _, scope, x, padding = inputs
+    ctx.to_input = _to_input(x, padding)
+    ctx.padding = padding
+    _, inverse, counts = output
+    keys = _slot_keys_for_backward(inputs, inverse, counts)
     ctx.save_for_backward(inverse, counts, keys)
     # inverse and counts get no gradient: no zero tensors of their size in the backward
     # (inverse's would be nb x N, as large as inverse itself, at the backward's peak)
@@ -574,6 +585,126 @@ def _(g_norms, norms, xp, kernel_size, stride, dilation, L):
     return torch.empty_like(xp)
 
 
+# --------------------------------------------------------------------------- cluster_norms
+
+
+@torch.library.custom_op("reuse::cluster_norms", mutates_args=())
+def cluster_norms(
+    xp: torch.Tensor,
+    ids: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    L: int,
+    H: int,
+    scope: str,
+    x: torch.Tensor | None = None,
+    padding: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cluster`` and ``member_norms`` in one op, for the norm-preserving centroid:
+    ``(centroids, inverse, counts, norms)``, each as the two ops return it.
+
+    Why one op: the input gets a gradient from the centroids and one from the norms, both
+    as large as the input. As two ops, autograd holds both at once before adding them (one
+    input-sized tensor too many at the backward's peak: CifarNet conv2, channels-last,
+    L=1600, 33.0 MB against the mean centroid's 26.9). Here the backward writes the norms'
+    share into the centroids' gradient (``member_norms_grad_into``)."""
+    centroids, inverse, counts = _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, "reuse.cluster_norms")
+    g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+    oh, ow = g.out_hw
+    norms = kernels.member_norms(xp, g).to(xp.dtype).view(g.nb, g.Nb, oh, ow)
+    return centroids, inverse, counts, norms
+
+
+@cluster_norms.register_fake
+def _(xp, ids, kernel_size, stride, dilation, L, H, scope, x=None, padding=None):
+    cmax = torch.library.get_ctx().new_dynamic_size()
+    nb = ids.shape[0]
+    return (
+        xp.new_empty(nb, cmax, L),
+        torch.empty_like(ids, dtype=torch.int32),
+        ids.new_empty(nb, cmax),
+        xp.new_empty(_per_member_shape(xp.shape, kernel_size, stride, dilation, L)),
+    )
+
+
+def _cluster_norms_setup(ctx, inputs, output):
+    xp, ids, kernel_size, stride, dilation, L, _, scope, x, padding = inputs
+    ctx.to_input = _to_input(x, padding)
+    ctx.padding = padding
+    _, inverse, counts, norms = output
+    keys = _slot_keys_for_backward(inputs, inverse, counts)
+    # the norms' backward reads the input: x itself when its gradient goes to x, else xp
+    ctx.save_for_backward(inverse, counts, keys, x if ctx.to_input else xp, norms)
+    ctx.mark_non_differentiable(inverse, counts)
+    ctx.set_materialize_grads(False)
+    ctx.args = (list(xp.shape), kernel_size, stride, dilation, L)
+    ctx.dtype = xp.dtype
+
+
+def _cluster_norms_backward(ctx, g_centroids, _g_inverse, _g_counts, g_norms):
+    inverse, counts, keys, src, norms = ctx.saved_tensors
+    xp_shape, k, s, d, L = ctx.args
+    wanted = ctx.needs_input_grad[8] if ctx.to_input else ctx.needs_input_grad[0]
+    grad = None
+    if wanted and g_centroids is not None:
+        if ctx.to_input:
+            grad = cluster_input_grad(g_centroids, inverse, counts, xp_shape, k, s, ctx.padding, d, keys)
+        else:
+            grad = cluster_grad(g_centroids, inverse, counts, xp_shape, k, s, d, keys)
+        if g_norms is not None:  # the norms' share, added in place: no second input-sized tensor
+            member_norms_grad_into(grad, g_norms, norms, src, k, s, d, L, ctx.padding if ctx.to_input else None)
+    elif wanted and g_norms is not None:
+        if ctx.to_input:
+            grad = member_norms_input_grad(g_norms, norms, src, k, s, ctx.padding, d, L)
+        else:
+            grad = member_norms_grad(g_norms, norms, src, k, s, d, L)
+    if grad is not None:
+        grad = grad.to(ctx.dtype)
+    if ctx.to_input:
+        return None, None, None, None, None, None, None, None, grad, None
+    return grad, None, None, None, None, None, None, None, None, None
+
+
+cluster_norms.register_autograd(_cluster_norms_backward, setup_context=_cluster_norms_setup)
+
+
+@torch.library.custom_op("reuse::member_norms_grad_into", mutates_args=("out",))
+def member_norms_grad_into(
+    out: torch.Tensor,
+    g_norms: torch.Tensor,
+    norms: torch.Tensor,
+    src: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    L: int,
+    padding: list[int] | None = None,
+) -> None:
+    """Add the backward of ``member_norms`` into ``out``: without ``padding``, ``src`` is the
+    padded ``xp`` and ``out`` its gradient (``member_norms_grad``); with it, ``src`` is the
+    unpadded input and ``out`` its channels-last gradient (``member_norms_input_grad``)."""
+    if padding is None:
+        g = _padded_geometry(src.shape, kernel_size, stride, dilation, L)
+        at = None
+    else:
+        Nb, C, H, W = src.shape
+        top, bottom, left, right = (int(v) for v in padding)
+        g = _padded_geometry([Nb, H + top + bottom, W + left + right, C], kernel_size, stride, dilation, L)
+        src, at = src.permute(0, 2, 3, 1), (top, left)
+    if at is not None:
+        view = out.permute(0, 2, 3, 1)  # (Nb, H, W, C): the channels-last memory as it lies
+        if not view.is_contiguous():
+            raise ValueError("reuse.member_norms_grad_into: out must be channels-last (Nb, C, H, W)")
+    nb = g.nb
+    kernels.member_norms_backward(g_norms.reshape(nb, -1), norms.reshape(nb, -1), src, g, at=at, out=out)
+
+
+@member_norms_grad_into.register_fake
+def _(out, g_norms, norms, src, kernel_size, stride, dilation, L, padding=None):
+    return None
+
+
 # --------------------------------------------------------------------------- the chain, eagerly
 
 
@@ -601,12 +732,13 @@ def reuse_conv2d(
     parts = {}
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d)
-    cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope, x, p)
     norms = None
-    used = cent
     if centroid == "norm":
-        norms = member_norms(xp, k, s, d, L, x, p)
+        cent, inverse, counts, norms = cluster_norms(xp, ids, k, s, d, L, H, scope, x, p)
         used = F.normalize(cent, dim=-1)
+    else:
+        cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope, x, p)
+        used = cent
     if keep_parts:
         parts.update(xp=xp, ids=ids, centroids=cent)
     del xp, ids, cent

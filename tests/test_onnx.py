@@ -228,11 +228,11 @@ def test_missing_reuse_translation(monkeypatch, tmp_path):
 
     def without_cluster():
         table = full()
-        del table[ops.cluster.default]
+        del table[ops.cluster_norms.default]  # the default (norm) centroid's cluster op
         return table
 
     monkeypatch.setattr(onnx_export, "onnx_translation_table", without_cluster)
-    with pytest.raises(OnnxExportError, match=r"no ONNX translation for reuse\.cluster\.default"):
+    with pytest.raises(OnnxExportError, match=r"no ONNX translation for reuse\.cluster_norms\.default"):
         export_onnx(gm, batch(shape, 2, 0), tmp_path / "m.onnx", check=False)
 
 

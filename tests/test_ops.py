@@ -240,6 +240,40 @@ def _op_args(dtype):
             p,
         ),
         "cluster_input_grad": (torch.randn_like(cent), inv, cnt, list(xp.shape), k, s, p, d),
+        "cluster_norms": (leaf(xp), ids, k, s, d, 8, 4, "batch"),
+        "cluster_norms_of_input": (
+            xp.detach(),
+            ids,
+            k,
+            s,
+            d,
+            8,
+            4,
+            "batch",
+            leaf(x.contiguous(memory_format=torch.channels_last)),  # both gradients go to x
+            p,
+        ),
+        "member_norms_grad_into": (
+            torch.randn_like(xp),
+            torch.randn_like(norms),
+            norms.detach(),
+            xp.detach(),
+            k,
+            s,
+            d,
+            8,
+        ),
+        "member_norms_grad_into_input": (
+            torch.randn_like(x.contiguous(memory_format=torch.channels_last)),
+            torch.randn_like(norms),
+            norms.detach(),
+            x.detach(),
+            k,
+            s,
+            d,
+            8,
+            p,
+        ),
         "centroid_gemm": (leaf(cent), w),
         "reconstruct": (leaf(yc), inv, b),
         "reconstruct_no_bias": (leaf(yc), inv, None),
@@ -269,6 +303,10 @@ def _op_args(dtype):
         "reconstruct_scales_grad",
         "reconstruct_grad_scaled",
         "reconstruct_grad_scaled_fused",
+        "cluster_norms",
+        "cluster_norms_of_input",
+        "member_norms_grad_into",
+        "member_norms_grad_into_input",
     ],
 )
 def test_opcheck(name, dtype):
@@ -280,6 +318,8 @@ def test_opcheck(name, dtype):
         "reconstruct_grad_scaled_fused": "reconstruct_grad_scaled",
         "member_norms_of_input": "member_norms",
         "cluster_of_input": "cluster",
+        "cluster_norms_of_input": "cluster_norms",
+        "member_norms_grad_into_input": "member_norms_grad_into",
     }.get(name, name)
     torch.library.opcheck(getattr(torch.ops.reuse, op_name).default, _op_args(dtype)[name])
 
@@ -293,6 +333,94 @@ def test_fused_scaled_backward_equals_the_two_ops(dtype):
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d_yc, torch.ops.reuse.reconstruct_grad(g_y, inv, yc.shape[1], norms), **tol)
     torch.testing.assert_close(d_s, torch.ops.reuse.reconstruct_scales_grad(g_y, yc, inv), **tol)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("L", [8, 16, 48])
+def test_cluster_norms_equals_cluster_and_member_norms(channels_last, L):
+    """The fused op returns what cluster and member_norms return, and its backward (both
+    input gradients in one buffer) equals the sum autograd forms from the two ops."""
+    ops = torch.ops.reuse
+    x, w, _ = _inputs(16, 5, (3, 3), dtype=torch.float64, Nb=2, H=7, W=6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    k, s, p, d = [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]
+    planes = lsh_planes(L, 5, seed=0, dtype=torch.float64)
+    grads, outs = [], []
+    for fused in (True, False):
+        xx = x.detach().clone().requires_grad_()
+        xp = ops.im2col(xx, k, s, p, d)
+        ids = ops.lsh_hash(xp, planes, k, s, d)
+        if fused:
+            cent, inv, cnt, norms = ops.cluster_norms(xp, ids, k, s, d, L, 5, "batch", xx, p)
+        else:
+            cent, inv, cnt = ops.cluster(xp, ids, k, s, d, L, 5, "batch", xx, p)
+            norms = ops.member_norms(xp, k, s, d, L, xx, p)
+        gen = torch.Generator().manual_seed(1)
+        loss = (cent * torch.randn(cent.shape, generator=gen, dtype=cent.dtype)).sum()
+        loss = loss + (norms * torch.randn(norms.shape, generator=gen, dtype=norms.dtype)).sum()
+        loss.backward()
+        outs.append((cent, inv, cnt, norms))
+        grads.append(xx.grad)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def test_norm_centroid_backward_holds_one_input_gradient():
+    """cluster_norms writes the input's two gradients into one buffer: its backward peaks
+    at least ~one input-sized tensor below cluster + member_norms (which autograd holds as
+    two tensors before adding them)."""
+    if not kernels.REQUIRE_EXTENSION:
+        pytest.skip("the shared buffer is the C++ kernels' (the torch fallback adds a full temporary)")
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    ops = torch.ops.reuse
+    gen = torch.Generator().manual_seed(0)
+    # few clusters (small centroids), so the peak is where the input gradients are formed
+    x = F.relu(torch.randn(32, 32, 14, 14, generator=gen)).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(32, 32, 5, 5, generator=gen) * 0.05
+    k, s, p, d, L, H = [5, 5], [1, 1], [2, 2, 2, 2], [1, 1], 800, 4
+    planes = lsh_planes(L, H, seed=0)
+
+    def chain(fused):
+        xx = x.detach().requires_grad_()
+        ww = w.detach().requires_grad_()
+        xp = ops.im2col(xx, k, s, p, d)
+        ids = ops.lsh_hash(xp, planes, k, s, d)
+        if fused:
+            cent, inv, _, norms = ops.cluster_norms(xp, ids, k, s, d, L, H, "batch", xx, p)
+        else:
+            cent, inv, _ = ops.cluster(xp, ids, k, s, d, L, H, "batch", xx, p)
+            norms = ops.member_norms(xp, k, s, d, L, xx, p)
+        del xp, ids
+        y = ops.reconstruct(ops.centroid_gemm(F.normalize(cent, dim=-1), ww), inv, None, norms)
+        del cent, inv, norms
+        y.backward(torch.ones_like(y))
+
+    def peak(fused):
+        """Most bytes alive at once among the tensors the chain allocates (the profiler's
+        memory timeline, allocations made before it started left out)."""
+        chain(fused)  # warm-up
+        gc.collect()
+        with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+        ) as prof:
+            chain(fused)
+        live, now, top = {}, 0, 0
+        for _, action, (key, _), nbytes in prof._memory_profile().timeline:
+            if action == Action.CREATE:
+                live[key] = nbytes
+                now += nbytes
+            elif action == Action.DESTROY and key in live:
+                now -= live.pop(key)
+            top = max(top, now)
+        return top
+
+    assert peak(False) - peak(True) > 0.75 * x.numel() * x.element_size()
 
 
 def test_reconstruct_keeps_centroid_outputs_only_for_the_scales_gradient():

@@ -16,6 +16,7 @@ REUSE_OPS = {
     torch.ops.reuse.im2col.default,
     torch.ops.reuse.lsh_hash.default,
     torch.ops.reuse.cluster.default,
+    torch.ops.reuse.cluster_norms.default,  # the norm centroid's cluster (with the member norms)
     torch.ops.reuse.centroid_gemm.default,
     torch.ops.reuse.reconstruct.default,
 }
@@ -203,7 +204,7 @@ def test_norm_centroid_module_exact_limit_and_training(conv):
     cfg = _exact_limit_config(model, x)
     cfg.centroid = "norm"
     gm = reuse_compile(model, x, config=cfg)
-    assert "member_norms" in gm.code and "normalize" in gm.code
+    assert "cluster_norms" in gm.code and "normalize" in gm.code
     torch.testing.assert_close(gm(x), model(x), rtol=1e-10, atol=1e-10)
     gm = reuse_compile(
         cifarnet(in_channels=1, image_size=28), torch.randn(8, 1, 28, 28), config=ReuseConfig(centroid="norm")

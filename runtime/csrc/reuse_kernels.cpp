@@ -1014,7 +1014,7 @@ torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Te
 
 template <typename T>
 void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const Geo& g,
-                                const std::vector<Piece>& pieces, const TapIndex& ix, Interior in = {}) {
+                                const std::vector<Piece>& pieces, const TapIndex& ix, Interior in, bool add) {
   const int64_t N = g.N(), C = g.C, U = unit_len(g, pieces), upp = C / U;
   const bool padded = in.H < 0;
   at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
@@ -1038,13 +1038,19 @@ void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const
           for (int64_t u = 0; u < nu; ++u) d[u] += f;
         }
       });
+      // add: accumulate into D (another gradient of the same input already lies there)
       if (padded) {
         const T* xrow = X + row * g.Wp * C;
         T* drow = D + row * g.Wp * C;
         for (int64_t e = 0; e < g.Wp * upp; ++e) {
           const T f = acc[e];
+          if (add) {
 #pragma omp simd
-          for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
+            for (int64_t k = 0; k < U; ++k) drow[e * U + k] += f * xrow[e * U + k];
+          } else {
+#pragma omp simd
+            for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
+          }
         }
       } else {  // the real pixels of this row only
         T* drow = D + (bb * in.H + hp - in.pt) * in.W * C;
@@ -1053,14 +1059,23 @@ void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const
         if (in.s3 == 1 && in.s2 == C) {  // channels-last rows: contiguous
           for (int64_t e = 0; e < in.W * upp; ++e) {
             const T f = a[e];
+            if (add) {
 #pragma omp simd
-            for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
+              for (int64_t k = 0; k < U; ++k) drow[e * U + k] += f * xrow[e * U + k];
+            } else {
+#pragma omp simd
+              for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
+            }
           }
         } else {  // e.g. NCHW: strided reads, no channels-last copy of x
           for (int64_t c = 0; c < C; ++c) {
             const T* xc = xrow + c * in.s3;
             const T* ac = a + c / U;
-            for (int64_t w = 0; w < in.W; ++w) drow[w * C + c] = ac[w * upp] * xc[w * in.s2];
+            if (add) {
+              for (int64_t w = 0; w < in.W; ++w) drow[w * C + c] += ac[w * upp] * xc[w * in.s2];
+            } else {
+              for (int64_t w = 0; w < in.W; ++w) drow[w * C + c] = ac[w * upp] * xc[w * in.s2];
+            }
           }
         }
       }
@@ -1071,31 +1086,46 @@ void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const
 // With pt < 0, x is the padded xp (Nb, Hp, Wp, C), contiguous, and so is the gradient. With
 // pt, pl >= 0, x is the unpadded input (Nb, H, W, C) in any layout (read with its strides) at
 // (pt, pl) of the padded frame, and its gradient is (Nb, C, H, W) channels-last.
+// With `out` given, the gradient is added into it (it must have the result's shape, dtype and
+// layout): the norm-preserving centroid's two input gradients share one buffer.
 torch::Tensor member_norms_backward(torch::Tensor g_norms, torch::Tensor norms, torch::Tensor x,
-                                    std::vector<int64_t> geo, torch::Tensor pieces_t, int64_t pt, int64_t pl) {
+                                    std::vector<int64_t> geo, torch::Tensor pieces_t, int64_t pt, int64_t pl,
+                                    c10::optional<torch::Tensor> out) {
   check_cpu_contig(g_norms, "g_norms");
   check_cpu_contig(norms, "norms");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
   const TapIndex ix = index_by_tap(pieces, g.kh * g.kw);
+  const bool add = out.has_value() && out->defined();
   torch::Tensor D;
   Interior in;
   if (pt < 0) {
     check_cpu_contig(x, "xp");
-    D = torch::empty_like(x);
+    D = add ? *out : torch::empty_like(x);
+    if (add) check_cpu_contig(D, "out");
+    TORCH_CHECK(D.sizes() == x.sizes() && D.scalar_type() == x.scalar_type(),
+                "member_norms_backward: out must be shaped and typed like xp");
   } else {
     TORCH_CHECK(x.device().is_cpu(), "reuse kernels: x must be a CPU tensor");
     TORCH_CHECK(x.dim() == 4 && x.size(0) == g.Nb && x.size(3) == g.C && pl >= 0 && pt + x.size(1) <= g.Hp &&
                     pl + x.size(2) <= g.Wp,
                 "member_norms_backward: x must be (Nb, H, W, C) inside the padded frame");
     // (Nb, C, H, W) channels-last: (Nb, H, W, C) in memory, and autograd can add into it in place
-    D = torch::empty({x.size(0), x.size(3), x.size(1), x.size(2)},
-                     x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (add) {
+      D = *out;
+      TORCH_CHECK(D.device().is_cpu() && D.scalar_type() == x.scalar_type() && D.dim() == 4 &&
+                      D.size(0) == x.size(0) && D.size(1) == x.size(3) && D.size(2) == x.size(1) &&
+                      D.size(3) == x.size(2) && D.is_contiguous(at::MemoryFormat::ChannelsLast),
+                  "member_norms_backward: out must be x's gradient, (Nb, C, H, W) channels-last");
+    } else {
+      D = torch::empty({x.size(0), x.size(3), x.size(1), x.size(2)},
+                       x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    }
     in = Interior{pt, pl, x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "member_norms_backward", [&] {
     member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
-                                         x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix, in);
+                                         x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix, in, add);
   });
   return D;
 }
@@ -1168,7 +1198,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reconstruct_scales_backward", &reconstruct_scales_backward, "d_scales[b, n] = dy[n] . yc[b, inverse[b, n]]");
   m.def("reconstruct_backward_scaled", &reconstruct_backward_scaled, "dyc and d_scales of the scaled reconstruction");
   m.def("member_norms", &member_norms, "norm of every member sub-vector");
-  m.def("member_norms_backward", &member_norms_backward, "col2im of g / norm times x");
+  m.def("member_norms_backward", &member_norms_backward, "col2im of g / norm times x (added into out if given)",
+        py::arg("g_norms"), py::arg("norms"), py::arg("x"), py::arg("geo"), py::arg("pieces"), py::arg("pt"),
+        py::arg("pl"), py::arg("out") = py::none());
   m.def("slot_keys", &slot_keys, "the hash id of every slot (-1 for empty slots)");
   m.def("gather_ids", &gather_ids, "per-block ids gathered from per-pixel unit ids");
   m.def("pack_signs", &pack_signs, "packed sign bits of (outer, H, inner) projections");
