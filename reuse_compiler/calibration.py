@@ -9,9 +9,10 @@ candidate (forward + backward on the layer's real input from the example batch, 
 exact (and, with ``max_error``, whose relative output error on that input is at most
 ``max_error``), and orders them by measured time (fastest, i.e. most aggressive, first). A
 layer with no such candidate stays exact and the plan says why. The input gradient is timed
-only where training computes one (not for a layer fed by the batch itself). Timings are cached on disk per device,
-shape and stage (``$REUSE_COMPILER_CACHE`` or ``~/.cache/reuse_compiler/calibration.json``),
-so a second compile of the same model is instant.
+only where training computes one (not for a layer fed by the batch itself). Timings are
+cached on disk per device, shape and stage (``$REUSE_COMPILER_CACHE`` or
+``~/.cache/reuse_compiler/calibration.json``), so a second compile of the same model is
+instant.
 """
 
 from __future__ import annotations
@@ -98,21 +99,17 @@ def _stage_fn(x, w, b, row, L, H, centroid, input_grad=True, seed=0):
     return run
 
 
-def _exact_fn(x, w, b, row, input_grad=True):
-    t, bo, left, r = row.padding
-
-    def run():
-        xx = x.detach().requires_grad_(input_grad)
-        ww = w.detach().requires_grad_()
-        y = F.conv2d(F.pad(xx, (left, r, t, bo)), ww, b, stride=row.stride, dilation=row.dilation)
-        y.backward(torch.ones_like(y))
-
-    return run
-
-
 def _exact_out(x, w, b, row):
     t, bo, left, r = row.padding
     return F.conv2d(F.pad(x, (left, r, t, bo)), w, b, stride=row.stride, dilation=row.dilation)
+
+
+def _exact_fn(x, w, b, row, input_grad=True):
+    def run():
+        y = _exact_out(x.detach().requires_grad_(input_grad), w.detach().requires_grad_(), b, row)
+        y.backward(torch.ones_like(y))
+
+    return run
 
 
 def calibrate(
