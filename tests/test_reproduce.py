@@ -135,3 +135,22 @@ def test_reuse_phase_ratio_ignores_layers_exact_from_the_start():
         e["stages"]["conv2"] = "exact"
     run["switches"] = []
     assert reproduce.reuse_phase_ratio(run) is None
+
+
+def test_end_to_end_rows_from_curves():
+    """benchmarks/end_to_end.py's figures from two runs' per-epoch curves."""
+    from benchmarks import end_to_end
+
+    stock = {"train_time": 9.0, "epochs": [{"time": t, "test_acc": a} for t, a in [(3, 0.90), (6, 0.98), (9, 0.97)]]}
+    reuse = {
+        "train_time": 6.0,
+        "switches": [{}],
+        "epochs": [{"time": t, "test_acc": a} for t, a in [(1, 0.80), (2, 0.966), (4, 0.975), (6, 0.96)]],
+    }
+    r = end_to_end.row_of(0, stock, reuse, tolerance=0.005)
+    assert r["target_acc"] == 0.97 and r["stock_time_to_target"] == 6 and r["reuse_time_to_target"] == 4
+    assert r["ratio"] == 4 / 6 and r["total_ratio"] == 6 / 9 and r["reuse_final_acc"] == 0.96
+    assert r["ratio_within_tolerance"] == 2 / 6  # 0.966 >= 0.965 at 2 s; stock 0.98 at 6 s
+    assert r["reuse_best_acc"] == 0.975 and r["stock_acc_at_reuse_total"] == 0.98
+    reuse["epochs"] = reuse["epochs"][:1]
+    assert end_to_end.row_of(0, stock, reuse, 0.005)["ratio"] is None
