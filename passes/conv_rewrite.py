@@ -14,7 +14,6 @@ import copy
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from .analysis import conv_operands
@@ -65,9 +64,7 @@ def emit_reuse_conv(
     counts = _node(graph, operator.getitem, (cl, 2), f"{base}_counts")
     scales = None
     if centroid == "norm":
-        centroids = graph.create_node(
-            "call_function", F.normalize, (centroids,), {"dim": -1}, name=f"{base}_unit_centroids"
-        )
+        centroids = _node(graph, _ops.unit_rows.default, (centroids,), f"{base}_unit_centroids")
         scales = _node(graph, operator.getitem, (cl, 3), f"{base}_norms")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     if row.cluster_reuse:  # Algorithm 1: outputs of ids seen before come from the store

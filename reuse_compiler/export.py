@@ -375,8 +375,13 @@ def onnx_translation_table() -> dict:
         centroids, inverse, counts = cluster(xp, ids, kernel_size, stride, dilation, L, H, scope)
         return centroids, inverse, counts, member_norms(xp, kernel_size, stride, dilation, L)
 
+    def unit_rows(c):
+        denom = op.Max(op.ReduceL2(c, [-1], keepdims=1), op.CastLike(1e-12, c))
+        return op.Div(c, denom)
+
     ops = torch.ops.reuse
     return {
+        ops.unit_rows.default: unit_rows,
         ops.im2col.default: im2col,
         ops.lsh_hash.default: lsh_hash,
         ops.cluster.default: cluster,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels
 from .geometry import Geometry, conv_out_size
@@ -36,6 +35,7 @@ __all__ = [
     "lsh_hash",
     "cluster",
     "cluster_norms",
+    "unit_rows",
     "centroid_gemm",
     "reconstruct",
     "cluster_grad",
@@ -325,6 +325,40 @@ def _(g_centroids, inverse, counts, xp_shape, kernel_size, stride, padding, dila
     Nb, Hp, Wp, C = (int(v) for v in xp_shape)
     H, W = Hp - padding[0] - padding[1], Wp - padding[2] - padding[3]
     return g_centroids.new_empty_strided(*_out_geometry(Nb, C, H, W))
+
+
+# --------------------------------------------------------------------------- unit_rows
+
+UNIT_EPS = 1e-12  # F.normalize's default
+
+
+@torch.library.custom_op("reuse::unit_rows", mutates_args=())
+def unit_rows(c: torch.Tensor) -> torch.Tensor:
+    """c / max(||c||, eps) along the last dim: ``F.normalize(c, dim=-1)``, the norm
+    centroid's unit centroids. An op of its own for its backward, (g - u (u . g)) / max(||c||,
+    eps) with two temporaries; F.normalize's autograd held six centroid-sized ones at once,
+    the norm centroid's backward peak on CifarNet conv2 at L=1600."""
+    return c / c.norm(dim=-1, keepdim=True).clamp_min(UNIT_EPS)
+
+
+@unit_rows.register_fake
+def _(c):
+    return torch.empty_like(c)
+
+
+def _unit_rows_setup(ctx, inputs, output):
+    (c,) = inputs
+    ctx.save_for_backward(output, c.norm(dim=-1, keepdim=True))
+
+
+def _unit_rows_backward(ctx, g):
+    u, n = ctx.saved_tensors
+    # below eps the denominator is the constant eps: no projection term (as F.normalize)
+    s = (u * g).sum(-1, keepdim=True).masked_fill_(n < UNIT_EPS, 0)
+    return (u * s).neg_().add_(g).div_(n.clamp_min(UNIT_EPS))
+
+
+unit_rows.register_autograd(_unit_rows_backward, setup_context=_unit_rows_setup)
 
 
 # --------------------------------------------------------------------------- centroid_gemm
@@ -735,7 +769,7 @@ def reuse_conv2d(
     norms = None
     if centroid == "norm":
         cent, inverse, counts, norms = cluster_norms(xp, ids, k, s, d, L, H, scope, x, p)
-        used = F.normalize(cent, dim=-1)
+        used = unit_rows(cent)
     else:
         cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope, x, p)
         used = cent

@@ -277,6 +277,7 @@ def _op_args(dtype):
         "centroid_gemm": (leaf(cent), w),
         "reconstruct": (leaf(yc), inv, b),
         "reconstruct_no_bias": (leaf(yc), inv, None),
+        "unit_rows": (leaf(torch.cat([cent, torch.zeros_like(cent[:, :1])], 1)),),  # a zero row too
     }
 
 
@@ -307,6 +308,7 @@ def _op_args(dtype):
         "cluster_norms_of_input",
         "member_norms_grad_into",
         "member_norms_grad_into_input",
+        "unit_rows",
     ],
 )
 def test_opcheck(name, dtype):
@@ -367,6 +369,24 @@ def test_cluster_norms_equals_cluster_and_member_norms(channels_last, L):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
 
+def test_unit_rows_equals_normalize():
+    """unit_rows is F.normalize(c, dim=-1), forward and backward, zero rows included
+    (whose denominator is the constant eps); float64 gradcheck."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    c[0, 2] = 0
+    c[1, 4] = 1e-14  # below eps
+    gy = torch.randn(c.shape, generator=g, dtype=torch.float64)
+    got, want = c.clone().requires_grad_(), c.clone().requires_grad_()
+    torch.ops.reuse.unit_rows(got).backward(gy)
+    F.normalize(want, dim=-1).backward(gy)
+    torch.testing.assert_close(torch.ops.reuse.unit_rows(c), F.normalize(c, dim=-1), rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        torch.ops.reuse.unit_rows, (torch.randn(4, 3, 6, dtype=torch.float64).requires_grad_(),)
+    )
+
+
 def test_norm_centroid_backward_holds_one_input_gradient():
     """cluster_norms writes the input's two gradients into one buffer: its backward peaks
     at least ~one input-sized tensor below cluster + member_norms (which autograd holds as
@@ -397,7 +417,7 @@ def test_norm_centroid_backward_holds_one_input_gradient():
             cent, inv, _ = ops.cluster(xp, ids, k, s, d, L, H, "batch", xx, p)
             norms = ops.member_norms(xp, k, s, d, L, xx, p)
         del xp, ids
-        y = ops.reconstruct(ops.centroid_gemm(F.normalize(cent, dim=-1), ww), inv, None, norms)
+        y = ops.reconstruct(ops.centroid_gemm(ops.unit_rows(cent), ww), inv, None, norms)
         del cent, inv, norms
         y.backward(torch.ones_like(y))
 

@@ -17,6 +17,7 @@ REUSE_OPS = {
     torch.ops.reuse.lsh_hash.default,
     torch.ops.reuse.cluster.default,
     torch.ops.reuse.cluster_norms.default,  # the norm centroid's cluster (with the member norms)
+    torch.ops.reuse.unit_rows.default,  # and its unit centroids
     torch.ops.reuse.centroid_gemm.default,
     torch.ops.reuse.reconstruct.default,
 }
@@ -53,7 +54,8 @@ def test_every_conv_rewritten_and_trains(name):
     assert len(gm.reuse_plan) == n_convs
     assert all(not r.exact and r.reason is None for r in gm.reuse_plan)
     assert _conv_nodes(gm) == []
-    assert len(_reuse_nodes(gm)) == 5 * n_convs
+    # im2col, lsh_hash, cluster_norms, unit_rows, centroid_gemm, reconstruct (default: norm centroid)
+    assert len(_reuse_nodes(gm)) == 6 * n_convs
     assert gm(x).shape == model(x).shape
     opt = torch.optim.SGD(gm.parameters(), lr=0.01)
     w0 = [p.detach().clone() for p in gm.parameters()]
@@ -135,7 +137,7 @@ def test_set_stage_switches_without_touching_parameters():
     ref.load_state_dict({k: v for k, v in gm.state_dict().items() if not k.startswith("reuse_state")})
     torch.testing.assert_close(gm(x), ref(x))
     set_stage(gm, exact=False)
-    assert len(_reuse_nodes(gm)) == 10
+    assert len(_reuse_nodes(gm)) == 12  # 6 ops per chain (norm centroid), two convs
     F.cross_entropy(gm(x), torch.zeros(8, dtype=torch.long)).backward()
     opt.step()
 
@@ -204,7 +206,7 @@ def test_norm_centroid_module_exact_limit_and_training(conv):
     cfg = _exact_limit_config(model, x)
     cfg.centroid = "norm"
     gm = reuse_compile(model, x, config=cfg)
-    assert "cluster_norms" in gm.code and "normalize" in gm.code
+    assert "cluster_norms" in gm.code and "unit_rows" in gm.code
     torch.testing.assert_close(gm(x), model(x), rtol=1e-10, atol=1e-10)
     gm = reuse_compile(
         cifarnet(in_channels=1, image_size=28), torch.randn(8, 1, 28, 28), config=ReuseConfig(centroid="norm")
@@ -218,7 +220,7 @@ def test_norm_centroid_module_exact_limit_and_training(conv):
 
 def test_grouped_conv_is_one_chain_per_group():
     gm = reuse_compile(nn.Sequential(nn.Conv2d(8, 6, 3, groups=2)), torch.randn(2, 8, 6, 6))
-    assert len(_reuse_nodes(gm)) == 10
+    assert len(_reuse_nodes(gm)) == 12  # 6 ops per chain (norm centroid), two groups
     row = gm.reuse_plan["0"]
     assert row.groups == 2 and row.K == 4 * 9 and row.M == 3
 
