@@ -233,16 +233,20 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
             row, x, weight, bias, config.calibration_repeats, config.centroid, input_grad, config.seed
         )
         cands = row.calibration["candidates"]
-        faster = sorted((c for c in cands if c["ratio"] < 1.0), key=lambda c: c["ms"])
+        # "faster" with a margin (max_time_ratio < 1): a stage within timing noise of exact is not kept
+        faster = sorted((c for c in cands if c["ratio"] <= config.max_time_ratio), key=lambda c: c["ms"])
         if not faster:
             best = min(c["ratio"] for c in cands)
-            row.reason = f"measured policy: no candidate is faster than exact here (best {best:.2f}x)"
+            row.reason = (
+                f"measured policy: no candidate is faster than exact here (best {best:.2f}x, "
+                f"max_time_ratio {config.max_time_ratio:g})"
+            )
             row.exact = True
             continue
         if config.max_error is not None:
-            faster = [c for c in faster if c["error"] <= config.max_error]
+            faster_all, faster = faster, [c for c in faster if c["error"] <= config.max_error]
             if not faster:
-                best = min(c["error"] for c in cands if c["ratio"] < 1.0)
+                best = min(c["error"] for c in faster_all)
                 row.reason = (
                     f"measured policy: no faster-than-exact candidate has output error <= max_error="
                     f"{config.max_error:g} (lowest {best:.3f})"

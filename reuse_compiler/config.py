@@ -61,6 +61,9 @@ class ReuseConfig:
             exact and every candidate on this device at compile time (cached on disk), keeps
             the candidates faster than exact and orders them by time (docs/performance.md).
         calibration_repeats: timed runs per stage for the measured policy (median).
+        max_time_ratio: measured policy: a candidate is kept if its measured time is at most
+            this fraction of the exact convolution's (default 0.95: a margin, so that a stage
+            within timing noise of exact, kept or dropped by chance, is dropped).
         max_error: measured policy only: also drop the candidates whose relative output error
             ||y - y_exact|| / ||y_exact|| on the layer's input from the example batch exceeds
             this (None: no error filter). Trades speed for accuracy per step.
@@ -80,6 +83,7 @@ class ReuseConfig:
     l_values: str = "fast"
     policy: str = "paper"
     calibration_repeats: int = 3
+    max_time_ratio: float = 0.95
     max_error: float | None = None
     centroid: str = "norm"
 
@@ -103,6 +107,13 @@ class ReuseConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ReuseConfig.{name} must be an int >= 1; got {v!r}")
+        if (
+            isinstance(self.max_time_ratio, bool)
+            or not isinstance(self.max_time_ratio, (int, float))
+            or not 0 < self.max_time_ratio <= 1
+        ):
+            raise ValueError(f"ReuseConfig.max_time_ratio must be a number in (0, 1]; got {self.max_time_ratio!r}")
+        self.max_time_ratio = float(self.max_time_ratio)
         if self.max_error is not None:
             if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) or self.max_error <= 0:
                 raise ValueError(f"ReuseConfig.max_error must be None or a number > 0; got {self.max_error!r}")

@@ -26,10 +26,10 @@ def test_measured_policy_orders_and_filters(cache):
             assert c["ms"] > 0 and 0 < c["r_c"] <= 1 and c["ratio"] == pytest.approx(c["ms"] / calib["exact_ms"])
             assert c["predicted"] == pytest.approx(c["H"] / row.M + c["r_c"] + 1 / c["L"])
             assert 0 <= c["error"] < 2
-        faster = sorted((c for c in calib["candidates"] if c["ratio"] < 1), key=lambda c: c["ms"])
+        faster = sorted((c for c in calib["candidates"] if c["ratio"] <= 0.95), key=lambda c: c["ms"])
         if faster:
             assert row.candidates == [(c["L"], c["H"]) for c in faster]
-            assert (row.L, row.H) == row.candidates[0] and row.time_ratio == faster[0]["ratio"] < 1
+            assert (row.L, row.H) == row.candidates[0] and row.time_ratio == faster[0]["ratio"] <= 0.95
         else:
             assert row.exact and "no candidate is faster" in row.reason
     # the batch needs no gradient, so conv1 is timed as training runs it: no input gradient
@@ -92,7 +92,7 @@ def test_max_error_filters_candidates(cache, monkeypatch):
     free = reuse_compile(model, x, config=ReuseConfig(policy="measured"))
     gm = reuse_compile(model, x, config=ReuseConfig(policy="measured", max_error=0.5))
     for row, ref in zip(gm.reuse_plan, free.reuse_plan):
-        kept = [(c["L"], c["H"]) for c in ref.calibration["candidates"] if c["ratio"] < 1 and c["error"] <= 0.5]
+        kept = [(c["L"], c["H"]) for c in ref.calibration["candidates"] if c["ratio"] <= 0.95 and c["error"] <= 0.5]
         assert kept and row.candidates == kept and len(kept) < len(free.reuse_plan[row.name].candidates)
         assert (row.L, row.H) == kept[0] and row.output_error <= 0.5
     tight = reuse_compile(model, x, config=ReuseConfig(policy="measured", max_error=0.01))
@@ -143,6 +143,33 @@ def test_calibration_is_redone_when_the_kernels_change(cache, monkeypatch):
 def test_bad_policy():
     with pytest.raises(ValueError, match="ReuseConfig.policy"):
         ReuseConfig(policy="fastest")
+
+
+def test_max_time_ratio_is_the_margin(cache, monkeypatch):
+    """Candidates measured slower than max_time_ratio x exact are dropped (injected timings)."""
+
+    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed):
+        ratios = [0.5, 0.9, 0.97, 1.2] + [1.5] * (len(row.candidates) - 4)
+        cands = [
+            {"L": L, "H": H, "ms": 10 * r, "ratio": r, "r_c": 0.1, "predicted": 0.5, "error": 0.3}
+            for (L, H), r in zip(row.candidates, ratios)
+        ]
+        return {"exact_ms": 10.0, "input_grad": input_grad, "candidates": cands}
+
+    monkeypatch.setattr(cal, "calibrate", fake)
+    x = torch.randn(4, 1, 28, 28)
+    model = cifarnet(in_channels=1, image_size=28, width=0.25)
+    for margin, n in ((0.95, 2), (1.0, 3), (0.6, 1)):
+        gm = reuse_compile(model, x, config=ReuseConfig(policy="measured", max_time_ratio=margin))
+        assert all(len(r.candidates) == n for r in gm.reuse_plan)
+    gm = reuse_compile(model, x, config=ReuseConfig(policy="measured", max_time_ratio=0.4))
+    assert all(r.exact and "max_time_ratio 0.4" in r.reason for r in gm.reuse_plan)
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, "0.9", True])
+def test_bad_max_time_ratio(bad):
+    with pytest.raises(ValueError, match="ReuseConfig.max_time_ratio"):
+        ReuseConfig(policy="measured", max_time_ratio=bad)
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, "0.3", True])
