@@ -50,8 +50,15 @@ def _cpu_tag() -> str:
 def _build():
     from torch.utils import cpp_extension
 
-    if shutil.which("ninja") is None:  # pip's ninja sits next to the venv's python, off PATH
-        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    # One ninja for every process: pip's, next to the venv's python, if there is one (else the
+    # one on PATH). A system ninja of another version in some processes (venv not activated)
+    # and pip's in others rewrote the build's ninja logs in turn, and each switch rebuilt the
+    # kernels (~35 s).
+    here = os.path.dirname(sys.executable)
+    if os.access(os.path.join(here, "ninja"), os.X_OK) or shutil.which("ninja") is None:
+        path = os.environ.get("PATH", "")
+        if path.split(os.pathsep)[:1] != [here]:
+            os.environ["PATH"] = here + os.pathsep + path
     src = SOURCE.read_bytes()
     tag = hashlib.sha1(src + _cpu_tag().encode()).hexdigest()[:12]
     log.info("reuse-compiler: building the C++ kernels (first use on this machine, about a minute)")

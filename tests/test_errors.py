@@ -1,6 +1,8 @@
 """SPEC section 6: bad input works or fails with a message naming the thing and the way on;
 nothing hangs and no parameter changes on a forward."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -207,3 +209,26 @@ def test_other_spatial_size_on_a_fully_convolutional_model():
     for hw in (12, 5):
         x = torch.randn(3, 3, hw, hw)
         assert gm(x).shape == model(x).shape
+
+
+def test_extension_build_uses_the_ninja_next_to_python(tmp_path, monkeypatch):
+    """Processes with and without the venv activated must build with the same ninja: two
+    ninja versions rewrote the build's logs in turn and every switch rebuilt the kernels."""
+    import sys
+
+    from torch.utils import cpp_extension
+
+    from reuse_compiler.runtime import extension
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "ninja").write_text("#!/bin/sh\n")
+    (fake_bin / "ninja").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake_bin / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a system ninja may come first here
+    seen = {}
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.setdefault("path", os.environ["PATH"]))
+    extension._build()
+    assert seen["path"].split(os.pathsep)[0] == str(fake_bin)
+    extension._build()  # not prepended twice
+    assert os.environ["PATH"].split(os.pathsep).count(str(fake_bin)) == 1
