@@ -104,8 +104,10 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
         return False
 
 
-def train_run(name, model, data, args, controller_factory=None):
-    """One training run; returns its record (per-epoch curves, switches, timings)."""
+def train_run(name, model, data, args, controller_factory=None, epochs=None):
+    """One training run (``epochs``, default ``args.epochs``); returns its record (per-epoch
+    curves, switches, timings)."""
+    epochs = args.epochs if epochs is None else epochs
     (x_tr, y_tr), (x_te, y_te) = data
     torch.manual_seed(args.seed)
     order = torch.Generator().manual_seed(args.seed)
@@ -116,14 +118,14 @@ def train_run(name, model, data, args, controller_factory=None):
     from tqdm import tqdm
 
     bar = tqdm(
-        total=args.epochs * steps_per_epoch,
+        total=epochs * steps_per_epoch,
         desc=f"{name:>12}",
         unit="step",
         file=sys.stdout,
         disable=args.no_progress,
         dynamic_ncols=True,
     )
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, epochs + 1):
         perm = torch.randperm(len(x_tr), generator=order)
         model.train()
         epoch_loss = 0.0
@@ -225,6 +227,12 @@ def build_parser():
     p.add_argument("--strategy", choices=["lh", "cr", "fixed"], default="lh")
     p.add_argument("--finish", choices=["none", "exact"], default="exact")
     p.add_argument("--epochs", type=int, default=12)
+    p.add_argument(
+        "--reuse-epochs",
+        type=int,
+        default=0,
+        help="epochs of the reuse run (0: --epochs), e.g. more than stock's, to see when it reaches stock's accuracy",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -336,7 +344,7 @@ def main(argv=None):
             finish=None if args.finish == "none" else args.finish,
         )
 
-    reuse = train_run(f"reuse-{args.strategy}", gm, data, args, controller)
+    reuse = train_run(f"reuse-{args.strategy}", gm, data, args, controller, epochs=args.reuse_epochs or args.epochs)
     _, stage_acc = evaluate(gm, *data[1])
     summary = summarize(stock, reuse, gm, stage_acc)
     results = {
