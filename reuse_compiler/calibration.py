@@ -18,6 +18,7 @@ instant.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,6 +37,9 @@ from reuse_compiler.runtime.state import planes_seed
 from .policies import expected_cost
 
 __all__ = ["calibrate", "capture_conv_inputs", "cache_path"]
+
+MAX_ROUNDS = 15  # timed rounds for a short layer (at least `calibration_repeats`)
+MIN_EXACT_S = 0.1  # a short layer gets rounds until its exact convolution has run about this long
 
 
 def cache_path() -> Path:
@@ -124,7 +128,8 @@ def calibrate(
 ) -> dict:
     """Time exact and every candidate of ``row`` (with the given centroid) on input ``x`` (first
     group only for grouped convs), forward + backward, in ``repeats`` interleaved rounds after a
-    warm-up round; the backward computes the input gradient only if ``input_grad`` (as training
+    warm-up round (more rounds for a short layer: enough for ~0.1 s of the exact convolution,
+    at most 15); the backward computes the input gradient only if ``input_grad`` (as training
     does: a first layer's input needs none). Returns ``{"exact_ms", "input_grad", "candidates":
     [{"L", "H", "ms", "ratio", "r_c", "predicted", "error"}]}`` in the row's candidate order
     (medians; ``error`` is the relative output error ||y - y_exact|| / ||y_exact|| on ``x``,
@@ -155,6 +160,7 @@ def calibrate(
             input_grad,
             seed,
             row.name,
+            ("rounds", MAX_ROUNDS, MIN_EXACT_S),
         ]
     )
     path = cache_path()
@@ -167,12 +173,18 @@ def calibrate(
     fns = [_exact_fn(x, w, b, row, input_grad)]
     fns += [_stage_fn(x, w, b, row, L, H, centroid, input_grad, seed) for L, H in row.candidates]
     times = [[] for _ in fns]
-    for rnd in range(repeats + 1):  # round 0 warms up
+    for fn in fns:  # warm-up round
+        fn()
+    t0 = time.perf_counter()
+    fns[0]()
+    # short layers get more rounds (a few ms is within the machine's noise): at least
+    # `repeats`, up to MAX_ROUNDS, about MIN_EXACT_S of exact's time in all
+    rounds = max(repeats, min(MAX_ROUNDS, math.ceil(MIN_EXACT_S / max(time.perf_counter() - t0, 1e-6))))
+    for _ in range(rounds):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()
-            if rnd:
-                times[i].append(time.perf_counter() - t0)
+            times[i].append(time.perf_counter() - t0)
     exact_ms = statistics.median(times[0]) * 1e3
     out = []
     with torch.no_grad():
@@ -193,7 +205,7 @@ def calibrate(
                     "error": float((y - y_exact).norm()) / scale,
                 }
             )
-    result = {"exact_ms": exact_ms, "input_grad": input_grad, "candidates": out}
+    result = {"exact_ms": exact_ms, "input_grad": input_grad, "rounds": rounds, "candidates": out}
     cache[key] = result
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
