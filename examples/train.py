@@ -289,7 +289,10 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.reuse_epochs < 0:
+        parser.error("--epochs must be >= 1 and --reuse-epochs >= 0 (0: as many as --epochs)")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("reuse_compiler").setLevel(logging.WARNING)  # switches are printed by this script
     if args.threads:
