@@ -203,7 +203,7 @@ def _take_keys(inverse: torch.Tensor) -> torch.Tensor | None:
 
 
 @cluster.register_fake
-def _(xp, ids, kernel_size, stride, dilation, L, H, scope, x=None, padding=None):
+def _cluster_fake(xp, ids, kernel_size, stride, dilation, L, H, scope, x=None, padding=None):
     cmax = torch.library.get_ctx().new_dynamic_size()
     nb = ids.shape[0]
     return (
@@ -230,42 +230,58 @@ def _to_input(x, padding) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _slot_keys_for_backward(inputs, inverse, counts):
-    xp, ids, kernel_size, stride, dilation, L, _, scope = inputs[:8]
+def _cluster_setup(ctx, inputs, output):
+    """setup_context of ``cluster`` and of ``cluster_norms`` (whose output has the norms too)."""
+    xp, ids, kernel_size, stride, dilation, L, _, scope, x, padding = inputs
+    ctx.to_input = _to_input(x, padding)
+    ctx.padding = padding
+    inverse, counts = output[1], output[2]
     # the chunk path of the backward needs each slot's key (nb x Cmax, small), not the ids
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
     keys = _take_keys(inverse)
     if keys is None and _concrete(ids):
         keys = kernels.chunk_keys(ids, inverse, counts, g, scope)
-    return keys
-
-
-def _cluster_setup(ctx, inputs, output):
-    xp, ids, kernel_size, stride, dilation, L, _, scope, x, padding = inputs
-    ctx.to_input = _to_input(x, padding)
-    ctx.padding = padding
-    _, inverse, counts = output
-    keys = _slot_keys_for_backward(inputs, inverse, counts)
-    ctx.save_for_backward(inverse, counts, keys)
+    saved = [inverse, counts, keys]
+    if len(output) == 4:  # cluster_norms: the norms' backward reads the input (x itself when
+        saved += [x if ctx.to_input else xp, output[3]]  # its gradient goes to x, else xp) and the norms
+    ctx.save_for_backward(*saved)
     # inverse and counts get no gradient: no zero tensors of their size in the backward
     # (inverse's would be nb x N, as large as inverse itself, at the backward's peak)
     ctx.mark_non_differentiable(inverse, counts)
     ctx.set_materialize_grads(False)
-    ctx.args = (list(xp.shape), kernel_size, stride, dilation)
+    ctx.args = (list(xp.shape), kernel_size, stride, dilation, L)
     ctx.dtype = xp.dtype
 
 
+def _cluster_input_grads(ctx, g_centroids, g_norms=None):
+    """The input's gradient from the centroids' and (``cluster_norms``) the norms' gradients,
+    in one buffer: for ``x`` directly when channels-last, else for ``xp``."""
+    inverse, counts, keys, *norm_parts = ctx.saved_tensors
+    xp_shape, k, s, d, L = ctx.args
+    pad = ctx.padding if ctx.to_input else None
+    grad = None
+    if ctx.needs_input_grad[8] if ctx.to_input else ctx.needs_input_grad[0]:
+        if g_centroids is not None:
+            if ctx.to_input:
+                grad = cluster_input_grad(g_centroids, inverse, counts, xp_shape, k, s, pad, d, keys)
+            else:
+                grad = cluster_grad(g_centroids, inverse, counts, xp_shape, k, s, d, keys)
+        if g_norms is not None:
+            src, norms = norm_parts
+            if grad is not None:  # the norms' share, added in place: no second input-sized tensor
+                member_norms_grad_into(grad, g_norms, norms, src, k, s, d, L, pad)
+            elif ctx.to_input:
+                grad = member_norms_input_grad(g_norms, norms, src, k, s, pad, d, L)
+            else:
+                grad = member_norms_grad(g_norms, norms, src, k, s, d, L)
+    if grad is not None:
+        grad = grad.to(ctx.dtype)
+    none = (None,) * 7
+    return (None, *none, grad, None) if ctx.to_input else (grad, *none, None, None)
+
+
 def _cluster_backward(ctx, g_centroids, _g_inverse, _g_counts):
-    inverse, counts, keys = ctx.saved_tensors
-    dxp = dx = None
-    if g_centroids is None:
-        return dxp, None, None, None, None, None, None, None, dx, None
-    if ctx.to_input and ctx.needs_input_grad[8]:
-        xp_shape, k, s, d = ctx.args
-        dx = cluster_input_grad(g_centroids, inverse, counts, xp_shape, k, s, ctx.padding, d, keys).to(ctx.dtype)
-    elif not ctx.to_input and ctx.needs_input_grad[0]:
-        dxp = cluster_grad(g_centroids, inverse, counts, *ctx.args, keys).to(ctx.dtype)
-    return dxp, None, None, None, None, None, None, None, dx, None
+    return _cluster_input_grads(ctx, g_centroids)
 
 
 cluster.register_autograd(_cluster_backward, setup_context=_cluster_setup)
@@ -652,55 +668,15 @@ def cluster_norms(
 
 @cluster_norms.register_fake
 def _(xp, ids, kernel_size, stride, dilation, L, H, scope, x=None, padding=None):
-    cmax = torch.library.get_ctx().new_dynamic_size()
-    nb = ids.shape[0]
-    return (
-        xp.new_empty(nb, cmax, L),
-        torch.empty_like(ids, dtype=torch.int32),
-        ids.new_empty(nb, cmax),
-        xp.new_empty(_per_member_shape(xp.shape, kernel_size, stride, dilation, L)),
-    )
-
-
-def _cluster_norms_setup(ctx, inputs, output):
-    xp, ids, kernel_size, stride, dilation, L, _, scope, x, padding = inputs
-    ctx.to_input = _to_input(x, padding)
-    ctx.padding = padding
-    _, inverse, counts, norms = output
-    keys = _slot_keys_for_backward(inputs, inverse, counts)
-    # the norms' backward reads the input: x itself when its gradient goes to x, else xp
-    ctx.save_for_backward(inverse, counts, keys, x if ctx.to_input else xp, norms)
-    ctx.mark_non_differentiable(inverse, counts)
-    ctx.set_materialize_grads(False)
-    ctx.args = (list(xp.shape), kernel_size, stride, dilation, L)
-    ctx.dtype = xp.dtype
+    norms = xp.new_empty(_per_member_shape(xp.shape, kernel_size, stride, dilation, L))
+    return (*_cluster_fake(xp, ids, kernel_size, stride, dilation, L, H, scope), norms)
 
 
 def _cluster_norms_backward(ctx, g_centroids, _g_inverse, _g_counts, g_norms):
-    inverse, counts, keys, src, norms = ctx.saved_tensors
-    xp_shape, k, s, d, L = ctx.args
-    wanted = ctx.needs_input_grad[8] if ctx.to_input else ctx.needs_input_grad[0]
-    grad = None
-    if wanted and g_centroids is not None:
-        if ctx.to_input:
-            grad = cluster_input_grad(g_centroids, inverse, counts, xp_shape, k, s, ctx.padding, d, keys)
-        else:
-            grad = cluster_grad(g_centroids, inverse, counts, xp_shape, k, s, d, keys)
-        if g_norms is not None:  # the norms' share, added in place: no second input-sized tensor
-            member_norms_grad_into(grad, g_norms, norms, src, k, s, d, L, ctx.padding if ctx.to_input else None)
-    elif wanted and g_norms is not None:
-        if ctx.to_input:
-            grad = member_norms_input_grad(g_norms, norms, src, k, s, ctx.padding, d, L)
-        else:
-            grad = member_norms_grad(g_norms, norms, src, k, s, d, L)
-    if grad is not None:
-        grad = grad.to(ctx.dtype)
-    if ctx.to_input:
-        return None, None, None, None, None, None, None, None, grad, None
-    return grad, None, None, None, None, None, None, None, None, None
+    return _cluster_input_grads(ctx, g_centroids, g_norms)
 
 
-cluster_norms.register_autograd(_cluster_norms_backward, setup_context=_cluster_norms_setup)
+cluster_norms.register_autograd(_cluster_norms_backward, setup_context=_cluster_setup)
 
 
 @torch.library.custom_op("reuse::member_norms_grad_into", mutates_args=("out",))

@@ -203,6 +203,9 @@ def _op_args(dtype):
     y = ops.reconstruct(yc, inv, b)
     leaf = lambda t: t.detach().requires_grad_()
     norms = ops.member_norms(xp, k, s, d, 8)
+    cluster_args = (leaf(xp), ids, k, s, d, 8, 4, "batch")
+    x_cl = leaf(x.contiguous(memory_format=torch.channels_last))
+    cluster_of_input = (xp.detach(), ids, k, s, d, 8, 4, "batch", x_cl, p)  # the backward goes to x
     return {
         "member_norms": (leaf(xp), k, s, d, 8),
         "member_norms_of_input": (
@@ -225,34 +228,12 @@ def _op_args(dtype):
         "reconstruct_grad": (torch.randn_like(y), inv, cnt.shape[1]),
         "im2col": (x, k, s, p, d),
         "lsh_hash": (xp.detach(), planes, k, s, d),
-        "cluster": (leaf(xp), ids, k, s, d, 8, 4, "batch"),
+        "cluster": cluster_args,
         "cluster_input_scope": (leaf(xp), ids, k, s, d, 8, 4, "input"),
-        "cluster_of_input": (
-            xp.detach(),
-            ids,
-            k,
-            s,
-            d,
-            8,
-            4,
-            "batch",
-            leaf(x.contiguous(memory_format=torch.channels_last)),  # the backward goes to x
-            p,
-        ),
+        "cluster_of_input": cluster_of_input,
         "cluster_input_grad": (torch.randn_like(cent), inv, cnt, list(xp.shape), k, s, p, d),
-        "cluster_norms": (leaf(xp), ids, k, s, d, 8, 4, "batch"),
-        "cluster_norms_of_input": (
-            xp.detach(),
-            ids,
-            k,
-            s,
-            d,
-            8,
-            4,
-            "batch",
-            leaf(x.contiguous(memory_format=torch.channels_last)),  # both gradients go to x
-            p,
-        ),
+        "cluster_norms": cluster_args,  # the same arguments as cluster
+        "cluster_norms_of_input": cluster_of_input,
         "member_norms_grad_into": (
             torch.randn_like(xp),
             torch.randn_like(norms),

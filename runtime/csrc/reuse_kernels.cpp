@@ -1012,9 +1012,19 @@ torch::Tensor member_norms(torch::Tensor xp, std::vector<int64_t> geo, torch::Te
 // (Nb, H, W, C): no padded gradient is formed.
 
 
-template <typename T>
+// d = v, or d += v when accumulating into another gradient of the same input already in D
+template <bool Add, typename T>
+inline void put(T& d, T v) {
+  if constexpr (Add) {
+    d += v;
+  } else {
+    d = v;
+  }
+}
+
+template <typename T, bool Add>
 void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const Geo& g,
-                                const std::vector<Piece>& pieces, const TapIndex& ix, Interior in, bool add) {
+                                const std::vector<Piece>& pieces, const TapIndex& ix, Interior in) {
   const int64_t N = g.N(), C = g.C, U = unit_len(g, pieces), upp = C / U;
   const bool padded = in.H < 0;
   at::parallel_for(0, g.Nb * g.Hp, 1, [&](int64_t r0, int64_t r1) {
@@ -1038,19 +1048,13 @@ void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const
           for (int64_t u = 0; u < nu; ++u) d[u] += f;
         }
       });
-      // add: accumulate into D (another gradient of the same input already lies there)
       if (padded) {
         const T* xrow = X + row * g.Wp * C;
         T* drow = D + row * g.Wp * C;
         for (int64_t e = 0; e < g.Wp * upp; ++e) {
           const T f = acc[e];
-          if (add) {
 #pragma omp simd
-            for (int64_t k = 0; k < U; ++k) drow[e * U + k] += f * xrow[e * U + k];
-          } else {
-#pragma omp simd
-            for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
-          }
+          for (int64_t k = 0; k < U; ++k) put<Add>(drow[e * U + k], f * xrow[e * U + k]);
         }
       } else {  // the real pixels of this row only
         T* drow = D + (bb * in.H + hp - in.pt) * in.W * C;
@@ -1059,23 +1063,14 @@ void member_norms_backward_impl(const T* Gs, const T* S, const T* X, T* D, const
         if (in.s3 == 1 && in.s2 == C) {  // channels-last rows: contiguous
           for (int64_t e = 0; e < in.W * upp; ++e) {
             const T f = a[e];
-            if (add) {
 #pragma omp simd
-              for (int64_t k = 0; k < U; ++k) drow[e * U + k] += f * xrow[e * U + k];
-            } else {
-#pragma omp simd
-              for (int64_t k = 0; k < U; ++k) drow[e * U + k] = f * xrow[e * U + k];
-            }
+            for (int64_t k = 0; k < U; ++k) put<Add>(drow[e * U + k], f * xrow[e * U + k]);
           }
         } else {  // e.g. NCHW: strided reads, no channels-last copy of x
           for (int64_t c = 0; c < C; ++c) {
             const T* xc = xrow + c * in.s3;
             const T* ac = a + c / U;
-            if (add) {
-              for (int64_t w = 0; w < in.W; ++w) drow[w * C + c] += ac[w * upp] * xc[w * in.s2];
-            } else {
-              for (int64_t w = 0; w < in.W; ++w) drow[w * C + c] = ac[w * upp] * xc[w * in.s2];
-            }
+            for (int64_t w = 0; w < in.W; ++w) put<Add>(drow[w * C + c], ac[w * upp] * xc[w * in.s2]);
           }
         }
       }
@@ -1124,8 +1119,9 @@ torch::Tensor member_norms_backward(torch::Tensor g_norms, torch::Tensor norms, 
     in = Interior{pt, pl, x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "member_norms_backward", [&] {
-    member_norms_backward_impl<scalar_t>(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(),
-                                         x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g, pieces, ix, in, add);
+    auto impl = add ? member_norms_backward_impl<scalar_t, true> : member_norms_backward_impl<scalar_t, false>;
+    impl(g_norms.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), g,
+         pieces, ix, in);
   });
   return D;
 }
