@@ -235,25 +235,21 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
         cands = row.calibration["candidates"]
         # "faster" with a margin (max_time_ratio < 1): a stage within timing noise of exact is not kept
         faster = sorted((c for c in cands if c["ratio"] <= config.max_time_ratio), key=lambda c: c["ms"])
-        if not faster:
-            best = min(c["ratio"] for c in cands)
-            row.reason = (
-                f"measured policy: no candidate is faster than exact here (best {best:.2f}x, "
-                f"max_time_ratio {config.max_time_ratio:g})"
-            )
-            row.exact = True
-            continue
-        if config.max_error is not None:
-            faster_all, faster = faster, [c for c in faster if c["error"] <= config.max_error]
+        kept = faster if config.max_error is None else [c for c in faster if c["error"] <= config.max_error]
+        if not kept:
             if not faster:
-                best = min(c["error"] for c in faster_all)
-                row.reason = (
-                    f"measured policy: no faster-than-exact candidate has output error <= max_error="
-                    f"{config.max_error:g} (lowest {best:.3f})"
+                why = (
+                    f"no candidate is faster than exact here (best {min(c['ratio'] for c in cands):.2f}x, "
+                    f"max_time_ratio {config.max_time_ratio:g})"
                 )
-                row.exact = True
-                continue
-        row.candidates = [(c["L"], c["H"]) for c in faster]
+            else:
+                why = (
+                    f"no faster-than-exact candidate has output error <= max_error={config.max_error:g} "
+                    f"(lowest {min(c['error'] for c in faster):.3f})"
+                )
+            row.reason, row.exact = f"measured policy: {why}", True
+            continue
+        row.candidates = [(c["L"], c["H"]) for c in kept]
         row.L = config.for_layer("L", row.name) or row.candidates[0][0]
         row.H = config.for_layer("H", row.name) or row.candidates[0][1]
 

@@ -31,8 +31,7 @@ from torch import fx
 
 from reuse_compiler.runtime import extension
 from reuse_compiler.runtime.ops import reuse_conv2d
-from reuse_compiler.runtime.reference import lsh_planes
-from reuse_compiler.runtime.state import planes_seed
+from reuse_compiler.runtime.state import layer_planes
 
 from .policies import expected_cost
 
@@ -85,19 +84,17 @@ def capture_conv_inputs(gm: fx.GraphModule, args: tuple, nodes: set[str]) -> dic
     return captured
 
 
-def _chain(x, w, b, row, L, H, centroid, seed=0):
-    # the layer's own hash family (the one training will use), so r_c and the error are its own
-    planes = lsh_planes(L, H, planes_seed(seed, row.name, L, H)).to(x.device)
+def _chain(x, w, b, row, planes, centroid):
     y, parts = reuse_conv2d(
         x, w, b, planes, row.kernel_size, row.stride, row.padding, row.dilation, centroid=centroid, keep_parts=False
     )
     return y, parts["counts"]
 
 
-def _stage_fn(x, w, b, row, L, H, centroid, input_grad=True, seed=0):
+def _stage_fn(x, w, b, row, planes, centroid, input_grad=True):
     def run():
         xx, ww = x.detach().requires_grad_(input_grad), w.detach().requires_grad_()
-        y, _ = _chain(xx, ww, b, row, L, H, centroid, seed)
+        y, _ = _chain(xx, ww, b, row, planes, centroid)
         y.backward(torch.ones_like(y))
 
     return run
@@ -170,8 +167,11 @@ def calibrate(
         cache = {}
     if key in cache:
         return cache[key]
+    # each stage with the layer's own hash family (the one training will use), so r_c and the
+    # error are its own; drawn once, outside the timed runs
+    planes = [layer_planes(seed, row.name, L, H).to(x.device) for L, H in row.candidates]
     fns = [_exact_fn(x, w, b, row, input_grad)]
-    fns += [_stage_fn(x, w, b, row, L, H, centroid, input_grad, seed) for L, H in row.candidates]
+    fns += [_stage_fn(x, w, b, row, p, centroid, input_grad) for p in planes]
     times = [[] for _ in fns]
     for fn in fns:  # warm-up round
         fn()
@@ -190,8 +190,8 @@ def calibrate(
     with torch.no_grad():
         y_exact = _exact_out(x, w, b, row)
         scale = float(y_exact.norm()) or 1.0
-        for (L, H), t in zip(row.candidates, times[1:]):
-            y, cnt = _chain(x, w, b, row, L, H, centroid, seed)
+        for (L, H), p, t in zip(row.candidates, planes, times[1:]):
+            y, cnt = _chain(x, w, b, row, p, centroid)
             r_c = float(((cnt > 0).sum(1).double() / cnt.sum(1).clamp(min=1)).mean())
             ms = statistics.median(t) * 1e3
             out.append(

@@ -68,26 +68,24 @@ class LayerPlan:
         except ValueError:
             return None
 
+    def _calibrated(self) -> dict | None:
+        """The measured policy's calibration entry of the current stage (None if none)."""
+        if self.calibration is None or self.exact:
+            return None
+        return next((c for c in self.calibration["candidates"] if (c["L"], c["H"]) == (self.L, self.H)), None)
+
     @property
     def time_ratio(self) -> float | None:
         """Measured forward+backward time of the current stage / exact (measured policy)."""
-        if self.calibration is None or self.exact:
-            return None
-        for c in self.calibration["candidates"]:
-            if (c["L"], c["H"]) == (self.L, self.H):
-                return c["ratio"]
-        return None
+        c = self._calibrated()
+        return None if c is None else c["ratio"]
 
     @property
     def output_error(self) -> float | None:
         """Measured relative output error of the current stage on the example batch (measured
         policy): ||y - y_exact|| / ||y_exact||."""
-        if self.calibration is None or self.exact:
-            return None
-        for c in self.calibration["candidates"]:
-            if (c["L"], c["H"]) == (self.L, self.H):
-                return c.get("error")
-        return None
+        c = self._calibrated()
+        return None if c is None else c.get("error")
 
     def predicted_flop_ratio(self, r_c: float | None = None, reuse_rate: float | None = None) -> float | None:
         """Forward FLOPs relative to the exact layer: H/M + r_c + 1/L (Eq. 5), or with

@@ -27,6 +27,12 @@ def planes_seed(seed: int, layer: str, L: int, H: int) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(f"{layer}|{L}|{H}".encode())) % (2**63)
 
 
+def layer_planes(seed: int, layer: str, L: int, H: int) -> torch.Tensor:
+    """The (L, H) hash planes of ``layer`` under config seed ``seed``: the family the layer
+    hashes with in training (and the measured policy calibrates with)."""
+    return lsh_planes(L, H, planes_seed(seed, layer, L, H))
+
+
 class ReuseLayer(nn.Module):
     """Hash planes and measurements of one rewritten convolution.
 
@@ -49,7 +55,7 @@ class ReuseLayer(nn.Module):
         """Draw this layer's (L, H) hash family (no-op if it is the current one)."""
         if self.LH == (L, H):
             return
-        planes = lsh_planes(L, H, planes_seed(self.seed, self.layer_name, L, H))
+        planes = layer_planes(self.seed, self.layer_name, L, H)
         self.planes = planes.to(self.planes.device)
         self.last_counts = {}
         self.store.clear()
