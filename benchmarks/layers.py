@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import reuse_compiler  # noqa: E402,F401
 from examples.train import tune_malloc  # noqa: E402
 from reuse_compiler import policies  # noqa: E402
-from reuse_compiler.runtime import extension  # noqa: E402
+from reuse_compiler.runtime import extension, ops  # noqa: E402
 from reuse_compiler.runtime.ops import reuse_conv2d  # noqa: E402
+from reuse_compiler.runtime.planes import fit_to_input  # noqa: E402
 from reuse_compiler.runtime.reference import lsh_planes  # noqa: E402
 
 # name: (batch, C_in, H, W, C_out, k, stride, padding, first_layer). The CifarNet layers are
@@ -165,8 +166,15 @@ def bench_layer(name, spec, args, device):
 
         return run
 
-    def reuse(L, H, train):
+    def planes_for(L, H):
         planes = lsh_planes(L, H, seed=1).to(device)
+        if args.hashing == "pca":  # fitted to this input, as training fits them (the fit is not timed)
+            xp = ops.im2col(x, [k, k], [s, s], [p] * 4, [1, 1])
+            planes = fit_to_input(xp, [k, k], [s, s], [1, 1], planes)
+        return planes
+
+    def reuse(L, H, train):
+        planes = planes_for(L, H)
 
         def run():
             xx = x.detach().requires_grad_(train and x_grad)
@@ -185,7 +193,7 @@ def bench_layer(name, spec, args, device):
         key = f"reuse {label} (L={L},H={H})"
         variants[key] = (reuse(L, H, False), reuse(L, H, True))
         with torch.no_grad():
-            y, cnt = chain(x, w, b, k, s, p, lsh_planes(L, H, seed=1).to(device))
+            y, cnt = chain(x, w, b, k, s, p, planes_for(L, H))
         r_c = ((cnt > 0).sum(1).double() / N).mean().item()
         info[key] = {
             "L": L,
@@ -292,6 +300,9 @@ def main(argv=None):
     ap.add_argument("--LH", action="append", default=[], help="extra stage 'L,H' to time (L capped at K)")
     ap.add_argument("--centroid", default="norm", choices=["norm", "mean"], help="reconstruction (ReuseConfig)")
     ap.add_argument(
+        "--hashing", default="random", choices=["random", "pca"], help="hash planes (ReuseConfig): random or fitted"
+    )
+    ap.add_argument(
         "--memory-format",
         default="contiguous",
         choices=["contiguous", "channels_last"],
@@ -318,7 +329,7 @@ def main(argv=None):
     print(
         f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs; "
         f"ratios are against stock fp32 F.conv2d in the same run; L values {args.l_values}, centroid {args.centroid}, "
-        f"input {args.memory_format}, malloc {malloc}"
+        f"hashing {args.hashing}, input {args.memory_format}, malloc {malloc}"
         + ("; synthetic inputs for every layer" if args.synthetic else "")
     )
     results = []

@@ -266,6 +266,14 @@ def build_parser():
         default=None,
         help="measured policy: keep only stages whose relative output error on the example batch is at most this",
     )
+    p.add_argument(
+        "--hashing",
+        choices=["random", "pca"],
+        default="random",
+        help="hash planes: the paper's random hyperplanes, or planes along the principal directions "
+        "of each layer's sub-vectors, refitted every --hash-refresh steps (docs/policies.md)",
+    )
+    p.add_argument("--hash-refresh", type=int, default=20, help="with --hashing pca: training steps between refits")
     p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
     p.add_argument("--H", type=int, default=None, help="fixed H for every layer")
     p.add_argument(
@@ -293,6 +301,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.reuse_epochs < 0:
         parser.error("--epochs must be >= 1 and --reuse-epochs >= 0 (0: as many as --epochs)")
+    if args.hash_refresh < 1:
+        parser.error("--hash-refresh must be >= 1 (training steps between refits of the hash planes)")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("reuse_compiler").setLevel(logging.WARNING)  # switches are printed by this script
     if args.threads:
@@ -324,12 +334,14 @@ def main(argv=None):
         l_values=args.l_values,
         centroid=args.centroid,
         max_error=args.max_error,
+        hashing=args.hashing,
+        hash_refresh=args.hash_refresh,
     )
     t0 = time.perf_counter()
     gm = reuse_compile(copy.deepcopy(base), x_tr[: args.batch_size], config=config)
     log.info(
         f"reuse_compile: {time.perf_counter() - t0:.1f}s (policy {args.policy}, L values {args.l_values}, "
-        f"centroid {args.centroid}; "
+        f"centroid {args.centroid}, hashing {args.hashing}; "
         "not counted in the training time)"
     )
     g = torch.Generator().manual_seed(args.seed + 1)

@@ -43,16 +43,23 @@ def emit_reuse_conv(
     group: int = 0,
     record: bool = True,
     centroid: str = "mean",
+    hashing: str = "random",
 ) -> fx.Node:
     """Emit one chain at the graph's insertion point and return its output node. With
     ``record`` the chain ends with a call to the layer's state module (measurements). With
     ``centroid="norm"`` the centroids are normalised and each member's output is scaled by
-    its own norm (``reuse.cluster_norms`` returns the norms with the clusters)."""
+    its own norm (``reuse.cluster_norms`` returns the norms with the clusters). With
+    ``hashing="pca"`` (and ``record``) the planes come from a call to the layer's hasher,
+    which fits them to the chain's padded input when due (runtime/planes.py)."""
     k = list(row.kernel_size)
     s = list(row.stride)
     d = list(row.dilation)
     xp = _node(graph, _ops.im2col.default, (x, k, s, list(row.padding), d), f"{base}_xp")
-    planes = graph.get_attr(state_path(row.name) + ".planes")
+    if record and hashing == "pca":  # the layer's hasher refits its planes to xp now and then
+        planes = graph.call_module(state_path(row.name) + ".hasher", (xp, k, s, d, group))
+        planes.name = f"{base}_planes"
+    else:
+        planes = graph.get_attr(state_path(row.name) + ".hasher.planes")
     ids = _node(graph, _ops.lsh_hash.default, (xp, planes, k, s, d), f"{base}_ids")
     # x too: with a channels-last x the backward writes x's gradient directly (reuse.cluster)
     # and the norms' backward keeps x, not the padded xp; with the norm centroid one op
@@ -77,13 +84,15 @@ def emit_reuse_conv(
     return y
 
 
-def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool, centroid: str) -> None:
+def _rewrite_node(
+    gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool, centroid: str, hashing: str
+) -> None:
     base = row.name.replace(".", "_").replace(":", "_call")
     with graph.inserting_before(node):
         x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
         g = row.groups
         if g == 1:
-            out = emit_reuse_conv(graph, x, w, b, row, scope, base, record=record, centroid=centroid)
+            out = emit_reuse_conv(graph, x, w, b, row, scope, base, record=record, centroid=centroid, hashing=hashing)
         else:
             cg, mg = row.in_channels // g, row.out_channels // g
             parts = []
@@ -93,7 +102,17 @@ def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: b
                 bi = None if b is None else _node(graph, torch.narrow, (b, 0, i * mg, mg), f"{base}_g{i}_b")
                 parts.append(
                     emit_reuse_conv(
-                        graph, xi, wi, bi, row, scope, f"{base}_g{i}", group=i, record=record, centroid=centroid
+                        graph,
+                        xi,
+                        wi,
+                        bi,
+                        row,
+                        scope,
+                        f"{base}_g{i}",
+                        group=i,
+                        record=record,
+                        centroid=centroid,
+                        hashing=hashing,
                     )
                 )
             out = _node(graph, torch.cat, (parts, 1), f"{base}_cat")
@@ -109,7 +128,8 @@ def rewritten_graph(gm: fx.GraphModule, record: bool = True) -> fx.Graph:
     scope = "input" if gm.reuse_config.scope == "input" else "batch"
     for row in gm.reuse_plan.rows():
         if row.rewritable and not row.exact:
-            _rewrite_node(gm, graph, nodes[row.node], row, scope, record, gm.reuse_config.centroid)
+            cfg = gm.reuse_config
+            _rewrite_node(gm, graph, nodes[row.node], row, scope, record, cfg.centroid, cfg.hashing)
     graph.lint()
     return graph
 

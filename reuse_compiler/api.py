@@ -174,7 +174,9 @@ def reuse_compile(
     gm.add_module("reuse_state", nn.Module())
     for row in rows:
         if row.rewritable:
-            state = ReuseLayer(row.name, config.seed, config.cache_size, config.refresh)
+            state = ReuseLayer(
+                row.name, config.seed, config.cache_size, config.refresh, config.hashing, config.hash_refresh
+            )
             state.set_params(row.L, row.H)
             _register(gm, state_path(row.name), state)
     gm.reuse_plan = ReusePlan(rows, measure=_measure(gm))
@@ -230,7 +232,7 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
             continue  # a computed weight: keep the paper's order
         x, input_grad = inputs[row.node]
         row.calibration = calibrate(
-            row, x, weight, bias, config.calibration_repeats, config.centroid, input_grad, config.seed
+            row, x, weight, bias, config.calibration_repeats, config.centroid, input_grad, config.seed, config.hashing
         )
         cands = row.calibration["candidates"]
         # "faster" with a margin (max_time_ratio < 1): a stage within timing noise of exact is not kept

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from reuse_compiler.runtime import extension
-from reuse_compiler.runtime.ops import reuse_conv2d
+from reuse_compiler.runtime.ops import im2col, reuse_conv2d
+from reuse_compiler.runtime.planes import fit_to_input
 from reuse_compiler.runtime.state import layer_planes
 
 from .policies import expected_cost
@@ -122,6 +123,7 @@ def calibrate(
     centroid: str = "norm",
     input_grad: bool = True,
     seed: int = 0,
+    hashing: str = "random",
 ) -> dict:
     """Time exact and every candidate of ``row`` (with the given centroid) on input ``x`` (first
     group only for grouped convs), forward + backward, in ``repeats`` interleaved rounds after a
@@ -130,7 +132,9 @@ def calibrate(
     does: a first layer's input needs none). Returns ``{"exact_ms", "input_grad", "candidates":
     [{"L", "H", "ms", "ratio", "r_c", "predicted", "error"}]}`` in the row's candidate order
     (medians; ``error`` is the relative output error ||y - y_exact|| / ||y_exact|| on ``x``,
-    with the layer's own hash planes for ``seed``, as are r_c and the timings).
+    with the layer's own hash planes for ``seed``, as are r_c and the timings; with
+    ``hashing="pca"`` the planes are fitted to ``x`` as training fits them, and the fits are
+    not timed: training refits every ``hash_refresh`` steps).
     Uses and updates the on-disk cache."""
     g = row.groups
     cg, mg = row.in_channels // g, row.out_channels // g
@@ -158,6 +162,7 @@ def calibrate(
             seed,
             row.name,
             ("rounds", MAX_ROUNDS, MIN_EXACT_S),
+            hashing,
         ]
     )
     path = cache_path()
@@ -170,6 +175,10 @@ def calibrate(
     # each stage with the layer's own hash family (the one training will use), so r_c and the
     # error are its own; drawn once, outside the timed runs
     planes = [layer_planes(seed, row.name, L, H).to(x.device) for L, H in row.candidates]
+    if hashing == "pca":
+        k, st, d = list(row.kernel_size), list(row.stride), list(row.dilation)
+        xp = im2col(x, k, st, list(row.padding), d)
+        planes = [fit_to_input(xp, k, st, d, p) for p in planes]
     fns = [_exact_fn(x, w, b, row, input_grad)]
     fns += [_stage_fn(x, w, b, row, p, centroid, input_grad) for p in planes]
     times = [[] for _ in fns]

@@ -13,8 +13,9 @@ resume, re-apply the transform to a fresh model with the saved config, then load
 
 The checkpoint holds the parameters and buffers (``gm.state_dict()``, which includes the
 across-batch stores), each layer's stage, the config, the controller's plateau state and
-history, and the optimizer state. Hash planes are not stored: they are a function of the
-seed, the layer name and (L, H).
+history, and the optimizer state. Random hash planes are not stored: they are a function
+of the seed, the layer name and (L, H). Fitted planes (``hashing="pca"``) are data, so they
+are stored (the hasher's extra state), with their age.
 """
 
 from __future__ import annotations

@@ -78,6 +78,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--l-values", choices=["fast", "all", "extended"], default="fast", help="L values in the candidates")
     p.add_argument("--centroid", choices=["norm", "mean"], default="norm")
     p.add_argument("--max-error", type=float, default=None, help="measured policy: drop stages with a larger error")
+    p.add_argument(
+        "--hashing",
+        choices=["random", "pca"],
+        default="random",
+        help="hash planes: random (the paper) or fitted to each layer's input (fitted on the example batch here)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +123,7 @@ def compile_from_args(args):
             l_values=args.l_values,
             centroid=args.centroid,
             max_error=args.max_error,
+            hashing=args.hashing,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e

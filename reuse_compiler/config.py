@@ -18,6 +18,7 @@ SCOPES = ("input", "batch", "across-batch")
 L_CHOICES = ("fast", "all", "extended")
 POLICIES = ("paper", "measured")
 CENTROIDS = ("mean", "norm")
+HASHINGS = ("random", "pca")
 MAX_H = 62
 
 
@@ -71,6 +72,12 @@ class ReuseConfig:
             unit vector along the cluster mean; exact for collinear members) or "mean" (the
             paper: a member's output is its cluster mean's output). docs/results.md has the
             evidence for the default.
+        hashing: "random" (default: the paper's random hyperplanes, Eq. 4) or "pca" (planes
+            along the principal directions of each layer's own sub-vectors, refitted during
+            training; lower output error at the same number of clusters, see
+            docs/policies.md). Only the planes' values differ; every op is the same.
+        hash_refresh: with hashing="pca", training forwards between refits of a layer's
+            planes (default 20); eval forwards never refit.
     """
 
     L: int | dict[str, int] | None = None
@@ -86,6 +93,8 @@ class ReuseConfig:
     max_time_ratio: float = 0.95
     max_error: float | None = None
     centroid: str = "norm"
+    hashing: str = "random"
+    hash_refresh: int = 20
 
     def __post_init__(self):
         _check_int_or_map("L", self.L, 1, None)
@@ -103,7 +112,11 @@ class ReuseConfig:
             raise ValueError(
                 f"ReuseConfig.centroid must be one of {', '.join(map(repr, CENTROIDS))}; got {self.centroid!r}"
             )
-        for name in ("cache_size", "refresh", "calibration_repeats"):
+        if self.hashing not in HASHINGS:
+            raise ValueError(
+                f"ReuseConfig.hashing must be one of {', '.join(map(repr, HASHINGS))}; got {self.hashing!r}"
+            )
+        for name in ("cache_size", "refresh", "calibration_repeats", "hash_refresh"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ReuseConfig.{name} must be an int >= 1; got {v!r}")

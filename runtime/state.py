@@ -1,8 +1,9 @@
 """Per-layer runtime state of a rewritten convolution.
 
 A compiled module holds one :class:`ReuseLayer` per plan row under ``gm.reuse_state``. It
-owns the layer's hash planes (one family per layer and (L, H), derived from the seed, so
-every rank and every restart draws the same planes), records what the last forward
+owns the layer's hash planes (:class:`LayerHash`: one random family per layer and (L, H),
+derived from the seed, so every rank and every restart draws the same planes; or, with
+``hashing="pca"``, planes fitted to the layer's input, see :mod:`.planes`), records what the last forward
 measured, for the plan's r_c and R columns, and holds the across-batch store
 (:class:`ClusterReuse`, used when the layer's stage has cluster reuse on).
 """
@@ -16,6 +17,7 @@ from torch import nn
 
 from .geometry import Geometry
 from .kernels import slot_keys
+from .planes import LayerHash
 from .reference import lsh_planes
 from .store import ClusterStore
 
@@ -39,24 +41,38 @@ class ReuseLayer(nn.Module):
     Called from the graph with each group's ``counts`` (nb, Cmax); it only records them.
     """
 
-    def __init__(self, name: str, seed: int, cache_size: int = 65536, refresh: int = 50):
+    def __init__(
+        self,
+        name: str,
+        seed: int,
+        cache_size: int = 65536,
+        refresh: int = 50,
+        hashing: str = "random",
+        hash_refresh: int = 20,
+    ):
         super().__init__()
         self.layer_name = name
         self.seed = seed
-        self.register_buffer("planes", torch.empty(0, 0), persistent=False)
+        self.hasher = LayerHash(hashing, hash_refresh)
         self.last_counts: dict[int, torch.Tensor] = {}
         self.store = ClusterReuse(cache_size, refresh)
+        self.hasher.on_fit.append(self.store.clear)  # new planes, new ids: stored outputs are stale
+
+    @property
+    def planes(self) -> torch.Tensor:
+        """The (L, H) planes the layer hashes with now."""
+        return self.hasher.planes
 
     @property
     def LH(self) -> tuple[int, int] | None:
         return tuple(self.planes.shape) if self.planes.numel() else None
 
     def set_params(self, L: int, H: int) -> None:
-        """Draw this layer's (L, H) hash family (no-op if it is the current one)."""
+        """Draw this layer's (L, H) hash family (no-op if it is the current one); with
+        ``hashing="pca"`` it is a placeholder until the next forward fits the planes."""
         if self.LH == (L, H):
             return
-        planes = layer_planes(self.seed, self.layer_name, L, H)
-        self.planes = planes.to(self.planes.device)
+        self.hasher.reset(layer_planes(self.seed, self.layer_name, L, H))
         self.last_counts = {}
         self.store.clear()
 

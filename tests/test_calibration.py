@@ -43,21 +43,29 @@ def test_measured_policy_orders_and_filters(cache):
             )
 
 
-def test_calibration_error_is_the_relative_output_error(cache):
-    """The recorded error is ||y - y_exact|| / ||y_exact|| of the stage on the calibration input."""
+@pytest.mark.parametrize("hashing", ["random", "pca"])
+def test_calibration_error_is_the_relative_output_error(cache, hashing):
+    """The recorded error is ||y - y_exact|| / ||y_exact|| of the stage on the calibration
+    input, with the planes training would use: the layer's random family, or (pca) planes
+    fitted to that input."""
     import torch.nn.functional as F
 
-    from reuse_compiler.runtime.ops import reuse_conv2d
+    from reuse_compiler.runtime.ops import im2col, reuse_conv2d
+    from reuse_compiler.runtime.planes import fit_to_input
     from reuse_compiler.runtime.state import layer_planes
 
     torch.manual_seed(0)
     x = torch.randn(4, 1, 28, 28)
-    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=ReuseConfig(policy="measured"))
+    cfg = ReuseConfig(policy="measured", hashing=hashing)
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
     row = gm.reuse_plan["conv1"]
     w, b = gm.conv1.weight.detach(), gm.conv1.bias.detach()
     y_exact = F.conv2d(x, w, b, padding=2)
+    xp = im2col(x, [5, 5], [1, 1], [2, 2, 2, 2], [1, 1])
     for c in row.calibration["candidates"]:
         planes = layer_planes(0, "conv1", c["L"], c["H"])  # the layer's own family
+        if hashing == "pca":
+            planes = fit_to_input(xp, [5, 5], [1, 1], [1, 1], planes)
         y, _ = reuse_conv2d(x, w, b, planes, [5, 5], [1, 1], [2, 2, 2, 2], [1, 1])
         assert c["error"] == pytest.approx(float((y - y_exact).norm() / y_exact.norm()), rel=1e-4)
 
@@ -66,7 +74,7 @@ def test_max_error_filters_candidates(cache, monkeypatch):
     """Faster-than-exact candidates with error > max_error are dropped (timings and errors
     injected, so the test does not depend on this machine's speed)."""
 
-    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed):
+    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random"):
         n = len(row.candidates)
         return {
             "exact_ms": 10.0,
@@ -147,7 +155,7 @@ def test_bad_policy():
 def test_max_time_ratio_is_the_margin(cache, monkeypatch):
     """Candidates measured slower than max_time_ratio x exact are dropped (injected timings)."""
 
-    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed):
+    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random"):
         ratios = [0.5, 0.9, 0.97, 1.2] + [1.5] * (len(row.candidates) - 4)
         cands = [
             {"L": L, "H": H, "ms": 10 * r, "ratio": r, "r_c": 0.1, "predicted": 0.5, "error": 0.3}

@@ -1,28 +1,32 @@
 """DistributedDataParallel with 2 gloo processes on CPU: identical hash planes, identical
-switches at the same steps, identical parameters."""
+switches at the same steps, identical parameters. With hashing="pca" the ranks see
+different data, so identical planes mean rank 0's fits reached every rank, and the probes
+(rank 0 only) fitted without a collective (else the run would hang)."""
 
 import os
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from reuse_compiler import AdaptiveReuse, reuse_compile
+from reuse_compiler import AdaptiveReuse, ReuseConfig, reuse_compile
 from reuse_compiler.models import cifarnet
 
 WORLD = 2
 STEPS = 12
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank, init_file, out_dir, hashing):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)  # same initial weights on every rank
-        gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), torch.rand(8, 1, 28, 28))
+        cfg = ReuseConfig(hashing=hashing, hash_refresh=5)
+        gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), torch.rand(8, 1, 28, 28), config=cfg)
         model = DDP(gm)
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data and probe
         x = torch.rand(8 * STEPS, 1, 28, 28, generator=g)
@@ -42,6 +46,7 @@ def _worker(rank, init_file, out_dir):
                 "history": ctl.history,
                 "stages": ctl.state_dict()["stages"],
                 "planes": {n: m.planes for n, m in gm.reuse_state.named_children()},
+                "fits": {n: m.hasher.fits for n, m in gm.reuse_state.named_children()},
                 "params": [p.detach() for p in gm.parameters()],
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -50,9 +55,10 @@ def _worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_ddp_two_ranks_take_the_same_decisions(tmp_path):
+@pytest.mark.parametrize("hashing", ["random", "pca"])
+def test_ddp_two_ranks_take_the_same_decisions(tmp_path, hashing):
     ctx = mp.start_processes(
-        _worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+        _worker, args=(str(tmp_path / "init"), str(tmp_path), hashing), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):  # never hang: give up after the deadline
@@ -66,5 +72,8 @@ def test_ddp_two_ranks_take_the_same_decisions(tmp_path):
     assert r0["stages"] == r1["stages"]
     for name in r0["planes"]:
         assert torch.equal(r0["planes"][name], r1["planes"][name])
+    assert r0["fits"] == r1["fits"]
+    if hashing == "pca":  # fitted in training (the stage switches at step 4 refit them), not placeholders
+        assert all(f >= 1 for f in r0["fits"].values()), r0["fits"]
     for a, b in zip(r0["params"], r1["params"]):
         torch.testing.assert_close(a, b)
