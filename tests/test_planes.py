@@ -122,7 +122,9 @@ def test_pca_planes_lower_the_error_on_real_digits(L, H):
 def _pca_gm(refresh=3, **kw):
     torch.manual_seed(0)
     model = cifarnet(in_channels=1, image_size=28, width=0.25)
-    return reuse_compile(model, torch.randn(8, 1, 28, 28), config=ReuseConfig(hashing="pca", hash_refresh=refresh, **kw))
+    return reuse_compile(
+        model, torch.randn(8, 1, 28, 28), config=ReuseConfig(hashing="pca", hash_refresh=refresh, **kw)
+    )
 
 
 def _train(gm, steps, seed=1):
