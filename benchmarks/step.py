@@ -7,8 +7,14 @@ warm-up steps, medians of ``--repeats`` rounds of ``--steps`` steps each:
 
 - stock fp32 (the baseline every ratio divides by);
 - reuse with the main job's default config at its first stages (measured policy, extended
-  L values, norm centroid), and the same with the paper's L values (``--l-values fast``);
-- each reuse model with every layer set exact (the rewrite's cost when it does not reuse).
+  L values, norm centroid, fitted hash planes, max error 0.32); the same with random planes
+  and no error filter (session 10's main job), and with the paper's L values
+  (``--l-values fast``);
+- the random-planes model with every layer set exact (the rewrite's cost when it does not
+  reuse).
+
+With fitted planes a step refits each reused layer's planes every 20 steps (~2-9 ms); the
+timed rounds include the refits that fall in them.
 
 "peak" is the maximum of the profiler's memory timeline during one step (parameters,
 optimizer state and the batch excluded), the figure the issue's "peak training memory"
@@ -33,7 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.layers import machine, peak_bytes  # noqa: E402
-from examples.train import MODELS, load_digits, tune_malloc  # noqa: E402
+from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
 
 
@@ -63,13 +69,20 @@ def main(argv=None):
     base = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
 
     models = {"stock fp32": copy.deepcopy(base)}
-    for name, l_values in (("reuse (defaults)", "extended"), ("reuse (--l-values fast)", "fast")):
-        gm = reuse_compile(copy.deepcopy(base), x, config=ReuseConfig(policy="measured", l_values=l_values))
+    configs = (
+        ("reuse (main job: fitted planes, max error 0.32)", dict(hashing="pca", max_error=DEFAULT_MAX_ERROR), False),
+        ("reuse (random planes, session 10's main job)", dict(), True),
+        ("reuse (random planes, --l-values fast)", dict(l_values="fast"), False),
+    )
+    for name, kw, with_exact in configs:
+        config = ReuseConfig(**{"policy": "measured", "l_values": "extended", **kw})
+        gm = reuse_compile(copy.deepcopy(base), x, config=config)
         stages = ", ".join(f"{r.name} " + ("exact" if r.exact else f"L={r.L} H={r.H}") for r in gm.reuse_plan)
         models[f"{name}: {stages}"] = gm
-        exact = copy.deepcopy(gm)
-        set_stage(exact, exact=True)
-        models[f"{name}, every layer exact"] = exact
+        if with_exact:
+            exact = copy.deepcopy(gm)
+            set_stage(exact, exact=True)
+            models[f"{name}, every layer exact"] = exact
 
     steps = {name: make_step(m, x, y) for name, m in models.items()}
     for fn in steps.values():  # warm-up: Adam's state, the kernels' first calls

@@ -35,6 +35,11 @@ from reuse_compiler.models import alexnet, cifarnet, vgg19  # noqa: E402
 
 log = logging.getLogger("train")
 
+# The main job keeps stages whose output error on the example batch is at most this. With
+# fitted planes, conv2's stages at error ~0.29-0.30 learned like stock per epoch and those at
+# 0.38 did not (docs/performance.md, session 11).
+DEFAULT_MAX_ERROR = 0.32
+
 MODELS = {
     "cifarnet": lambda: cifarnet(in_channels=1, image_size=28),
     "alexnet": lambda: alexnet(in_channels=1, image_size=28, width=0.25),
@@ -225,7 +230,13 @@ def build_parser():
     )
     p.add_argument("--model", choices=sorted(MODELS), default="cifarnet")
     p.add_argument("--strategy", choices=["lh", "cr", "fixed"], default="lh")
-    p.add_argument("--finish", choices=["none", "exact"], default="exact")
+    p.add_argument(
+        "--finish",
+        choices=["none", "exact"],
+        default="none",
+        help="when a layer's walk ends: keep its last reuse stage (none, the default: with fitted planes "
+        "its epochs learn like stock's) or run the exact convolution from then on",
+    )
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument(
         "--reuse-epochs",
@@ -264,14 +275,15 @@ def build_parser():
         "--max-error",
         type=float,
         default=None,
-        help="measured policy: keep only stages whose relative output error on the example batch is at most this",
+        help=f"measured policy: keep only stages whose relative output error on the example batch is at most "
+        f"this (default {DEFAULT_MAX_ERROR} with the measured policy; 0: no error filter)",
     )
     p.add_argument(
         "--hashing",
         choices=["random", "pca"],
-        default="random",
-        help="hash planes: the paper's random hyperplanes, or planes along the principal directions "
-        "of each layer's sub-vectors, refitted every --hash-refresh steps (docs/policies.md)",
+        default="pca",
+        help="hash planes: planes along the principal directions of each layer's sub-vectors, refitted "
+        "every --hash-refresh steps (pca, the default), or the paper's random hyperplanes (docs/policies.md)",
     )
     p.add_argument("--hash-refresh", type=int, default=20, help="with --hashing pca: training steps between refits")
     p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
@@ -301,6 +313,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.reuse_epochs < 0:
         parser.error("--epochs must be >= 1 and --reuse-epochs >= 0 (0: as many as --epochs)")
+    if args.max_error is None:
+        args.max_error = DEFAULT_MAX_ERROR if args.policy == "measured" else 0
+    if args.max_error < 0 or (args.max_error > 0 and args.policy != "measured"):
+        parser.error("--max-error must be >= 0 (0: no filter), and > 0 only with --policy measured")
     if args.hash_refresh < 1:
         parser.error("--hash-refresh must be >= 1 (training steps between refits of the hash planes)")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -333,7 +349,7 @@ def main(argv=None):
         policy=args.policy,
         l_values=args.l_values,
         centroid=args.centroid,
-        max_error=args.max_error,
+        max_error=args.max_error or None,
         hashing=args.hashing,
         hash_refresh=args.hash_refresh,
     )
@@ -341,7 +357,8 @@ def main(argv=None):
     gm = reuse_compile(copy.deepcopy(base), x_tr[: args.batch_size], config=config)
     log.info(
         f"reuse_compile: {time.perf_counter() - t0:.1f}s (policy {args.policy}, L values {args.l_values}, "
-        f"centroid {args.centroid}, hashing {args.hashing}; "
+        f"centroid {args.centroid}, hashing {args.hashing}, max error {args.max_error or 'none'}, "
+        f"finish {args.finish}; "
         "not counted in the training time)"
     )
     g = torch.Generator().manual_seed(args.seed + 1)

@@ -12,7 +12,9 @@ clusters, centroids, backward) is unchanged: only the planes' values differ.
 How the planes are fitted (our decisions, docs/policies.md):
 
 - The sample: the sub-vectors of up to ``MAX_IMAGES`` images of the batch (every block,
-  the same (kh, kw, c) order the hash sees), evenly thinned to at most ``MAX_ROWS``.
+  the same (kh, kw, c) order the hash sees; fewer images, or a band of one image's rows,
+  when that would gather more than ``GATHER_BUDGET`` elements), evenly thinned to at most
+  ``MAX_ROWS`` rows (fewer for long sub-vectors: ``MAX_SAMPLE`` elements).
 - The directions: the leading eigenvectors of the sample's uncentred second moment
   (exactly, by ``eigh``, for L <= ``EXACT_MAX_L``; beyond, by a seeded randomized subspace
   iteration). The hash has no offset (zero padding must keep id 0), so a direction whose
@@ -36,19 +38,37 @@ __all__ = ["HASHINGS", "LayerHash", "fit_planes", "fit_to_input", "sample_subvec
 HASHINGS = ("random", "pca")
 MAX_IMAGES = 16
 MAX_ROWS = 32768
+MAX_SAMPLE = 1 << 21  # elements of the thinned sample (8 MB in fp32)
+GATHER_BUDGET = 1 << 23  # elements gathered before thinning (32 MB in fp32)
 EXACT_MAX_L = 256
 CONSTANT_BIT = 0.99
 
 
 def sample_subvectors(xp: torch.Tensor, kernel_size, stride, dilation, L: int) -> torch.Tensor:
     """The sub-vectors (S, L) of up to MAX_IMAGES images of the padded channels-last input
-    ``xp`` (Nb, Hp, Wp, C), every block, thinned evenly to at most MAX_ROWS rows."""
-    xs = xp[:MAX_IMAGES]
-    g = Geometry.of(xs.shape, kernel_size, stride, dilation, L)
-    rows = torch.cat([g.gather_block(xs, b) for b in range(g.nb)]) if g.N else xs.new_zeros(0, L)
-    if rows.shape[0] > MAX_ROWS:
-        rows = rows[:: -(-rows.shape[0] // MAX_ROWS)]
+    ``xp`` (Nb, Hp, Wp, C), every block, in the hash's (kh, kw, c) order. At most
+    GATHER_BUDGET elements are gathered (fewer images; for one large image, a band of output
+    rows in its middle), then the rows are thinned evenly to at most max_rows(L)."""
+    g = Geometry.of(xp.shape, kernel_size, stride, dilation, L)
+    oh, ow = g.out_hw
+    per_row = max(1, ow * g.nb * L)  # elements gathered per output row of one image
+    m = max(1, min(MAX_IMAGES, g.Nb, GATHER_BUDGET // max(1, oh * per_row)))
+    xs = xp[:m]
+    if m * oh * per_row > GATHER_BUDGET:  # one image is already too large: a band of rows
+        rows_out = max(1, GATHER_BUDGET // per_row)
+        r0 = (oh - rows_out) // 2 * g.sh
+        xs = xs[:, r0 : r0 + (rows_out - 1) * g.sh + (g.kh - 1) * g.dh + 1]
+    gs = Geometry.of(xs.shape, kernel_size, stride, dilation, L)
+    rows = torch.cat([gs.gather_block(xs, b) for b in range(gs.nb)]) if gs.N else xs.new_zeros(0, L)
+    cap = max_rows(L)
+    if rows.shape[0] > cap:
+        rows = rows[:: -(-rows.shape[0] // cap)]
     return rows.float()
+
+
+def max_rows(L: int) -> int:
+    """Rows kept in a fit's sample: MAX_ROWS, fewer for long sub-vectors (MAX_SAMPLE elements)."""
+    return max(1024, min(MAX_ROWS, MAX_SAMPLE // max(1, L)))
 
 
 def _directions(rows: torch.Tensor, q: int, seed: int) -> torch.Tensor:

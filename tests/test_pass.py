@@ -301,6 +301,9 @@ def test_cli_inspect_prints_plan_and_graph(capsys):
         == 0
     )
     assert json.loads(capsys.readouterr().out)["layers"][1]["L"] == 5
+    # --hashing pca: the graph asks the layer's hasher for its planes
+    assert cli_main(["inspect", "examples.models:cifarnet", "--input-shape", "4,3,32,32", "--hashing", "pca"]) == 0
+    assert "reuse_state.conv2.hasher(conv2_xp" in capsys.readouterr().out
 
 
 def test_cli_inspect_measured_policy(capsys, tmp_path, monkeypatch):

@@ -46,6 +46,19 @@ def test_sample_is_the_reference_subvectors(C, kernel, stride, padding, dilation
     torch.testing.assert_close(rows, ref.float())
 
 
+def test_sample_of_a_large_input_is_bounded_and_made_of_real_subvectors(monkeypatch):
+    from reuse_compiler.runtime import planes as pl
+
+    monkeypatch.setattr(pl, "GATHER_BUDGET", 3000)
+    x = torch.randn(4, 3, 20, 20, dtype=torch.float64)
+    k, s, p, d, L = (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 9
+    xp = ops.im2col(x, list(k), list(s), list(p), list(d))
+    rows = sample_subvectors(xp, list(k), list(s), list(d), L)
+    assert 0 < rows.numel() <= 3000
+    ref = _reference_subvectors(x[:1], k, s, p, d, L).float()  # one image, a band of its rows
+    assert all(bool((ref == r).all(1).any()) for r in rows)
+
+
 def test_fit_is_the_leading_informative_eigenvectors():
     """Non-negative data: the leading direction (about the mean) has the same sign on every
     row, so it is skipped; the planes are the next H eigenvectors of the second moment."""
