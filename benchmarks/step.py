@@ -7,7 +7,8 @@ warm-up steps, medians of ``--repeats`` rounds of ``--steps`` steps each:
 
 - stock fp32 (the baseline every ratio divides by);
 - reuse with the main job's default config at its first stages (measured policy, extended
-  L values, norm centroid, fitted hash planes, max error 0.32); the same with random planes
+  L values, norm centroid, fitted hash planes, max error 0.32, the member norms constant in
+  the backward), the same with the norms' gradient; the same with random planes
   and no error filter (session 10's main job), and with the paper's L values
   (``--l-values fast``);
 - the random-planes model with every layer set exact (the rewrite's cost when it does not
@@ -70,7 +71,12 @@ def main(argv=None):
 
     models = {"stock fp32": copy.deepcopy(base)}
     configs = (
-        ("reuse (main job: fitted planes, max error 0.32)", dict(hashing="pca", max_error=DEFAULT_MAX_ERROR), False),
+        (
+            "reuse (main job: fitted planes, max error 0.32, norms constant in the backward)",
+            dict(hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False),
+            False,
+        ),
+        ("reuse (the same with the norms' gradient)", dict(hashing="pca", max_error=DEFAULT_MAX_ERROR), False),
         ("reuse (random planes, session 10's main job)", dict(), True),
         ("reuse (random planes, --l-values fast)", dict(l_values="fast"), False),
     )

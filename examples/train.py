@@ -286,6 +286,13 @@ def build_parser():
         "every --hash-refresh steps (pca, the default), or the paper's random hyperplanes (docs/policies.md)",
     )
     p.add_argument("--hash-refresh", type=int, default=20, help="with --hashing pca: training steps between refits")
+    p.add_argument(
+        "--norm-grad",
+        choices=["off", "on"],
+        default="off",
+        help="norm centroid: whether the member norms pass a gradient to the layer's input (on: the exact "
+        "gradient of the approximate forward; off, the default: constants of the backward, cheaper)",
+    )
     p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
     p.add_argument("--H", type=int, default=None, help="fixed H for every layer")
     p.add_argument(
@@ -352,13 +359,14 @@ def main(argv=None):
         max_error=args.max_error or None,
         hashing=args.hashing,
         hash_refresh=args.hash_refresh,
+        norm_grad=args.norm_grad == "on" or args.centroid != "norm",
     )
     t0 = time.perf_counter()
     gm = reuse_compile(copy.deepcopy(base), x_tr[: args.batch_size], config=config)
     log.info(
         f"reuse_compile: {time.perf_counter() - t0:.1f}s (policy {args.policy}, L values {args.l_values}, "
         f"centroid {args.centroid}, hashing {args.hashing}, max error {args.max_error or 'none'}, "
-        f"finish {args.finish}; "
+        f"finish {args.finish}, norm grad {args.norm_grad if args.centroid == 'norm' else '-'}; "
         "not counted in the training time)"
     )
     g = torch.Generator().manual_seed(args.seed + 1)

@@ -44,13 +44,16 @@ def emit_reuse_conv(
     record: bool = True,
     centroid: str = "mean",
     hashing: str = "random",
+    norm_grad: bool = True,
 ) -> fx.Node:
     """Emit one chain at the graph's insertion point and return its output node. With
     ``record`` the chain ends with a call to the layer's state module (measurements). With
     ``centroid="norm"`` the centroids are normalised and each member's output is scaled by
     its own norm (``reuse.cluster_norms`` returns the norms with the clusters). With
     ``hashing="pca"`` (and ``record``) the planes come from a call to the layer's hasher,
-    which fits them to the chain's padded input when due (runtime/planes.py)."""
+    which fits them to the chain's padded input when due (runtime/planes.py). With
+    ``norm_grad=False`` (norm centroid) the member norms are computed from the detached
+    input: constants of the backward, as ``ReuseConfig.norm_grad`` says."""
     k = list(row.kernel_size)
     s = list(row.stride)
     d = list(row.dilation)
@@ -64,7 +67,9 @@ def emit_reuse_conv(
     # x too: with a channels-last x the backward writes x's gradient directly (reuse.cluster)
     # and the norms' backward keeps x, not the padded xp; with the norm centroid one op
     # returns the norms too, so the input's two gradients share one buffer (reuse.cluster_norms)
-    op = _ops.cluster_norms.default if centroid == "norm" else _ops.cluster.default
+    # (norm_grad=False: the norms are constants of the backward, from the detached input)
+    fused = centroid == "norm" and norm_grad
+    op = _ops.cluster_norms.default if fused else _ops.cluster.default
     cl = _node(graph, op, (xp, ids, k, s, d, row.L, row.H, scope, x, list(row.padding)), f"{base}_cluster")
     centroids = _node(graph, operator.getitem, (cl, 0), f"{base}_centroids")
     inverse = _node(graph, operator.getitem, (cl, 1), f"{base}_inverse")
@@ -72,7 +77,11 @@ def emit_reuse_conv(
     scales = None
     if centroid == "norm":
         centroids = _node(graph, _ops.unit_rows.default, (centroids,), f"{base}_unit_centroids")
-        scales = _node(graph, operator.getitem, (cl, 3), f"{base}_norms")
+        if fused:
+            scales = _node(graph, operator.getitem, (cl, 3), f"{base}_norms")
+        else:
+            xp_const = _node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const")
+            scales = _node(graph, _ops.member_norms.default, (xp_const, k, s, d, row.L), f"{base}_norms")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     if row.cluster_reuse:  # Algorithm 1: outputs of ids seen before come from the store
         yc = graph.call_module(state_path(row.name) + ".store", (yc, centroids, ids, inverse, counts, weight, group))
@@ -85,14 +94,16 @@ def emit_reuse_conv(
 
 
 def _rewrite_node(
-    gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool, centroid: str, hashing: str
+    gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool, centroid: str, hashing: str, norm_grad: bool
 ) -> None:
     base = row.name.replace(".", "_").replace(":", "_call")
     with graph.inserting_before(node):
         x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
         g = row.groups
         if g == 1:
-            out = emit_reuse_conv(graph, x, w, b, row, scope, base, record=record, centroid=centroid, hashing=hashing)
+            out = emit_reuse_conv(
+                graph, x, w, b, row, scope, base, record=record, centroid=centroid, hashing=hashing, norm_grad=norm_grad
+            )
         else:
             cg, mg = row.in_channels // g, row.out_channels // g
             parts = []
@@ -113,6 +124,7 @@ def _rewrite_node(
                         record=record,
                         centroid=centroid,
                         hashing=hashing,
+                        norm_grad=norm_grad,
                     )
                 )
             out = _node(graph, torch.cat, (parts, 1), f"{base}_cat")
@@ -129,7 +141,7 @@ def rewritten_graph(gm: fx.GraphModule, record: bool = True) -> fx.Graph:
     for row in gm.reuse_plan.rows():
         if row.rewritable and not row.exact:
             cfg = gm.reuse_config
-            _rewrite_node(gm, graph, nodes[row.node], row, scope, record, cfg.centroid, cfg.hashing)
+            _rewrite_node(gm, graph, nodes[row.node], row, scope, record, cfg.centroid, cfg.hashing, cfg.norm_grad)
     graph.lint()
     return graph
 

@@ -232,7 +232,16 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
             continue  # a computed weight: keep the paper's order
         x, input_grad = inputs[row.node]
         row.calibration = calibrate(
-            row, x, weight, bias, config.calibration_repeats, config.centroid, input_grad, config.seed, config.hashing
+            row,
+            x,
+            weight,
+            bias,
+            config.calibration_repeats,
+            config.centroid,
+            input_grad,
+            config.seed,
+            config.hashing,
+            config.norm_grad,
         )
         cands = row.calibration["candidates"]
         # "faster" with a margin (max_time_ratio < 1): a stage within timing noise of exact is not kept

@@ -85,17 +85,27 @@ def capture_conv_inputs(gm: fx.GraphModule, args: tuple, nodes: set[str]) -> dic
     return captured
 
 
-def _chain(x, w, b, row, planes, centroid):
+def _chain(x, w, b, row, planes, centroid, norm_grad=True):
     y, parts = reuse_conv2d(
-        x, w, b, planes, row.kernel_size, row.stride, row.padding, row.dilation, centroid=centroid, keep_parts=False
+        x,
+        w,
+        b,
+        planes,
+        row.kernel_size,
+        row.stride,
+        row.padding,
+        row.dilation,
+        centroid=centroid,
+        keep_parts=False,
+        norm_grad=norm_grad,
     )
     return y, parts["counts"]
 
 
-def _stage_fn(x, w, b, row, planes, centroid, input_grad=True):
+def _stage_fn(x, w, b, row, planes, centroid, input_grad=True, norm_grad=True):
     def run():
         xx, ww = x.detach().requires_grad_(input_grad), w.detach().requires_grad_()
-        y, _ = _chain(xx, ww, b, row, planes, centroid)
+        y, _ = _chain(xx, ww, b, row, planes, centroid, norm_grad)
         y.backward(torch.ones_like(y))
 
     return run
@@ -124,6 +134,7 @@ def calibrate(
     input_grad: bool = True,
     seed: int = 0,
     hashing: str = "random",
+    norm_grad: bool = True,
 ) -> dict:
     """Time exact and every candidate of ``row`` (with the given centroid) on input ``x`` (first
     group only for grouped convs), forward + backward, in ``repeats`` interleaved rounds after a
@@ -134,7 +145,7 @@ def calibrate(
     (medians; ``error`` is the relative output error ||y - y_exact|| / ||y_exact|| on ``x``,
     with the layer's own hash planes for ``seed``, as are r_c and the timings; with
     ``hashing="pca"`` the planes are fitted to ``x`` as training fits them, and the fits are
-    not timed: training refits every ``hash_refresh`` steps).
+    not timed: training refits every ``hash_refresh`` steps; ``norm_grad`` as in ReuseConfig).
     Uses and updates the on-disk cache."""
     g = row.groups
     cg, mg = row.in_channels // g, row.out_channels // g
@@ -163,6 +174,7 @@ def calibrate(
             row.name,
             ("rounds", MAX_ROUNDS, MIN_EXACT_S),
             hashing,
+            norm_grad,
         ]
     )
     path = cache_path()
@@ -180,7 +192,7 @@ def calibrate(
         xp = im2col(x, k, st, list(row.padding), d)
         planes = [fit_to_input(xp, k, st, d, p) for p in planes]
     fns = [_exact_fn(x, w, b, row, input_grad)]
-    fns += [_stage_fn(x, w, b, row, p, centroid, input_grad) for p in planes]
+    fns += [_stage_fn(x, w, b, row, p, centroid, input_grad, norm_grad) for p in planes]
     times = [[] for _ in fns]
     for fn in fns:  # warm-up round
         fn()

@@ -78,6 +78,11 @@ class ReuseConfig:
             docs/policies.md). Only the planes' values differ; every op is the same.
         hash_refresh: with hashing="pca", training forwards between refits of a layer's
             planes (default 20); eval forwards never refit.
+        norm_grad: with centroid="norm", whether the member norms pass a gradient to the
+            layer's input (True, default: the exact gradient of the approximate forward).
+            False treats them as constants of the backward: the input gradient flows
+            through the centroids only, the weight gradient is unchanged, and the backward
+            is cheaper and keeps less (docs/policies.md).
     """
 
     L: int | dict[str, int] | None = None
@@ -95,6 +100,7 @@ class ReuseConfig:
     centroid: str = "norm"
     hashing: str = "random"
     hash_refresh: int = 20
+    norm_grad: bool = True
 
     def __post_init__(self):
         _check_int_or_map("L", self.L, 1, None)
@@ -115,6 +121,13 @@ class ReuseConfig:
         if self.hashing not in HASHINGS:
             raise ValueError(
                 f"ReuseConfig.hashing must be one of {', '.join(map(repr, HASHINGS))}; got {self.hashing!r}"
+            )
+        if not isinstance(self.norm_grad, bool):
+            raise ValueError(f"ReuseConfig.norm_grad must be True or False; got {self.norm_grad!r}")
+        if not self.norm_grad and self.centroid != "norm":
+            raise ValueError(
+                "ReuseConfig.norm_grad=False applies to the norm centroid's member norms; "
+                f"with centroid={self.centroid!r} there are none (use centroid='norm' or leave norm_grad=True)"
             )
         for name in ("cache_size", "refresh", "calibration_repeats", "hash_refresh"):
             v = getattr(self, name)

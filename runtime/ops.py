@@ -731,20 +731,27 @@ def reuse_conv2d(
     scope: str = "batch",
     centroid: str = "norm",
     keep_parts: bool = True,
+    norm_grad: bool = True,
 ):
     """The chain the rewrite emits for one convolution (one group), called eagerly:
     ``padding`` is (top, bottom, left, right), ``planes`` (L, H). Returns ``(y, parts)`` with
     the intermediate tensors (``xp``, ``ids``, ``centroids``, ``inverse``, ``counts``, ``yc``);
     with ``keep_parts=False`` only ``counts``, and every intermediate is dropped after its
-    last use, as in the rewritten graph's code (for memory measurements)."""
+    last use, as in the rewritten graph's code (for memory measurements). With the norm
+    centroid and ``norm_grad=False`` the member norms are constants of the backward
+    (``ReuseConfig.norm_grad``): ``cluster`` and a ``member_norms`` of the detached input."""
     k, s, p, d = list(kernel_size), list(stride), list(padding), list(dilation)
     L, H = planes.shape
     parts = {}
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d)
     norms = None
-    if centroid == "norm":
+    if centroid == "norm" and norm_grad:
         cent, inverse, counts, norms = cluster_norms(xp, ids, k, s, d, L, H, scope, x, p)
+        used = unit_rows(cent)
+    elif centroid == "norm":
+        cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope, x, p)
+        norms = member_norms(xp.detach(), k, s, d, L)
         used = unit_rows(cent)
     else:
         cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope, x, p)

@@ -52,12 +52,14 @@ def reference_reuse_conv2d(
     scope: str = "batch",
     ids: torch.Tensor | None = None,
     centroid: str = "mean",
+    norm_grad: bool = True,
 ):
     """Reuse convolution by the paper's equations. ``padding`` is (top, bottom, left, right).
 
     ``centroid="mean"`` is the paper's: a member's output is its cluster's mean times W_b.
     ``centroid="norm"`` keeps each member's length: the output is ||x_n|| times the output of
-    the unit vector along the cluster's mean (exact for collinear members).
+    the unit vector along the cluster's mean (exact for collinear members); ``norm_grad=False``
+    makes ||x_n|| a constant of the backward (``ReuseConfig.norm_grad``).
 
     Returns ``(y, info)`` with ``info`` holding ``ids`` (nb, Nb, Oh, Ow), and per block the
     sorted unique ids, inverse, counts and centroids. Pass ``ids`` to impose a cluster
@@ -91,7 +93,8 @@ def reference_reuse_conv2d(
         mean = sub.new_zeros(len(uniq), L).index_add(0, inv, sub) / cnt[:, None].to(x.dtype)
         if centroid == "norm":
             unit = mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            y = y + sub.norm(dim=1, keepdim=True) * (unit @ W[b * L : (b + 1) * L])[inv]
+            scale = sub.norm(dim=1, keepdim=True)
+            y = y + (scale if norm_grad else scale.detach()) * (unit @ W[b * L : (b + 1) * L])[inv]
         else:
             y_c = mean @ W[b * L : (b + 1) * L]  # y_c,b = x_c,b . W_b
             y = y + y_c[inv]  # y = sum_b y_c,b[inverse_b]

@@ -74,7 +74,7 @@ def test_max_error_filters_candidates(cache, monkeypatch):
     """Faster-than-exact candidates with error > max_error are dropped (timings and errors
     injected, so the test does not depend on this machine's speed)."""
 
-    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random"):
+    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True):
         n = len(row.candidates)
         return {
             "exact_ms": 10.0,
@@ -155,7 +155,7 @@ def test_bad_policy():
 def test_max_time_ratio_is_the_margin(cache, monkeypatch):
     """Candidates measured slower than max_time_ratio x exact are dropped (injected timings)."""
 
-    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random"):
+    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True):
         ratios = [0.5, 0.9, 0.97, 1.2] + [1.5] * (len(row.candidates) - 4)
         cands = [
             {"L": L, "H": H, "ms": 10 * r, "ratio": r, "r_c": 0.1, "predicted": 0.5, "error": 0.3}

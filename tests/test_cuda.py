@@ -37,11 +37,13 @@ def test_chain_on_cuda_equals_cpu(C, L, centroid, channels_last):
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-9)
 
 
-def test_compiled_model_trains_on_cuda():
+@pytest.mark.parametrize("hashing", ["random", "pca"])
+def test_compiled_model_trains_on_cuda(hashing):
     torch.manual_seed(0)
     x = torch.randn(8, 1, 28, 28)
     y = torch.randint(0, 10, (8,))
-    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=ReuseConfig()).cuda()
+    cfg = ReuseConfig(hashing=hashing, hash_refresh=2)  # pca: fits on the GPU at steps 1, 3, 5
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg).cuda()
     opt = torch.optim.SGD(gm.parameters(), lr=0.05)
     losses = []
     for _ in range(5):
@@ -52,3 +54,6 @@ def test_compiled_model_trains_on_cuda():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert gm.reuse_plan["conv2"].r_c is not None
+    if hashing == "pca":
+        h = gm.reuse_state.conv2.hasher
+        assert h.fits == 3 and h.planes.is_cuda and torch.isfinite(h.planes).all()

@@ -340,3 +340,46 @@ def test_deepcopy_is_an_independent_compiled_module():
         next(twin.parameters()).add_(1.0)
         torch.testing.assert_close(gm(x), y)
     assert copy.deepcopy(twin).reuse_plan["conv1"].exact  # a copy of a copy
+
+
+@pytest.mark.parametrize("L", [4, 12])  # a pixel's channel chunk; a kernel row
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_norm_grad_false_is_the_reference_with_constant_norms(L, channels_last):
+    """ReuseConfig(norm_grad=False): the same forward as the norm centroid's; the backward of
+    the reference with ||x_n|| detached; the weight gradient equal to norm_grad=True's."""
+    from reuse_compiler.runtime.reference import reference_reuse_conv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64).relu()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, 6, 8, 8, dtype=torch.float64)
+    grads = {}
+    for norm_grad in (True, False):
+        gm = reuse_compile(nn.Sequential(conv), x, config=ReuseConfig(L=L, H=5, norm_grad=norm_grad))
+        assert ("cluster_norms" in gm.code) == norm_grad and ("member_norms" in gm.code) != norm_grad
+        xr = x.clone().requires_grad_()
+        y = gm(xr)
+        (y * g).sum().backward()
+        c = gm.get_submodule("0")  # the compiled module's own copy of the conv
+        grads[norm_grad] = (y.detach(), xr.grad, c.weight.grad, c.bias.grad)
+        planes = gm.reuse_state.get_submodule("0").planes.double()
+        xf = x.clone().requires_grad_()
+        y_ref, _ = reference_reuse_conv2d(
+            xf, conv.weight, conv.bias, padding=(1, 1, 1, 1), L=L, planes=planes, centroid="norm", norm_grad=norm_grad
+        )
+        (y_ref * g).sum().backward()
+        for got, want in zip(grads[norm_grad], (y_ref.detach(), xf.grad, conv.weight.grad, conv.bias.grad)):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        conv.zero_grad()
+    torch.testing.assert_close(grads[False][0], grads[True][0], rtol=0, atol=0)  # the same forward
+    torch.testing.assert_close(grads[False][2], grads[True][2], rtol=1e-12, atol=1e-12)  # the same weight gradient
+    assert not torch.allclose(grads[False][1], grads[True][1])  # the input gradient loses the norms' share
+
+
+def test_norm_grad_false_needs_the_norm_centroid():
+    with pytest.raises(ValueError, match="norm_grad=False applies to the norm centroid"):
+        ReuseConfig(centroid="mean", norm_grad=False)
+    with pytest.raises(ValueError, match="norm_grad must be True or False"):
+        ReuseConfig(norm_grad=0)
