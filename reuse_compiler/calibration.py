@@ -141,7 +141,8 @@ def calibrate(
     warm-up round (more rounds for a short layer: enough for ~0.1 s of the exact convolution,
     at most 15); the backward computes the input gradient only if ``input_grad`` (as training
     does: a first layer's input needs none). Returns ``{"exact_ms", "input_grad", "candidates":
-    [{"L", "H", "ms", "ratio", "r_c", "predicted", "error"}]}`` in the row's candidate order
+    [{"L", "H", "ms", "ratio", "ratio_min", "r_c", "predicted", "error"}]}`` in the row's
+    candidate order (``ratio``: of the medians; ``ratio_min``: of the fastest runs)
     (medians; ``error`` is the relative output error ||y - y_exact|| / ||y_exact|| on ``x``,
     with the layer's own hash planes for ``seed``, as are r_c and the timings; with
     ``hashing="pca"`` the planes are fitted to ``x`` as training fits them, and the fits are
@@ -172,7 +173,7 @@ def calibrate(
             input_grad,
             seed,
             row.name,
-            ("rounds", MAX_ROUNDS, MIN_EXACT_S),
+            ("rounds", MAX_ROUNDS, MIN_EXACT_S, "ratio_min"),
             hashing,
             norm_grad,
         ]
@@ -221,6 +222,7 @@ def calibrate(
                     "H": H,
                     "ms": ms,
                     "ratio": ms / exact_ms,
+                    "ratio_min": min(t) / min(times[0]),
                     "r_c": r_c,
                     "predicted": expected_cost(L, H, mg, r_c),
                     "error": float((y - y_exact).norm()) / scale,

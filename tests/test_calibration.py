@@ -24,9 +24,12 @@ def test_measured_policy_orders_and_filters(cache):
         assert len(calib["candidates"]) >= 1
         for c in calib["candidates"]:
             assert c["ms"] > 0 and 0 < c["r_c"] <= 1 and c["ratio"] == pytest.approx(c["ms"] / calib["exact_ms"])
+            assert c["ratio_min"] > 0
             assert c["predicted"] == pytest.approx(c["H"] / row.M + c["r_c"] + 1 / c["L"])
             assert 0 <= c["error"] < 2
-        faster = sorted((c for c in calib["candidates"] if c["ratio"] <= 0.95), key=lambda c: c["ms"])
+        faster = sorted(
+            (c for c in calib["candidates"] if c["ratio"] <= 0.95 and c["ratio_min"] <= 0.95), key=lambda c: c["ms"]
+        )
         if faster:
             assert row.candidates == [(c["L"], c["H"]) for c in faster]
             assert (row.L, row.H) == row.candidates[0] and row.time_ratio == faster[0]["ratio"] <= 0.95
@@ -171,6 +174,29 @@ def test_max_time_ratio_is_the_margin(cache, monkeypatch):
         assert all(len(r.candidates) == n for r in gm.reuse_plan)
     gm = reuse_compile(model, x, config=ReuseConfig(policy="measured", max_time_ratio=0.4))
     assert all(r.exact and "max_time_ratio 0.4" in r.reason for r in gm.reuse_plan)
+
+
+def test_a_slow_phase_of_the_exact_runs_keeps_nothing(cache, monkeypatch):
+    """A candidate is kept only if both the medians' ratio and the fastest runs' ratio are within
+    the margin: an inflated exact median (a slow phase of the machine) makes a candidate look
+    fast by the medians only (injected timings)."""
+
+    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True):
+        pairs = [(0.8, 1.25), (0.9, 0.9)] + [(1.5, 1.5)] * (len(row.candidates) - 2)
+        cands = [
+            {"L": L, "H": H, "ms": 10 * r, "ratio": r, "ratio_min": rm, "r_c": 0.1, "predicted": 0.5, "error": 0.3}
+            for (L, H), (r, rm) in zip(row.candidates, pairs)
+        ]
+        return {"exact_ms": 10.0, "input_grad": input_grad, "candidates": cands}
+
+    monkeypatch.setattr(cal, "calibrate", fake)
+    gm = reuse_compile(
+        cifarnet(in_channels=1, image_size=28, width=0.25),
+        torch.randn(4, 1, 28, 28),
+        config=ReuseConfig(policy="measured"),
+    )
+    for row in gm.reuse_plan:
+        assert row.candidates == [(c["L"], c["H"]) for c in row.calibration["candidates"][1:2]]
 
 
 @pytest.mark.parametrize("bad", [0, 1.5, "0.9", True])
