@@ -93,17 +93,15 @@ def emit_reuse_conv(
     return y
 
 
-def _rewrite_node(
-    gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool, centroid: str, hashing: str, norm_grad: bool
-) -> None:
+def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool) -> None:
     base = row.name.replace(".", "_").replace(":", "_call")
+    cfg = gm.reuse_config
+    chain = {"record": record, "centroid": cfg.centroid, "hashing": cfg.hashing, "norm_grad": cfg.norm_grad}
     with graph.inserting_before(node):
         x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
         g = row.groups
         if g == 1:
-            out = emit_reuse_conv(
-                graph, x, w, b, row, scope, base, record=record, centroid=centroid, hashing=hashing, norm_grad=norm_grad
-            )
+            out = emit_reuse_conv(graph, x, w, b, row, scope, base, **chain)
         else:
             cg, mg = row.in_channels // g, row.out_channels // g
             parts = []
@@ -111,22 +109,7 @@ def _rewrite_node(
                 xi = _node(graph, torch.narrow, (x, 1, i * cg, cg), f"{base}_g{i}_x")
                 wi = _node(graph, torch.narrow, (w, 0, i * mg, mg), f"{base}_g{i}_w")
                 bi = None if b is None else _node(graph, torch.narrow, (b, 0, i * mg, mg), f"{base}_g{i}_b")
-                parts.append(
-                    emit_reuse_conv(
-                        graph,
-                        xi,
-                        wi,
-                        bi,
-                        row,
-                        scope,
-                        f"{base}_g{i}",
-                        group=i,
-                        record=record,
-                        centroid=centroid,
-                        hashing=hashing,
-                        norm_grad=norm_grad,
-                    )
-                )
+                parts.append(emit_reuse_conv(graph, xi, wi, bi, row, scope, f"{base}_g{i}", group=i, **chain))
             out = _node(graph, torch.cat, (parts, 1), f"{base}_cat")
     node.replace_all_uses_with(out)
     graph.erase_node(node)
@@ -140,8 +123,7 @@ def rewritten_graph(gm: fx.GraphModule, record: bool = True) -> fx.Graph:
     scope = "input" if gm.reuse_config.scope == "input" else "batch"
     for row in gm.reuse_plan.rows():
         if row.rewritable and not row.exact:
-            cfg = gm.reuse_config
-            _rewrite_node(gm, graph, nodes[row.node], row, scope, record, cfg.centroid, cfg.hashing, cfg.norm_grad)
+            _rewrite_node(gm, graph, nodes[row.node], row, scope, record)
     graph.lint()
     return graph
 
