@@ -208,6 +208,17 @@ def _keep_on_deepcopy(gm: fx.GraphModule) -> None:
 
     cls.__deepcopy__ = __deepcopy__
 
+    def __reduce__(self):
+        # fx pickles a GraphModule by its attributes; a compiled module's traced source graph
+        # and plan do not pickle, and would fail deep inside pickle with "cannot pickle 'module'"
+        raise TypeError(
+            "a module returned by reuse_compile cannot be pickled whole (torch.save(gm)); save its state "
+            "with reuse_compiler.save_checkpoint(path, gm, ...) or torch.save(gm.state_dict()), and rebuild "
+            "it with reuse_compile(model, x, config=...) + load_checkpoint (docs/strategies.md)"
+        )
+
+    cls.__reduce__ = __reduce__
+
 
 def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
     """Time each layer's stages on its real input; keep and order the faster-than-exact ones."""

@@ -383,3 +383,15 @@ def test_norm_grad_false_needs_the_norm_centroid():
         ReuseConfig(centroid="mean", norm_grad=False)
     with pytest.raises(ValueError, match="norm_grad must be True or False"):
         ReuseConfig(norm_grad=0)
+
+
+def test_whole_module_pickle_names_the_way_on(tmp_path):
+    import io
+
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), torch.randn(2, 1, 28, 28))
+    with pytest.raises(TypeError, match="save_checkpoint"):
+        torch.save(gm, io.BytesIO())
+    torch.save(gm.state_dict(), tmp_path / "sd.pt")  # the state saves
+    import copy
+
+    assert torch.equal(copy.deepcopy(gm).conv2.weight, gm.conv2.weight)  # deepcopy is not pickling
