@@ -60,7 +60,11 @@ def _build():
         if path.split(os.pathsep)[:1] != [here]:
             os.environ["PATH"] = here + os.pathsep + path
     src = SOURCE.read_bytes()
-    tag = hashlib.sha1(src + _cpu_tag().encode()).hexdigest()[:12]
+    # one build directory per source, CPU, checkout and interpreter: two checkouts (or venvs)
+    # sharing ~/.cache/torch_extensions rewrote one build.ninja in turn and rebuilt (~35 s) at
+    # every switch
+    where = f"{SOURCE.resolve()}|{sys.executable}"
+    tag = hashlib.sha1(src + _cpu_tag().encode() + where.encode()).hexdigest()[:12]
     log.info("reuse-compiler: building the C++ kernels (first use on this machine, about a minute)")
     return cpp_extension.load(
         name=f"reuse_kernels_{tag}",
