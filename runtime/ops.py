@@ -557,6 +557,11 @@ def member_norms(
     the gradient for ``x`` directly (none for ``xp``): the norms are a function of ``x``, and
     the padded copy is neither kept nor given a padded gradient. Otherwise the gradient goes
     to ``xp`` as without ``x``."""
+    return _member_norms(xp, kernel_size, stride, dilation, L)
+
+
+def _member_norms(xp, kernel_size, stride, dilation, L) -> torch.Tensor:
+    """The forward of ``member_norms`` (and the norms of ``cluster_norms``)."""
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
     oh, ow = g.out_hw
     return kernels.member_norms(xp, g).to(xp.dtype).view(g.nb, g.Nb, oh, ow)
@@ -660,10 +665,7 @@ def cluster_norms(
     L=1600, 33.0 MB against the mean centroid's 26.9). Here the backward writes the norms'
     share into the centroids' gradient (``member_norms_grad_into``)."""
     centroids, inverse, counts = _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, "reuse.cluster_norms")
-    g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
-    oh, ow = g.out_hw
-    norms = kernels.member_norms(xp, g).to(xp.dtype).view(g.nb, g.Nb, oh, ow)
-    return centroids, inverse, counts, norms
+    return centroids, inverse, counts, _member_norms(xp, kernel_size, stride, dilation, L)
 
 
 @cluster_norms.register_fake
@@ -745,17 +747,15 @@ def reuse_conv2d(
     parts = {}
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d)
-    norms = None
-    if centroid == "norm" and norm_grad:
+    # as the rewrite emits it (passes/conv_rewrite.py): the fused op when the norms need a
+    # gradient, else cluster and the norms of the detached input
+    fused = centroid == "norm" and norm_grad
+    if fused:
         cent, inverse, counts, norms = cluster_norms(xp, ids, k, s, d, L, H, scope, x, p)
-        used = unit_rows(cent)
-    elif centroid == "norm":
-        cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope, x, p)
-        norms = member_norms(xp.detach(), k, s, d, L)
-        used = unit_rows(cent)
     else:
         cent, inverse, counts = cluster(xp, ids, k, s, d, L, H, scope, x, p)
-        used = cent
+        norms = member_norms(xp.detach(), k, s, d, L) if centroid == "norm" else None
+    used = unit_rows(cent) if centroid == "norm" else cent
     if keep_parts:
         parts.update(xp=xp, ids=ids, centroids=cent)
     del xp, ids, cent
