@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from reuse_compiler.runtime.planes import HASHINGS
+
 __all__ = ["ReuseConfig", "SCOPES", "L_CHOICES"]
 
 SCOPES = ("input", "batch", "across-batch")
 L_CHOICES = ("fast", "all", "extended")
 POLICIES = ("paper", "measured")
 CENTROIDS = ("mean", "norm")
-HASHINGS = ("random", "pca")
 MAX_H = 62
 
 

@@ -40,6 +40,8 @@ import math
 import torch
 from torch import fx
 
+from reuse_compiler.runtime.dist import group as distributed_group
+
 from .api import _compiled, set_stage
 
 __all__ = ["AdaptiveReuse", "STRATEGIES"]
@@ -57,11 +59,6 @@ def _fmt(stage: dict) -> str:
     if stage["exact"]:
         return "exact"
     return f"L={stage['L']} H={stage['H']}" + (" CR" if stage["cluster_reuse"] else "")
-
-
-def _dist():
-    d = torch.distributed
-    return d if d.is_available() and d.is_initialized() and d.get_world_size() > 1 else None
 
 
 class AdaptiveReuse:
@@ -148,7 +145,7 @@ class AdaptiveReuse:
         stages change at it unless :attr:`done`)."""
         self.steps += 1
         value = float(loss)
-        d = _dist()
+        d = distributed_group()
         if d is not None:
             t = torch.tensor([value], dtype=torch.float64)
             d.all_reduce(t)
@@ -187,7 +184,7 @@ class AdaptiveReuse:
     # ------------------------------------------------------------------ decisions
 
     def _on_plateau(self) -> None:
-        d = _dist()
+        d = distributed_group()
         if d is None or d.get_rank() == 0:
             changes = self._decide()
         else:

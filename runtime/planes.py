@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dist import group as distributed_group
 from .geometry import Geometry
 
 __all__ = ["HASHINGS", "LayerHash", "fit_planes", "fit_to_input", "sample_subvectors"]
@@ -147,8 +148,7 @@ class LayerHash(nn.Module):
         self.hashing, self.refresh = hashing, refresh
         self.register_buffer("planes", torch.empty(0, 0), persistent=False)
         self.source: str | None = None  # pca: what `planes` holds: None (placeholder), "train", "eval"
-        self.train_planes: torch.Tensor | None = None  # pca: the last training fit ...
-        self.train_LH: tuple[int, int] | None = None  # ... and its (L, H)
+        self.train_planes: torch.Tensor | None = None  # pca: the last training fit
         self.since = 0  # pca: training forwards since the last training fit
         self.fits = 0  # pca: training fits so far
         self.on_fit: list = []  # called whenever the planes change (the layer empties its store)
@@ -157,12 +157,17 @@ class LayerHash(nn.Module):
     def LH(self) -> tuple[int, int]:
         return tuple(self.planes.shape)
 
+    @property
+    def train_LH(self) -> tuple[int, int] | None:
+        """The (L, H) of the last training fit (None before the first)."""
+        return None if self.train_planes is None else tuple(self.train_planes.shape)
+
     def reset(self, planes: torch.Tensor) -> None:
         """New (L, H): the random family ``planes``. With pca this is a placeholder, unless
         the training planes are of this (L, H) (a stage set back after a probe): those."""
         self.planes = planes.to(self.planes.device)
         self.source = None
-        if self.hashing == "pca" and self.train_LH == self.LH and self.train_planes is not None:
+        if self.hashing == "pca" and self.train_LH == self.LH:
             self.planes.copy_(self.train_planes)
             self.source = "train"
 
@@ -172,7 +177,7 @@ class LayerHash(nn.Module):
         if self.training:
             if self.train_LH != self.LH or self.since >= self.refresh:
                 self.planes.copy_(self._fit(xp, kernel_size, stride, dilation, collective=True))
-                self.train_planes, self.train_LH, self.since = self.planes.clone(), self.LH, 0
+                self.train_planes, self.since = self.planes.clone(), 0
                 self.fits += 1
                 self._fitted()
             elif self.source != "train":
@@ -196,8 +201,8 @@ class LayerHash(nn.Module):
             planes = fit_to_input(xp, kernel_size, stride, dilation, self.planes, seed=self.fits)
         else:  # a diverged input: keep the planes (a stock convolution would not stop either)
             planes = self.planes.clone()
-        d = torch.distributed
-        if collective and d.is_available() and d.is_initialized() and d.get_world_size() > 1:
+        d = distributed_group() if collective else None
+        if d is not None:
             planes = planes.contiguous()
             d.broadcast(planes, src=0)
         return planes
@@ -209,7 +214,6 @@ class LayerHash(nn.Module):
             "planes": self.planes.clone(),
             "source": self.source,
             "train_planes": self.train_planes,
-            "train_LH": self.train_LH,
             "since": self.since,
             "fits": self.fits,
         }
@@ -226,7 +230,6 @@ class LayerHash(nn.Module):
         self.source = state["source"]
         tp = state["train_planes"]
         self.train_planes = None if tp is None else tp.to(self.planes.device)
-        self.train_LH = None if state["train_LH"] is None else tuple(state["train_LH"])
         self.since, self.fits = int(state["since"]), int(state["fits"])
 
     def extra_repr(self) -> str:
