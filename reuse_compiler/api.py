@@ -259,9 +259,7 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
         # kept; by the medians and by the fastest runs (noise only adds time: a slow phase of the
         # exact runs inflates their median, not their minimum)
         m = config.max_time_ratio
-        faster = sorted(
-            (c for c in cands if c["ratio"] <= m and c.get("ratio_min", c["ratio"]) <= m), key=lambda c: c["ms"]
-        )
+        faster = sorted((c for c in cands if c["ratio"] <= m and c["ratio_min"] <= m), key=lambda c: c["ms"])
         kept = faster if config.max_error is None else [c for c in faster if c["error"] <= config.max_error]
         if not kept:
             if not faster:

@@ -142,8 +142,8 @@ def calibrate(
     at most 15); the backward computes the input gradient only if ``input_grad`` (as training
     does: a first layer's input needs none). Returns ``{"exact_ms", "input_grad", "candidates":
     [{"L", "H", "ms", "ratio", "ratio_min", "r_c", "predicted", "error"}]}`` in the row's
-    candidate order (``ratio``: of the medians; ``ratio_min``: of the fastest runs)
-    (medians; ``error`` is the relative output error ||y - y_exact|| / ||y_exact|| on ``x``,
+    candidate order (``ms`` and ``ratio``: medians; ``ratio_min``: the fastest runs' ratio;
+    ``error`` is the relative output error ||y - y_exact|| / ||y_exact|| on ``x``,
     with the layer's own hash planes for ``seed``, as are r_c and the timings; with
     ``hashing="pca"`` the planes are fitted to ``x`` as training fits them, and the fits are
     not timed: training refits every ``hash_refresh`` steps; ``norm_grad`` as in ReuseConfig).

@@ -88,6 +88,7 @@ def test_max_error_filters_candidates(cache, monkeypatch):
                     "H": H,
                     "ms": 5.0 + i,
                     "ratio": (5.0 + i) / 10,
+                    "ratio_min": (5.0 + i) / 10,
                     "r_c": 0.1,
                     "predicted": 0.5,
                     "error": 0.9 - 0.8 * i / max(n - 1, 1),
@@ -161,7 +162,7 @@ def test_max_time_ratio_is_the_margin(cache, monkeypatch):
     def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True):
         ratios = [0.5, 0.9, 0.97, 1.2] + [1.5] * (len(row.candidates) - 4)
         cands = [
-            {"L": L, "H": H, "ms": 10 * r, "ratio": r, "r_c": 0.1, "predicted": 0.5, "error": 0.3}
+            {"L": L, "H": H, "ms": 10 * r, "ratio": r, "ratio_min": r, "r_c": 0.1, "predicted": 0.5, "error": 0.3}
             for (L, H), r in zip(row.candidates, ratios)
         ]
         return {"exact_ms": 10.0, "input_grad": input_grad, "candidates": cands}
