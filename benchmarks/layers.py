@@ -166,16 +166,15 @@ def bench_layer(name, spec, args, device):
 
         return run
 
+    xp_fit = ops.im2col(x, [k, k], [s, s], [p] * 4, [1, 1]) if args.hashing == "pca" else None
+
     def planes_for(L, H):
         planes = lsh_planes(L, H, seed=1).to(device)
-        if args.hashing == "pca":  # fitted to this input, as training fits them (the fit is not timed)
-            xp = ops.im2col(x, [k, k], [s, s], [p] * 4, [1, 1])
-            planes = fit_to_input(xp, [k, k], [s, s], [1, 1], planes)
+        if xp_fit is not None:  # fitted to this input, as training fits them (the fit is not timed)
+            planes = fit_to_input(xp_fit, [k, k], [s, s], [1, 1], planes)
         return planes
 
-    def reuse(L, H, train):
-        planes = planes_for(L, H)
-
+    def reuse(planes, train):
         def run():
             xx = x.detach().requires_grad_(train and x_grad)
             ww = w.detach().requires_grad_(train)
@@ -191,9 +190,10 @@ def bench_layer(name, spec, args, device):
     info = {}
     for label, (L, H) in picks.items():
         key = f"reuse {label} (L={L},H={H})"
-        variants[key] = (reuse(L, H, False), reuse(L, H, True))
+        planes = planes_for(L, H)
+        variants[key] = (reuse(planes, False), reuse(planes, True))
         with torch.no_grad():
-            y, cnt = chain(x, w, b, k, s, p, planes_for(L, H))
+            y, cnt = chain(x, w, b, k, s, p, planes)
         r_c = ((cnt > 0).sum(1).double() / N).mean().item()
         info[key] = {
             "L": L,
