@@ -75,6 +75,8 @@ def ab_stage(builds: dict, layer: str, L: int, H: int, repeats: int) -> str:
     yc = torch.randn(nb, cmax, 64, generator=gen)
     dy = torch.randn(V.shape[1], 64, generator=gen)
     scales = torch.rand(V.shape, generator=gen)
+    planes = lsh_planes(L if g.kind == "chunk" else g.C, H, 0)
+    units = xp.reshape(-1, planes.shape[0])
 
     def calls(m):
         def means():
@@ -85,7 +87,14 @@ def ab_stage(builds: dict, layer: str, L: int, H: int, repeats: int) -> str:
             finally:
                 extension.get = orig
 
+        def hash_pixels():  # chunk blocks: every pixel chunk hashed (a matmul and packing before hash_rows)
+            if hasattr(m, "hash_rows"):
+                return m.hash_rows(units, planes)
+            return kernels._pack_last(kernels._project(units, planes))
+
         return {
+            "hash (chunk)": hash_pixels,
+            "member norms": lambda: m.member_norms(xp, g.vector(), g.pieces_tensor(), g.nb),
             "centroid sums": means,
             "reconstruct": lambda: m.reconstruct(yc, V, None, scales),
             "reconstruct bwd": lambda: m.reconstruct_backward(dy, V, cmax, scales),
@@ -93,6 +102,9 @@ def ab_stage(builds: dict, layer: str, L: int, H: int, repeats: int) -> str:
         }
 
     fns = {tag: calls(m) for tag, m in builds.items()}
+    if g.kind != "chunk":
+        for f in fns.values():
+            del f["hash (chunk)"]
     for name in fns["base"]:
         a, b = fns["base"][name](), fns["tree"][name]()
         for u, v in zip(a if isinstance(a, (list, tuple)) else [a], b if isinstance(b, (list, tuple)) else [b]):
@@ -115,7 +127,7 @@ def main(argv=None):
     ap.add_argument(
         "--stages",
         nargs="+",
-        default=["conv1:25,13", "conv1:5,10", "conv2:1600,8", "conv2:320,8", "conv2:32,8", "conv2:8,14"],
+        default=["conv1:25,13", "conv1:5,10", "conv2:1600,8", "conv2:320,8", "conv2:64,8", "conv2:32,8", "conv2:8,14"],
     )
     ap.add_argument("--repeats", type=int, default=11)
     args = ap.parse_args(argv)

@@ -57,7 +57,7 @@ SHAPES = [
     (1, 40, 5000, 64),  # one block, rows split among threads into private sums
     (1, 13, 3001, 70),  # the same with a narrow last strip and uneven ranges
     (3, 11, 97, 64),  # full strips (64 floats / 2 x 32 doubles)
-    (6, 300, 130, 80),  # a full strip and a narrow one; 6 x 96-192 KB tables: block groups
+    (12, 300, 130, 80),  # a full strip and a narrow one; 12 x 96-192 KB tables (> 1 MB): block groups
     (40, 9, 260, 16),  # many blocks, narrow strip, rows across two row tiles
 ]
 
@@ -129,3 +129,28 @@ def test_pack_signs_matches_pack_bits_in_every_layout(H, dtype):
     }
     for name, proj in views.items():
         assert torch.equal(kernels._pack_last(proj), pack_bits(proj)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L,H", [(64, 8), (64, 1), (5, 9), (32, 16), (16, 17), (64, 40), (7, 63)])
+def test_hash_rows_matches_pack_bits_of_the_projections(L, H, dtype):
+    """The fused hash kernel (tiles of 8 rows, planes in 8- or 16-column blocks) gives every
+    row the id of Eq. 4 computed from the projections, zero rows 0; any H up to 63 and any
+    number of rows (a partial last tile)."""
+    from reuse_compiler.runtime.reference import lsh_planes, pack_bits
+
+    g = torch.Generator().manual_seed(L * 100 + H)
+    rows = torch.randn(1003, L, generator=g, dtype=dtype)
+    rows[::7] = 0.0
+    planes = lsh_planes(L, H, seed=3, dtype=dtype)
+    got = kernels._hash_rows(rows, planes)
+    proj = rows @ planes
+    want = pack_bits(proj)
+    # the kernel sums in another order: compare the bits whose projection is not within
+    # rounding of the hyperplane (float64: every bit)
+    sure = proj.abs() > (1e-4 if dtype == torch.float32 else 0) * rows.norm(dim=1, keepdim=True)
+    sure |= proj == 0
+    weights = 2 ** torch.arange(H, dtype=torch.int64)
+    keep = (sure.long() * weights).sum(1)
+    assert torch.equal(got & keep, want & keep)
+    assert torch.equal(got[::7], torch.zeros_like(got[::7]))

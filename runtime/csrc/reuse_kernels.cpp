@@ -676,8 +676,8 @@ struct Vec {
   typedef T type __attribute__((vector_size(64)));
   static constexpr int64_t W = 64 / sizeof(T);
 };
-constexpr int64_t NV = 4;                   // vectors per strip
-constexpr int64_t kTableBudget = 512 << 10;  // bytes of centroid tables per block group
+constexpr int64_t NV = 4;                  // vectors per strip
+constexpr int64_t kTableBudget = 1 << 20;  // bytes of centroid tables per block group (one L2)
 constexpr int64_t kRowTile = 128;
 
 template <typename T>
@@ -949,6 +949,9 @@ template <typename T>
 void member_norms_impl(const T* X, T* O, const Geo& g, const std::vector<Piece>& pieces,
                        const std::vector<int64_t>& start, int64_t nb) {
   const int64_t U = unit_len(g, pieces), upp = g.C / U, N = g.N();
+  // every block one unit (chunk blocks): its norm is the unit's, taken once per unit and copied
+  bool single = (int64_t)pieces.size() == nb;
+  for (const auto& q : pieces) single = single && q.len == U;
   std::vector<T> sq(g.P() * upp);
   at::parallel_for(0, g.P() * upp, 1024, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -956,7 +959,7 @@ void member_norms_impl(const T* X, T* O, const Geo& g, const std::vector<Piece>&
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t k = 0; k < U; ++k) acc += src[k] * src[k];
-      sq[i] = acc;
+      sq[i] = single ? std::sqrt(acc) : acc;
     }
   });
   std::vector<int64_t> off(pieces.size()), len(pieces.size());  // per piece, in units
@@ -973,6 +976,11 @@ void member_norms_impl(const T* X, T* O, const Geo& g, const std::vector<Piece>&
       T* __restrict dst = O + b * N + r * g.Ow;
       T* __restrict ac = acc.data();
       const int64_t p0 = start[b], p1 = start[b + 1], step = g.sw * upp, Ow = g.Ow;
+      if (single) {
+        const T* __restrict s = s0 + off[p0];
+        for (int64_t ow = 0; ow < Ow; ++ow) dst[ow] = s[ow * step];
+        continue;
+      }
       std::fill(ac, ac + Ow, T(0));
       for (int64_t p = p0; p < p1; ++p)
         for (int64_t u = 0; u < len[p]; ++u) {
@@ -1185,6 +1193,60 @@ torch::Tensor pack_signs(torch::Tensor proj) {
   return ids;
 }
 
+// ids[u] = sum_k (planes[:, k] . X[u] > 0) << k for the U rows of X (U, L): Eq. 4 without
+// forming the (U, H) projections. Tiles of TP rows share each plane row's load; the planes are
+// read in columns of HB (zero-padded), so the TP x HB accumulators are independent chains.
+// HB is one 512-bit vector, or half of one when H fits it (H <= 8 in float32: half the work).
+template <typename T, int64_t HB>
+void hash_rows_impl(const T* X, const T* Pl, int64_t* out, int64_t U, int64_t L, int64_t H) {
+  constexpr int64_t TP = 8;
+  const int64_t nhb = (H + HB - 1) / HB;
+  std::vector<T> pp(nhb * L * HB, T(0));  // (column block, l, HB)
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t k = 0; k < H; ++k) pp[((k / HB) * L + l) * HB + k % HB] = Pl[l * H + k];
+  at::parallel_for(0, (U + TP - 1) / TP, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t u0 = t * TP, nt = std::min(TP, U - u0);
+      const T* rows[TP];
+      for (int64_t i = 0; i < TP; ++i) rows[i] = X + (u0 + (i < nt ? i : 0)) * L;
+      int64_t ids[TP] = {0};
+      for (int64_t hb = 0; hb < nhb; ++hb) {
+        T acc[TP][HB] = {};
+        const T* pb = pp.data() + hb * L * HB;
+        for (int64_t l = 0; l < L; ++l) {
+          const T* __restrict pl = pb + l * HB;
+          for (int64_t i = 0; i < TP; ++i) {
+            const T v = rows[i][l];
+#pragma omp simd
+            for (int64_t k = 0; k < HB; ++k) acc[i][k] += v * pl[k];
+          }
+        }
+        const int64_t kn = std::min(HB, H - hb * HB);
+        for (int64_t i = 0; i < TP; ++i)
+          for (int64_t k = 0; k < kn; ++k) ids[i] |= int64_t(acc[i][k] > 0) << (hb * HB + k);
+      }
+      for (int64_t i = 0; i < nt; ++i) out[u0 + i] = ids[i];
+    }
+  });
+}
+
+torch::Tensor hash_rows(torch::Tensor rows, torch::Tensor planes) {
+  check_cpu_contig(rows, "rows");
+  check_cpu_contig(planes, "planes");
+  TORCH_CHECK(rows.dim() == 2 && planes.dim() == 2 && rows.size(1) == planes.size(0),
+              "hash_rows: rows (U, L) and planes (L, H)");
+  TORCH_CHECK(rows.scalar_type() == planes.scalar_type(), "hash_rows: rows and planes must share a dtype");
+  const int64_t U = rows.size(0), L = rows.size(1), H = planes.size(1);
+  TORCH_CHECK(H <= 63, "hash_rows: at most 63 bits");
+  auto ids = torch::empty({U}, rows.options().dtype(torch::kInt64));
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "hash_rows", [&] {
+    constexpr int64_t W = 64 / sizeof(scalar_t);
+    auto impl = H <= W / 2 ? hash_rows_impl<scalar_t, W / 2> : hash_rows_impl<scalar_t, W>;
+    impl(rows.data_ptr<scalar_t>(), planes.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(), U, L, H);
+  });
+  return ids;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compact", &compact, "rank the ids present in each block (segment): (inverse, counts)");
   m.def("centroid_means", &centroid_means, "per-slot means of the members' sub-vectors");
@@ -1199,5 +1261,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("pl"), py::arg("out") = py::none());
   m.def("slot_keys", &slot_keys, "the hash id of every slot (-1 for empty slots)");
   m.def("gather_ids", &gather_ids, "per-block ids gathered from per-pixel unit ids");
+  m.def("hash_rows", &hash_rows, "packed sign bits of rows @ planes (Eq. 4), no projections formed");
   m.def("pack_signs", &pack_signs, "packed sign bits of (outer, H, inner) projections");
 }
