@@ -1,4 +1,4 @@
-"""Train a CNN on real handwritten digits twice — stock PyTorch, then with adaptive deep
+"""Train a CNN on real handwritten digits twice — stock PyTorch and with adaptive deep
 reuse — and compare wall time and accuracy side by side.
 
 Recipe:
@@ -6,6 +6,8 @@ Recipe:
 2. Run A: the stock model, trained for ``--epochs`` with a fixed seed and data order.
 3. Run B: the same initial weights and data order, through ``reuse_compile`` and an
    ``AdaptiveReuse`` controller stepped like an LR scheduler.
+   The two runs take turns, one epoch each (``--schedule interleaved``, the default), so that
+   both meet the same phases of a shared machine; each run's curves are those it has alone.
 4. Print a summary (wall time, time saved, final test accuracy, per-layer r_c) and write
    ``results.json`` and ``training.png`` into ``--out``.
 
@@ -112,6 +114,37 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
 def train_run(name, model, data, args, controller_factory=None, epochs=None):
     """One training run (``epochs``, default ``args.epochs``); returns its record (per-epoch
     curves, switches, timings)."""
+    *_, rec = train_epochs(name, model, data, args, controller_factory, epochs)
+    return rec
+
+
+def interleave(runs: dict) -> dict:
+    """Run the ``train_epochs`` generators epoch by epoch in turn (stock epoch 1, reuse epoch 1,
+    stock epoch 2, ...) until each is done; returns each run's record.
+
+    Both runs then meet the same phases of a shared, noisy machine, so that their time ratio
+    measures the runs rather than when each ran. Each run keeps its own global RNG stream
+    (swapped in around its epochs), so a run's curves are those it has when run alone."""
+    states = {name: None for name in runs}
+    recs = {}
+    live = dict(runs)
+    while live:
+        for name, gen in list(live.items()):
+            outer = torch.get_rng_state()
+            if states[name] is not None:
+                torch.set_rng_state(states[name])
+            try:
+                recs[name] = next(gen)
+            except StopIteration:
+                del live[name]
+            states[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+    return recs
+
+
+def train_epochs(name, model, data, args, controller_factory=None, epochs=None, position=0):
+    """:func:`train_run` as a generator: yields the run's record after every epoch (the same
+    dict, growing), so that runs can be interleaved (:func:`interleave`)."""
     epochs = args.epochs if epochs is None else epochs
     (x_tr, y_tr), (x_te, y_te) = data
     torch.manual_seed(args.seed)
@@ -129,6 +162,7 @@ def train_run(name, model, data, args, controller_factory=None, epochs=None):
         file=sys.stdout,
         disable=args.no_progress,
         dynamic_ncols=True,
+        position=position,
     )
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(len(x_tr), generator=order)
@@ -187,11 +221,12 @@ def train_run(name, model, data, args, controller_factory=None, epochs=None):
             + (f" (at stage {stage_acc:.4f})" if ctl else "")
             + f"  time {rec['train_time']:.1f}s"
         )
-    bar.close()
-    if ctl is not None:
-        rec["final_plan"] = model.reuse_plan.to_dict()
-        rec["controller"] = {k: v for k, v in ctl.state_dict().items() if k != "history"}
-    return rec
+        if ctl is not None and epoch == epochs:
+            rec["final_plan"] = model.reuse_plan.to_dict()
+            rec["controller"] = {k: v for k, v in ctl.state_dict().items() if k != "history"}
+        if epoch == epochs:
+            bar.close()
+        yield rec
 
 
 def plot(stock, reuse, path):
@@ -310,6 +345,13 @@ def build_parser():
         help="tuned: glibc malloc keeps freed memory (no page faults on every large activation), "
         "for both runs; default: leave the allocator as is",
     )
+    p.add_argument(
+        "--schedule",
+        choices=["interleaved", "sequential"],
+        default="interleaved",
+        help="interleaved: the two runs take turns, one epoch each, so that both meet the same phases of a "
+        "shared machine (their curves are those of separate runs); sequential: stock's whole run, then reuse's",
+    )
     p.add_argument("--out", default="runs/digits")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -346,8 +388,6 @@ def main(argv=None):
         base = base.to(memory_format=torch.channels_last)
         data = tuple((xs.contiguous(memory_format=torch.channels_last), ys) for xs, ys in data)
         (x_tr, y_tr), (x_te, _) = data
-    stock = train_run("stock", copy.deepcopy(base), data, args)
-
     config = ReuseConfig(
         seed=args.seed,
         L=args.L,
@@ -384,7 +424,20 @@ def main(argv=None):
             finish=None if args.finish == "none" else args.finish,
         )
 
-    reuse = train_run(f"reuse-{args.strategy}", gm, data, args, controller, epochs=args.reuse_epochs or args.epochs)
+    name = f"reuse-{args.strategy}"
+    reuse_epochs = args.reuse_epochs or args.epochs
+    if args.schedule == "interleaved":
+        log.info("\ntraining stock and reuse interleaved, epoch by epoch (--schedule sequential: one after the other)")
+        recs = interleave(
+            {
+                "stock": train_epochs("stock", copy.deepcopy(base), data, args),
+                name: train_epochs(name, gm, data, args, controller, epochs=reuse_epochs, position=1),
+            }
+        )
+        stock, reuse = recs["stock"], recs[name]
+    else:
+        stock = train_run("stock", copy.deepcopy(base), data, args)
+        reuse = train_run(name, gm, data, args, controller, epochs=reuse_epochs)
     _, stage_acc = evaluate(gm, *data[1])
     summary = summarize(stock, reuse, gm, stage_acc)
     results = {

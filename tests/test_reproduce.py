@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -154,3 +156,41 @@ def test_end_to_end_rows_from_curves():
     assert r["reuse_best_acc"] == 0.975 and r["stock_acc_at_reuse_total"] == 0.98
     reuse["epochs"] = reuse["epochs"][:1]
     assert end_to_end.row_of(0, stock, reuse, 0.005)["ratio"] is None
+    # epoch times: stock 3, 3, 3; reuse 1, 2, 2 (then the curves end): ratios 2/3, 2/3
+    reuse["epochs"] = [{"time": t, "test_acc": a} for t, a in [(1, 0.80), (3, 0.966), (5, 0.975)]]
+    assert end_to_end.row_of(0, stock, reuse, 0.005)["epoch_ratio"] == 2 / 3
+
+
+def test_interleaved_runs_have_their_separate_curves():
+    """examples/train.py's interleaved schedule: two runs taking turns epoch by epoch each end
+    with the record it has when run alone, though the other run draws from the global RNG
+    (dropout) between its epochs."""
+    import argparse
+
+    import torch.nn as nn
+
+    from examples.train import interleave, train_epochs, train_run
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (96,), generator=g)
+    data = ((x[:64], y[:64]), (x[64:], y[64:]))
+    args = argparse.Namespace(epochs=3, seed=5, batch_size=16, lr=1e-2, no_progress=True)
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(64, 10))
+
+    def curves(rec):
+        return [(e["train_loss"], e["test_loss"], e["test_acc"]) for e in rec["epochs"]]
+
+    alone = {name: train_run(name, model(s), data, args) for name, s in (("a", 1), ("b", 2))}
+    both = interleave({name: train_epochs(name, model(s), data, args) for name, s in (("a", 1), ("b", 2))})
+    for name in ("a", "b"):
+        assert curves(both[name]) == curves(alone[name])
+        assert len(both[name]["epochs"]) == 3
+    # runs of different lengths: the longer one goes on alone
+    longer = interleave(
+        {"a": train_epochs("a", model(1), data, args, epochs=1), "b": train_epochs("b", model(2), data, args)}
+    )
+    assert len(longer["a"]["epochs"]) == 1 and curves(longer["b"]) == curves(alone["b"])
