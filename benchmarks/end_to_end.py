@@ -1,10 +1,10 @@
 """End-to-end benchmark: time for stock and adaptive-reuse training to reach the stock run's
 final test accuracy on the real digits, over several seeds.
 
-Each seed runs the main job (``examples/train.py``: stock first, then reuse, same initial
-weights and data order) and reads, from its per-epoch curves, the training wall time at
-which each run first reaches the stock run's final test accuracy (exact-convolution
-evaluation). The ratio reuse/stock of those times is the figure of merit (target <= 0.5);
+Each seed runs the main job (``examples/train.py``: stock and reuse interleaved epoch by
+epoch by default, same initial weights and data order) and reads, from its per-epoch
+curves, the training wall time at which each run first reaches the stock run's final test
+accuracy (exact-convolution evaluation). The ratio reuse/stock of those times is the figure of merit (target <= 0.5);
 "not reached" counts as a miss. Extra arguments go to ``examples/train.py``.
 
     python benchmarks/end_to_end.py --seeds 0 1 2
@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.layers import machine_phase  # noqa: E402
 from examples.train import main as train_main  # noqa: E402
 
 
@@ -76,13 +77,17 @@ def epoch_ratio(stock: dict, reuse: dict) -> float | None:
 
 def run(seeds, extra, out: Path, tolerance: float, report_only: bool = False) -> list[dict]:
     rows = []
+    phases = []
     for seed in seeds:
         path = out / f"seed{seed}"
         if report_only:  # the runs' saved curves (examples/train.py's results.json)
             res = json.loads((path / "results.json").read_text())
         else:
+            phases.append(machine_phase())
             res = train_main([*extra, "--seed", str(seed), "--no-progress", "--out", str(path)])
         rows.append(row_of(seed, res["stock"], res["reuse"], tolerance))
+        if phases:
+            rows[-1]["machine_phase_before"] = phases[-1]
     return rows
 
 
@@ -117,6 +122,9 @@ def report(rows, extra) -> str:
             else ", median over all seeds: not reached"
         )
     )
+    phases = [f"seed {r['seed']}: {r['machine_phase_before']}" for r in rows if r.get("machine_phase_before")]
+    if phases:
+        lines.append("machine phase before each seed (benchmarks/layers.py machine_phase): " + "; ".join(phases))
     tol = rows[0]["tolerance"] if rows else 0.0
     lines += [
         "",

@@ -279,6 +279,29 @@ def print_table(result):
         )
 
 
+def machine_phase() -> str:
+    """The shared machine's speed right now: memory copy bandwidth (a 64 MB tensor, read + write)
+    and a 2048^2 float32 GEMM's rate, medians. The reuse kernels are memory-bound and stock's
+    convolutions compute-bound, so their ratio moves with the first figure more than the second
+    (docs/performance.md)."""
+    a = torch.randn(16 << 20)
+    b = torch.empty_like(a)
+    m = torch.randn(2048, 2048)
+
+    def med(fn, n):
+        fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    bw = 2 * a.numel() * 4 / med(lambda: b.copy_(a), 15) / 1e9
+    gf = 2 * 2048**3 / med(lambda: m @ m, 5) / 1e9
+    return f"copy {bw:.1f} GB/s, sgemm {gf:.0f} GFLOP/s"
+
+
 def machine(device) -> str:
     cpu = platform.processor()
     try:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.layers import machine, peak_bytes  # noqa: E402
+from benchmarks.layers import machine, machine_phase, peak_bytes  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
 
@@ -90,6 +90,7 @@ def main(argv=None):
             set_stage(exact, exact=True)
             models[f"{name}, every layer exact"] = exact
 
+    phase_before = machine_phase()
     steps = {name: make_step(m, x, y) for name, m in models.items()}
     for fn in steps.values():  # warm-up: Adam's state, the kernels' first calls
         fn()
@@ -108,6 +109,7 @@ def main(argv=None):
         f"# training step of examples/train.py's CifarNet (batch {args.batch_size}, channels-last, Adam) on "
         f"{machine('cpu')}; malloc {malloc}; medians of {args.repeats} interleaved rounds of {args.steps} steps"
     )
+    print(f"# machine phase (benchmarks/layers.py machine_phase): {phase_before} before, {machine_phase()} after")
     print("| variant | step ms | step x | peak MB | peak x |")
     print("|---|---:|---:|---:|---:|")
     for name in steps:
