@@ -27,7 +27,7 @@ class _Tracer(fx.Tracer):
     """fx.Tracer that treats the excluded submodules as leaves and remembers in which
     submodule tracing failed."""
 
-    def __init__(self, leaves):
+    def __init__(self, leaves=()):  # no leaves: as fx re-traces a pickled module's code
         super().__init__()
         self.leaves = set(leaves)
         self.stack: list[str] = []

@@ -191,8 +191,8 @@ def _keep_on_deepcopy(gm: fx.GraphModule) -> None:
     """Make ``copy.deepcopy(gm)`` a compiled module too (an EMA copy, a copy per trial):
     ``GraphModule.__deepcopy__`` keeps only the graph, submodules, parameters and buffers,
     so the plan, the config and the traced source are copied here, and the copy's plan
-    reads its own runtime state. (``type(gm)`` is fx's per-instance class, so this touches
-    no other module.)"""
+    reads its own runtime state. Pickling (``torch.save(gm)``) is made to carry them too.
+    (``type(gm)`` is fx's per-instance class, so this touches no other module.)"""
     cls = type(gm)
     if "__deepcopy__" in cls.__dict__:
         return
@@ -209,15 +209,35 @@ def _keep_on_deepcopy(gm: fx.GraphModule) -> None:
     cls.__deepcopy__ = __deepcopy__
 
     def __reduce__(self):
-        # fx pickles a GraphModule by its attributes; a compiled module's traced source graph
-        # and plan do not pickle, and would fail deep inside pickle with "cannot pickle 'module'"
-        raise TypeError(
-            "a module returned by reuse_compile cannot be pickled whole (torch.save(gm)); save its state "
-            "with reuse_compiler.save_checkpoint(path, gm, ...) or torch.save(gm.state_dict()), and rebuild "
-            "it with reuse_compile(model, x, config=...) + load_checkpoint (docs/strategies.md)"
-        )
+        # fx pickles a GraphModule as its generated code and its attributes, and re-traces the
+        # code when loading. Of the attributes reuse_compile adds, the traced source graph (an
+        # fx.Graph) does not pickle: it travels as a GraphModule of its own (code again, sharing
+        # the submodules); the plan's measuring closure is made anew for the loaded module.
+        fn, (body, import_block) = fx.GraphModule.__reduce__(self)
+        body = dict(body)
+        source = body.pop("_reuse_source", None)
+        plan = body.pop("reuse_plan", None)
+        if plan is not None:
+            plan = copy.copy(plan)
+            plan._measure = None
+        source_gm = None if source is None else fx.GraphModule(self, source, "ReuseSource")
+        return (_unpickle_compiled, (fn, body, import_block, source_gm, plan))
 
     cls.__reduce__ = __reduce__
+
+
+def _unpickle_compiled(fn, body, import_block, source_gm, plan) -> fx.GraphModule:
+    """A compiled module from its pickle (``torch.save(gm)`` / ``torch.load(..., weights_only=False)``):
+    fx's own reconstruction, then the traced source graph, the plan (measuring the loaded
+    module's runtime state) and the deepcopy/pickle hooks."""
+    gm = fn(body, import_block)
+    if source_gm is not None:
+        gm._reuse_source = source_gm.graph
+    if plan is not None:
+        plan._measure = _measure(gm)
+        gm.reuse_plan = plan
+    _keep_on_deepcopy(gm)
+    return gm
 
 
 def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
