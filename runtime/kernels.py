@@ -109,7 +109,8 @@ def _project(rows: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 
 def _hash_rows(rows: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     """pack_ids(rows @ planes): by the C++ kernel, which never forms the (U, H) projections
-    (conv2's pixels, L = 64, H = 8: 0.70 -> 0.41 ms, docs/performance.md), else by a matmul."""
+    (conv2, L = 64, H = 8: 1.36 -> 0.47 ms in benchmarks/kernels_ab.py, docs/performance.md), else by
+    a matmul and packing."""
     ext = _ext(rows, planes) if rows.dtype in (torch.float32, torch.float64) and planes.shape[1] <= 63 else None
     if ext is not None and rows.numel():
         return ext.hash_rows(rows.contiguous(), planes.contiguous())
