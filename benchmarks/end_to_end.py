@@ -77,17 +77,17 @@ def epoch_ratio(stock: dict, reuse: dict) -> float | None:
 
 def run(seeds, extra, out: Path, tolerance: float, report_only: bool = False) -> list[dict]:
     rows = []
-    phases = []
     for seed in seeds:
         path = out / f"seed{seed}"
+        phase = None
         if report_only:  # the runs' saved curves (examples/train.py's results.json)
             res = json.loads((path / "results.json").read_text())
         else:
-            phases.append(machine_phase())
+            phase = machine_phase()
             res = train_main([*extra, "--seed", str(seed), "--no-progress", "--out", str(path)])
         rows.append(row_of(seed, res["stock"], res["reuse"], tolerance))
-        if phases:
-            rows[-1]["machine_phase_before"] = phases[-1]
+        if phase:
+            rows[-1]["machine_phase_before"] = phase
     return rows
 
 

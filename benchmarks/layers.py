@@ -38,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reuse_compiler  # noqa: E402,F401
+from benchmarks.ops import median_ms  # noqa: E402
 from examples.train import tune_malloc  # noqa: E402
 from reuse_compiler import policies  # noqa: E402
 from reuse_compiler.runtime import extension, ops  # noqa: E402
@@ -287,18 +288,8 @@ def machine_phase() -> str:
     a = torch.randn(16 << 20)
     b = torch.empty_like(a)
     m = torch.randn(2048, 2048)
-
-    def med(fn, n):
-        fn()
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    bw = 2 * a.numel() * 4 / med(lambda: b.copy_(a), 15) / 1e9
-    gf = 2 * 2048**3 / med(lambda: m @ m, 5) / 1e9
+    bw = 2 * a.numel() * 4 / median_ms(lambda: b.copy_(a), 15) / 1e6
+    gf = 2 * 2048**3 / median_ms(lambda: m @ m, 5) / 1e6
     return f"copy {bw:.1f} GB/s, sgemm {gf:.0f} GFLOP/s"
 
 

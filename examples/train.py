@@ -221,10 +221,10 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
             + (f" (at stage {stage_acc:.4f})" if ctl else "")
             + f"  time {rec['train_time']:.1f}s"
         )
-        if ctl is not None and epoch == epochs:
-            rec["final_plan"] = model.reuse_plan.to_dict()
-            rec["controller"] = {k: v for k, v in ctl.state_dict().items() if k != "history"}
-        if epoch == epochs:
+        if epoch == epochs:  # complete before the last yield
+            if ctl is not None:
+                rec["final_plan"] = model.reuse_plan.to_dict()
+                rec["controller"] = {k: v for k, v in ctl.state_dict().items() if k != "history"}
             bar.close()
         yield rec
 
