@@ -8,6 +8,7 @@ docs/performance.md.
 
     python benchmarks/kernels_ab.py --base fae21dc
     python benchmarks/kernels_ab.py --base HEAD~3 --stages conv2:32,8 conv1:25,13 --repeats 15
+    python benchmarks/kernels_ab.py --base HEAD~1 --stages conv2:64,8 --hashing pca
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from examples.train import load_digits, tune_malloc  # noqa: E402
 from reuse_compiler.runtime import extension, kernels  # noqa: E402
 from reuse_compiler.runtime.ops import _padded_geometry  # noqa: E402
+from reuse_compiler.runtime.planes import fit_to_input  # noqa: E402
 from reuse_compiler.runtime.reference import lsh_planes  # noqa: E402
 
 SRC = "runtime/csrc/reuse_kernels.cpp"
@@ -49,8 +51,9 @@ def build(source: str, tag: str):
     )
 
 
-def inputs(layer: str, L: int, H: int):
-    """The chain's intermediates for one stage on the digits (conv2: on conv1's pooled output)."""
+def inputs(layer: str, L: int, H: int, hashing: str = "random"):
+    """The chain's intermediates for one stage on the digits (conv2: on conv1's pooled output),
+    hashed with random planes or (``hashing="pca"``) planes fitted to the input as the main job's."""
     (x_tr, _), _ = load_digits(0.2, 0)
     torch.manual_seed(0)
     x = x_tr[:128].contiguous(memory_format=torch.channels_last)
@@ -60,40 +63,49 @@ def inputs(layer: str, L: int, H: int):
     ops = torch.ops.reuse
     k, s, p, d = [5, 5], [1, 1], [2, 2, 2, 2], [1, 1]
     xp = ops.im2col(x, k, s, p, d)
-    ids = ops.lsh_hash(xp, lsh_planes(L, H, 0), k, s, d)
+    planes = lsh_planes(L, H, 0)
+    if hashing == "pca":
+        planes = fit_to_input(xp, k, s, d, planes)
+    ids = ops.lsh_hash(xp, planes, k, s, d)
     g = _padded_geometry(xp.shape, k, s, d, L)
     inv, cnt = kernels.compact(ids, H, "batch")
-    return xp, inv, cnt, g
+    keys = kernels.slot_keys(ids, inv, cnt) if g.kind == "chunk" else None
+    return xp, inv, cnt, g, keys, (p[0], p[2], x.shape[2], x.shape[3])
 
 
-def ab_stage(builds: dict, layer: str, L: int, H: int, repeats: int) -> str:
+def ab_stage(builds: dict, layer: str, L: int, H: int, repeats: int, hashing: str = "random") -> str:
     """One line: each kernel's median ms in the base and the tree build at this stage."""
-    xp, inv, cnt, g = inputs(layer, L, H)
+    xp, inv, cnt, g, keys, interior = inputs(layer, L, H, hashing)
     nb, cmax = cnt.shape
     V = inv.reshape(nb, -1).contiguous()
     gen = torch.Generator().manual_seed(1)
     yc = torch.randn(nb, cmax, 64, generator=gen)
     dy = torch.randn(V.shape[1], 64, generator=gen)
     scales = torch.rand(V.shape, generator=gen)
+    dcent = torch.randn(nb, cmax, g.L, generator=gen)
     planes = lsh_planes(L if g.kind == "chunk" else g.C, H, 0)
     units = xp.reshape(-1, planes.shape[0])
 
     def calls(m):
-        def means():
-            orig = extension.get
-            extension.get = lambda: m
-            try:
-                return kernels.centroid_means(xp, inv, cnt, g)
-            finally:
-                extension.get = orig
-
         def hash_pixels():  # chunk blocks: every pixel chunk hashed (a matmul and packing before hash_rows)
             if hasattr(m, "hash_rows"):
                 return m.hash_rows(units, planes)
             return kernels._pack_last(kernels._project(units, planes))
 
+        # builds before session 13 take no interior (a failed pybind call costs ~15 ms: ask once)
+        with_interior = "arg7" in (m.centroid_means.__doc__ or "")
+
+        def means(keys=None, mode=2):  # per-row kernels by default; the chunk path as the chain takes it
+            args = (xp, inv, cnt, g.vector(), g.pieces_tensor(), keys, mode)
+            return m.centroid_means(*args, *interior) if with_interior else m.centroid_means(*args)
+
+        def chunk_means_bwd():  # writing x's gradient, as the chain does for a channels-last x
+            return m.centroid_means_backward(dcent, inv, cnt, g.vector(), g.pieces_tensor(), keys, 1, *interior)
+
         return {
             "hash (chunk)": hash_pixels,
+            "chunk sums": lambda: means(keys, 1),
+            "chunk sums bwd": chunk_means_bwd,
             "member norms": lambda: m.member_norms(xp, g.vector(), g.pieces_tensor(), g.nb),
             "centroid sums": means,
             "reconstruct": lambda: m.reconstruct(yc, V, None, scales),
@@ -104,7 +116,7 @@ def ab_stage(builds: dict, layer: str, L: int, H: int, repeats: int) -> str:
     fns = {tag: calls(m) for tag, m in builds.items()}
     if g.kind != "chunk":
         for f in fns.values():
-            del f["hash (chunk)"]
+            del f["hash (chunk)"], f["chunk sums"], f["chunk sums bwd"]
     for name in fns["base"]:
         a, b = fns["base"][name](), fns["tree"][name]()
         for u, v in zip(a if isinstance(a, (list, tuple)) else [a], b if isinstance(b, (list, tuple)) else [b]):
@@ -130,6 +142,7 @@ def main(argv=None):
         default=["conv1:25,13", "conv1:5,10", "conv2:1600,8", "conv2:320,8", "conv2:64,8", "conv2:32,8", "conv2:8,14"],
     )
     ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--hashing", default="random", choices=["random", "pca"], help="pca: planes fitted to the input")
     args = ap.parse_args(argv)
     tune_malloc()
     old_src = subprocess.run(
@@ -140,7 +153,7 @@ def main(argv=None):
     for stage in args.stages:
         layer, lh = stage.split(":")
         L, H = (int(v) for v in lh.split(","))
-        print(ab_stage(builds, layer, L, H, args.repeats), flush=True)
+        print(ab_stage(builds, layer, L, H, args.repeats, args.hashing), flush=True)
 
 
 if __name__ == "__main__":

@@ -243,10 +243,19 @@ def chunk_keys(ids: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g
 
 
 def centroid_means(
-    xp: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, g: Geometry, keys: torch.Tensor | None = None
+    xp: torch.Tensor,
+    inverse: torch.Tensor,
+    counts: torch.Tensor,
+    g: Geometry,
+    keys: torch.Tensor | None = None,
+    interior: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Per slot, the mean of its members' sub-vectors: (nb, Cmax, L) in the compute dtype
-    (empty slots are zero). ``keys`` (from :func:`chunk_keys`) enables the chunk path."""
+    (empty slots are zero). ``keys`` (from :func:`chunk_keys`) enables the chunk path.
+
+    ``interior`` = (top, left, H, W) tells that ``xp`` is zero outside that rectangle (the
+    input inside its zero padding, as :func:`reuse.im2col` makes it): the chunk path then
+    skips the padding's pixels, which add nothing to any sum."""
     x = xp.to(compute_dtype(xp.dtype))
     ct = x.dtype
     cmax = counts.shape[1]
@@ -261,6 +270,7 @@ def centroid_means(
             g.pieces_tensor(),
             keys,
             _CHUNK_MODES[CHUNK_PATH],
+            *(interior or (0, 0, -1, -1)),
         )
     sums = torch.zeros(g.nb, cmax, g.L, dtype=ct, device=xp.device)
     inv = inv.long()

@@ -167,10 +167,10 @@ def cluster(
     the backward writes ``x``'s gradient directly (``cluster_input_grad``; none for ``xp``),
     so no padded gradient is formed.
     """
-    return _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, "reuse.cluster")
+    return _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, "reuse.cluster", x, padding)
 
 
-def _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, op):
+def _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, op, x=None, padding=None):
     if scope not in SCOPES:
         raise ValueError(f"{op}: scope must be one of {SCOPES}, got {scope!r}")
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
@@ -180,8 +180,21 @@ def _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, op):
         _hand_keys(inverse, keys)
     else:
         inverse, counts = kernels.compact(ids, H, scope)
-    centroids = kernels.centroid_means(xp, inverse, counts, g, keys).to(xp.dtype)
+    centroids = kernels.centroid_means(xp, inverse, counts, g, keys, _interior(xp, x, padding)).to(xp.dtype)
     return centroids, inverse, counts
+
+
+def _interior(xp, x, padding) -> tuple[int, int, int, int] | None:
+    """Where ``x`` sits in ``xp = im2col(x, ..., padding)``, (top, left, H, W): the rest of
+    ``xp`` is zero padding. None when ``x`` or ``padding`` is not given or the shapes do not
+    fit."""
+    if x is None or padding is None or x.dim() != 4 or xp.dim() != 4:
+        return None
+    t, b, left, r = padding
+    H, W = x.shape[2], x.shape[3]
+    if (xp.shape[1], xp.shape[2]) != (H + t + b, W + left + r):
+        return None
+    return (t, left, H, W)
 
 
 # The slot keys `compact` returned in cluster's forward, for its setup_context (which sees
@@ -664,7 +677,9 @@ def cluster_norms(
     input-sized tensor too many at the backward's peak: CifarNet conv2, channels-last,
     L=1600, 33.0 MB against the mean centroid's 26.9). Here the backward writes the norms'
     share into the centroids' gradient (``member_norms_grad_into``)."""
-    centroids, inverse, counts = _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, "reuse.cluster_norms")
+    centroids, inverse, counts = _cluster(
+        xp, ids, kernel_size, stride, dilation, L, H, scope, "reuse.cluster_norms", x, padding
+    )
     return centroids, inverse, counts, _member_norms(xp, kernel_size, stride, dilation, L)
 
 

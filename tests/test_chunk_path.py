@@ -66,6 +66,11 @@ def test_chunk_path_matches_row_kernels_and_torch(C, k, p, d, L, hw, dtype):
         plain = kernels.centroid_means(xp, inv, cnt, g)
     torch.testing.assert_close(fast, rows, **tol)
     torch.testing.assert_close(fast, plain, **tol)
+    # told where the input sits in its zero padding, the chunk path skips the padding
+    interior = (p[0], p[2], *hw)
+    torch.testing.assert_close(
+        _with("always", lambda: kernels.centroid_means(xp, inv, cnt, g, keys, interior)), plain, **tol
+    )
 
     gc = torch.randn_like(fast)
     fast = _with("always", lambda: kernels.centroid_means_backward(gc, inv, cnt, g, dtype, keys))
@@ -73,6 +78,10 @@ def test_chunk_path_matches_row_kernels_and_torch(C, k, p, d, L, hw, dtype):
     with extension.disabled():
         plain = kernels.centroid_means_backward(gc, inv, cnt, g, dtype)
     torch.testing.assert_close(fast, rows, **tol)
+    torch.testing.assert_close(fast, plain, **tol)
+    fast = _with("always", lambda: kernels.centroid_means_backward(gc, inv, cnt, g, dtype, keys, interior))
+    with extension.disabled():
+        plain = kernels.centroid_means_backward(gc, inv, cnt, g, dtype, interior=interior)
     torch.testing.assert_close(fast, plain, **tol)
 
     norms = kernels.member_norms(xp, g)  # chunk_pieces: per pixel chunk, gathered
@@ -160,3 +169,27 @@ def test_cluster_hands_its_keys_to_the_backward(monkeypatch):
             run_chain(x, w, None, k=k, s=(1, 1), p=p, d=d, planes=planes, centroid="mean")
     gc.collect()
     assert not rops._KEYS
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_chunk_path_independent_of_thread_count(threads):
+    """The row cuts that share the table sums out among the threads depend on their number;
+    the sums must not (a CifarNet-like stage, with and without the interior)."""
+    C, k, p, d, L, hw = CHUNK_SHAPES[2]
+    xp, ids, inv, cnt, g = _stage(C, k, p, d, L, (11, 10), torch.float64, Nb=5)
+    keys = kernels.slot_keys(ids, inv, cnt)
+    interior = (p[0], p[2], 11, 10)
+    gc = torch.randn(*cnt.shape, L, dtype=torch.float64)
+    with extension.disabled():
+        want = kernels.centroid_means(xp, inv, cnt, g)
+        want_b = kernels.centroid_means_backward(gc, inv, cnt, g, torch.float64, interior=interior)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for inner in (None, interior):
+            got = _with("always", lambda inner=inner: kernels.centroid_means(xp, inv, cnt, g, keys, inner))
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        got_b = _with("always", lambda: kernels.centroid_means_backward(gc, inv, cnt, g, torch.float64, keys, interior))
+        torch.testing.assert_close(got_b, want_b, rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(old)

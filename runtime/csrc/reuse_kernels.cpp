@@ -243,25 +243,32 @@ bool chunk_layout(const Geo& g, const std::vector<Piece>& pieces, int64_t nb) {
 }
 
 // Intervals of one axis (stride 1): tap i covers [i*d, i*d + O) of the padded axis of length Pn.
-void axis_intervals(int64_t Pn, int64_t k, int64_t d, int64_t O, std::vector<int64_t>& of, std::vector<int64_t>& t0,
-                    std::vector<int64_t>& t1, std::vector<int64_t>& lo, std::vector<int64_t>& hi, int64_t& n) {
-  std::vector<int64_t> cuts{0, Pn};
+// Only [r0, r1) is cut (the rest is the input's zero padding, whose pixels add nothing to a
+// sum and need no gradient): positions outside map to -1, and each tap's range is its window
+// clipped to [r0, r1). `split` - 1 more cuts at the quantiles of [r0, r1) let that many
+// threads own equal shares of it.
+void axis_intervals(int64_t Pn, int64_t k, int64_t d, int64_t O, int64_t r0, int64_t r1, int64_t split,
+                    std::vector<int64_t>& of, std::vector<int64_t>& t0, std::vector<int64_t>& t1,
+                    std::vector<int64_t>& lo, std::vector<int64_t>& hi, int64_t& n) {
+  auto clip = [&](int64_t v) { return std::min(r1, std::max(r0, v)); };
+  std::vector<int64_t> cuts{r0, r1};
   for (int64_t i = 0; i < k; ++i) {
-    cuts.push_back(std::min(Pn, i * d));
-    cuts.push_back(std::min(Pn, i * d + O));
+    cuts.push_back(clip(i * d));
+    cuts.push_back(clip(i * d + O));
   }
+  for (int64_t s = 1; s < split; ++s) cuts.push_back(r0 + (r1 - r0) * s / split);
   std::sort(cuts.begin(), cuts.end());
   cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
   n = (int64_t)cuts.size() - 1;
   auto index = [&](int64_t v) { return std::lower_bound(cuts.begin(), cuts.end(), v) - cuts.begin(); };
-  of.assign(Pn, 0);
+  of.assign(Pn, -1);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t v = cuts[r]; v < cuts[r + 1]; ++v) of[v] = r;
   t0.resize(k);
   t1.resize(k);
   for (int64_t i = 0; i < k; ++i) {
-    t0[i] = index(std::min(Pn, i * d));
-    t1[i] = index(std::min(Pn, i * d + O));
+    t0[i] = index(clip(i * d));
+    t1[i] = index(clip(i * d + O));
   }
   lo.assign(n, 0);
   hi.assign(n, 0);
@@ -280,12 +287,18 @@ void axis_intervals(int64_t Pn, int64_t k, int64_t d, int64_t O, std::vector<int
 
 // The plan's geometry and the global key ranks; returns false if the tables would cost
 // more than the per-row kernels (mode 0) or the layout does not apply.
+// With in.H >= 0, only the input's pixels (the interior of the padded frame) are planned for:
+// the rest is zero padding.
 bool chunk_plan(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, int64_t nb, int64_t cmax,
-                const int64_t* keys, const int64_t* cnt, int64_t mode) {
+                const int64_t* keys, const int64_t* cnt, int64_t mode, const Interior& in) {
   if (mode == 2 || !chunk_layout(g, pieces, nb)) return false;
   cp.nq = g.C / g.L;
-  axis_intervals(g.Hp, g.kh, g.dh, g.Oh, cp.rint, cp.ri0, cp.ri1, cp.ilo, cp.ihi, cp.nh);
-  axis_intervals(g.Wp, g.kw, g.dw, g.Ow, cp.cint, cp.ci0, cp.ci1, cp.jlo, cp.jhi, cp.nw);
+  const bool whole = in.H < 0;
+  const int64_t h0 = whole ? 0 : in.pt, h1 = whole ? g.Hp : in.pt + in.H;
+  const int64_t w0 = whole ? 0 : in.pl, w1 = whole ? g.Wp : in.pl + in.W;
+  const int64_t split = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), h1 - h0));
+  axis_intervals(g.Hp, g.kh, g.dh, g.Oh, h0, h1, split, cp.rint, cp.ri0, cp.ri1, cp.ilo, cp.ihi, cp.nh);
+  axis_intervals(g.Wp, g.kw, g.dw, g.Ow, w0, w1, 1, cp.cint, cp.ci0, cp.ci1, cp.jlo, cp.jhi, cp.nw);
   int64_t kmax = -1;
   for (int64_t i = 0; i < nb * cmax; ++i) kmax = std::max(kmax, keys[i]);
   cp.gmap.assign(nb * cmax, -1);
@@ -325,23 +338,30 @@ bool chunk_plan(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, i
   return true;
 }
 
-// U[p, q]: the key rank of pixel p's chunk q, from any block that covers it (all agree).
+// U[p, q]: the key rank of pixel p's chunk q, read from one block that covers it (all agree:
+// the first covering tap of its row and column intervals); -1 outside the planned intervals
+// or where no block covers the pixel.
 void chunk_pixel_keys(ChunkPlan& cp, const Geo& g, const int32_t* V, int64_t nb, int64_t cmax) {
-  const int64_t N = g.N(), per_image = g.Oh * g.Ow, nq = cp.nq;
+  const int64_t N = g.N(), nq = cp.nq;
   cp.U.assign(g.P() * nq, -1);
-  at::parallel_for(0, g.Nb, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t bb = i0; bb < i1; ++bb)
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t q = b % nq, off = g.tap_offset(b / nq);
-        const int32_t* vb = V + b * N + bb * per_image;
-        const int32_t* gm = cp.gmap.data() + b * cmax;
-        for (int64_t oh = 0; oh < g.Oh; ++oh) {
-          int32_t* u = cp.U.data() + ((bb * g.Hp + oh) * g.Wp + off) * nq + q;
-          const int32_t* v = vb + oh * g.Ow;
-          for (int64_t ow = 0; ow < g.Ow; ++ow) u[ow * nq] = gm[v[ow]];
+  at::parallel_for(0, g.Nb * g.Hp, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t bb = row / g.Hp, hp = row % g.Hp, ri = cp.rint[hp];
+      if (ri < 0 || cp.ihi[ri] <= cp.ilo[ri]) continue;
+      const int64_t i = cp.ilo[ri], oh = hp - i * g.dh;
+      for (int64_t wp = 0; wp < g.Wp; ++wp) {
+        const int64_t ci = cp.cint[wp];
+        if (ci < 0 || cp.jhi[ci] <= cp.jlo[ci]) continue;
+        const int64_t j = cp.jlo[ci], n = (bb * g.Oh + oh) * g.Ow + wp - j * g.dw;
+        int32_t* u = cp.U.data() + (row * g.Wp + wp) * nq;
+        for (int64_t q = 0; q < nq; ++q) {
+          const int64_t b = (i * g.kw + j) * nq + q;
+          u[q] = cp.gmap[b * cmax + V[b * N + n]];
         }
       }
+    }
   });
+  (void)nb;
 }
 
 // In-place 2D prefix sums over an (A+1) x (B+1) grid of vectors of length E per q (row and
@@ -382,9 +402,20 @@ void chunk_means_impl(const T* X, const int64_t* cnt, T* S, const Geo& g, const 
   const int64_t L = g.L, C = g.C, nq = cp.nq, nh = cp.nh, nw = cp.nw, G = cp.G, E = G * L;
   const int64_t cells = (nh + 1) * (nw + 1);
   std::vector<T> R(nq * cells * E, T(0));
-  // every pixel chunk once into its region's row of the table; tasks own (q, row interval)
-  at::parallel_for(0, nq * nh, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t task = t0; task < t1; ++task) {
+  // every pixel chunk once into its region's row of the table. A task is a (q, row interval)
+  // and owns its table rows; the tasks are dealt to the threads by their rows (the row cuts
+  // at the quantiles make the shares equal), not by their count.
+  std::vector<int64_t> start(nq * nh + 1, 0);
+  for (int64_t task = 0; task < nq * nh; ++task) {
+    int64_t rows = 0;
+    for (int64_t hp = 0; hp < g.Hp; ++hp) rows += cp.rint[hp] == task % nh;
+    start[task + 1] = start[task] + rows;
+  }
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nq * nh));
+  at::parallel_for(0, nt, 1, [&](int64_t th0, int64_t th1) {
+    for (int64_t task = 0; task < nq * nh; ++task) {
+      const int64_t owner = std::min(nt - 1, start[task] * nt / std::max<int64_t>(start.back(), 1));
+      if (owner < th0 || owner >= th1) continue;
       const int64_t q = task / nh, ri = task % nh;
       T* Rq = R.data() + q * cells * E;
       for (int64_t bb = 0; bb < g.Nb; ++bb)
@@ -472,10 +503,11 @@ void chunk_means_backward_impl(const T* Gc, const int64_t* cnt, T* D, const Geo&
 // applies (mode as for centroid_means); false: take the per-row kernels.
 bool chunk_path(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, int64_t nb, int64_t cmax,
                 const c10::optional<torch::Tensor>& keys, const torch::Tensor& counts, const torch::Tensor& inverse,
-                int64_t mode) {
+                int64_t mode, const Interior& in) {
   if (!keys.has_value()) return false;
   check_cpu_contig(*keys, "keys");
-  if (!chunk_plan(cp, g, pieces, nb, cmax, keys->data_ptr<int64_t>(), counts.data_ptr<int64_t>(), mode)) return false;
+  if (!chunk_plan(cp, g, pieces, nb, cmax, keys->data_ptr<int64_t>(), counts.data_ptr<int64_t>(), mode, in))
+    return false;
   chunk_pixel_keys(cp, g, inverse.data_ptr<int32_t>(), nb, cmax);
   return true;
 }
@@ -563,18 +595,24 @@ void centroid_means_impl(const T* X, const int32_t* V, const int64_t* cnt, T* S,
 }
 
 // keys (the slots' hash ids, optional) enable the chunk fast path; mode 0 picks it when its
-// tables are cheaper than the per-row pass, 1 whenever it applies, 2 never.
+// tables are cheaper than the per-row pass, 1 whenever it applies, 2 never. With H >= 0, xp is
+// zero outside rows [pt, pt + H) and columns [pl, pl + W) (the input inside its zero padding),
+// and the chunk path skips those pixels.
 torch::Tensor centroid_means(torch::Tensor xp, torch::Tensor inverse, torch::Tensor counts, std::vector<int64_t> geo,
-                             torch::Tensor pieces_t, c10::optional<torch::Tensor> keys, int64_t mode) {
+                             torch::Tensor pieces_t, c10::optional<torch::Tensor> keys, int64_t mode, int64_t pt,
+                             int64_t pl, int64_t H, int64_t W) {
   check_cpu_contig(xp, "xp");
   check_cpu_contig(inverse, "inverse");
   check_cpu_contig(counts, "counts");
   const Geo g = make_geo(geo);
   const auto pieces = read_pieces(pieces_t);
   const int64_t nb = inverse.size(0), cmax = counts.size(1);
+  const Interior in{pt, pl, H, W};
+  TORCH_CHECK(in.H < 0 || (in.pt >= 0 && in.pl >= 0 && in.W >= 0 && in.pt + in.H <= g.Hp && in.pl + in.W <= g.Wp),
+              "centroid_means: the input must lie inside the padded frame");
   auto S = torch::empty({nb, cmax, g.L}, xp.options());
   ChunkPlan cp;
-  if (chunk_path(cp, g, pieces, nb, cmax, keys, counts, inverse, mode)) {
+  if (chunk_path(cp, g, pieces, nb, cmax, keys, counts, inverse, mode, in)) {
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "centroid_means_chunk", [&] {
       chunk_means_impl<scalar_t>(xp.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), S.data_ptr<scalar_t>(), g, cp,
                                  nb, cmax);
@@ -647,7 +685,7 @@ torch::Tensor centroid_means_backward(torch::Tensor g_cent, torch::Tensor invers
   auto D = in.H < 0 ? torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options())
                     : torch::empty({g.Nb, g.C, in.H, in.W}, g_cent.options().memory_format(at::MemoryFormat::ChannelsLast));
   ChunkPlan cp;
-  if (chunk_path(cp, g, pieces, nb, cmax, keys, counts, inverse, mode)) {
+  if (chunk_path(cp, g, pieces, nb, cmax, keys, counts, inverse, mode, in)) {
     AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "centroid_means_backward_chunk", [&] {
       chunk_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(),
                                           D.data_ptr<scalar_t>(), g, cp, nb, cmax, in);

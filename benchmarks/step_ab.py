@@ -1,0 +1,116 @@
+"""A/B of the C++ kernels on the whole training step: the main job's model and batch
+(``benchmarks/step.py``), its reuse step run once with the kernels of a git revision and once
+with the working tree's, both builds loaded in one process, interleaved with the stock step,
+medians. The figure that says what a kernel change buys the main job (``kernels_ab.py``
+times the kernels alone).
+
+    python benchmarks/step_ab.py --base HEAD
+    python benchmarks/step_ab.py --base 8088f75 --repeats 21 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.kernels_ab import SRC, build  # noqa: E402
+from benchmarks.layers import machine, machine_phase  # noqa: E402
+from benchmarks.step import make_step  # noqa: E402
+from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, tune_malloc  # noqa: E402
+from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
+from reuse_compiler.runtime import extension  # noqa: E402
+
+
+class _Compat:
+    """A build of an older source seen through today's calls: arguments that later versions
+    appended (with defaults that keep the old behaviour) are dropped for functions that do
+    not take them."""
+
+    # function -> number of arguments of the older signature, when it had fewer
+    TRIM = {"centroid_means": 7}  # session 13 added the interior (pt, pl, H, W)
+
+    def __init__(self, module):
+        self._m = module
+
+    def __getattr__(self, name):
+        fn = getattr(self._m, name)
+        n = self.TRIM.get(name)
+        if n is None or f"arg{n}" in (fn.__doc__ or ""):
+            return fn
+        return lambda *args: fn(*args[:n])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="git revision whose kernels are the baseline")
+    ap.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
+    ap.add_argument("--steps", type=int, default=3, help="steps per round")
+    args = ap.parse_args(argv)
+    tune_malloc()
+    old_src = subprocess.run(
+        ["git", "show", f"{args.base}:{SRC}"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    builds = {"base": _Compat(build(old_src, "base")), "tree": build((ROOT / SRC).read_text(), "tree")}
+
+    torch.manual_seed(0)
+    (x_tr, y_tr), _ = load_digits(0.2, 0)
+    x = x_tr[:128].contiguous(memory_format=torch.channels_last)
+    y = y_tr[:128]
+    stock = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
+    config = ReuseConfig(
+        policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False
+    )
+    gm = reuse_compile(copy.deepcopy(stock), x, config=config)
+    stages = ", ".join(f"{r.name} " + ("exact" if r.exact else f"L={r.L} H={r.H}") for r in gm.reuse_plan)
+    steps = {
+        "stock": make_step(stock, x, y),
+        "reuse, base kernels": make_step(copy.deepcopy(gm), x, y),
+        "reuse, tree kernels": make_step(copy.deepcopy(gm), x, y),
+    }
+    uses = {"stock": None, "reuse, base kernels": builds["base"], "reuse, tree kernels": builds["tree"]}
+    real_get = extension.get
+
+    def run(name, n):
+        module = uses[name]
+        extension.get = (lambda: module) if module is not None else real_get
+        try:
+            for _ in range(n):
+                steps[name]()
+        finally:
+            extension.get = real_get
+
+    for name in steps:  # warm-up: Adam's state, the first calls
+        run(name, 2)
+    phase = machine_phase()
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name in steps:
+            t0 = time.perf_counter()
+            run(name, args.steps)
+            times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    print(
+        f"# training step A/B of the kernels, {args.base} (base) vs the working tree, on {machine('cpu')}; "
+        f"{stages}; medians of {args.repeats} interleaved rounds of {args.steps} steps"
+    )
+    print(f"# machine phase: {phase} before, {machine_phase()} after")
+    print("| variant | step ms | x stock |")
+    print("|---|---:|---:|")
+    for name in steps:
+        print(f"| {name} | {med[name]:.1f} | {med[name] / med['stock']:.3f} |")
+    base, tree = med["reuse, base kernels"], med["reuse, tree kernels"]
+    print(f"# reuse step, tree vs base: {tree / base:.3f}x ({base - tree:+.1f} ms per step)")
+
+
+if __name__ == "__main__":
+    main()
