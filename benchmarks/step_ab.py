@@ -31,18 +31,32 @@ from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
 from reuse_compiler.runtime import extension  # noqa: E402
 
 
+def _unit_rows(c, eps):
+    n = c.norm(dim=-1, keepdim=True)
+    return c / n.clamp_min(eps), n
+
+
+def _unit_rows_backward(u, n, g, eps):
+    s = (u * g).sum(-1, keepdim=True).masked_fill_(n < eps, 0)
+    return (u * s).neg_().add_(g).div_(n.clamp_min(eps))
+
+
 class _Compat:
     """A build of an older source seen through today's calls: arguments that later versions
     appended (with defaults that keep the old behaviour) are dropped for functions that do
-    not take them."""
+    not take them, and functions it lacks are the PyTorch code that ran in their place."""
 
     # function -> number of arguments of the older signature, when it had fewer
     TRIM = {"centroid_means": 7}  # session 13 added the interior (pt, pl, H, W)
+    # functions added later -> what the runtime computed before them (session 13: unit_rows)
+    MISSING = {"unit_rows": _unit_rows, "unit_rows_backward": _unit_rows_backward}
 
     def __init__(self, module):
         self._m = module
 
     def __getattr__(self, name):
+        if not hasattr(self._m, name) and name in self.MISSING:
+            return self.MISSING[name]
         fn = getattr(self._m, name)
         n = self.TRIM.get(name)
         if n is None or f"arg{n}" in (fn.__doc__ or ""):

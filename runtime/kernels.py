@@ -32,6 +32,8 @@ __all__ = [
     "reconstruct_scaled_backward",
     "member_norms",
     "member_norms_backward",
+    "unit_rows",
+    "unit_rows_backward",
 ]
 
 # Above this many table slots the clustering sorts instead of counting.
@@ -456,3 +458,21 @@ def member_norms_backward(
     for b in range(g.nb):
         g.scatter_block_(dxp, b, g.gather_block(x, b) * factor[b, :, None])
     return _crop(dxp, interior)
+
+
+def unit_rows(c: torch.Tensor, eps: float) -> torch.Tensor:
+    """c / max(||c||, eps) along the last dimension (F.normalize), one pass in C++."""
+    ext = _ext(c) if c.dtype in (torch.float32, torch.float64) else None
+    if ext is not None and c.dim() and c.numel():
+        return ext.unit_rows(c.contiguous(), eps)[0]
+    return c / c.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def unit_rows_backward(u: torch.Tensor, n: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Backward of :func:`unit_rows` from its output ``u`` and the rows' norms ``n`` (keepdim):
+    (g - u (u . g)) / max(n, eps), without the projection term where n < eps (as F.normalize)."""
+    ext = _ext(u, n, g) if u.dtype in (torch.float32, torch.float64) and g.dtype == u.dtype else None
+    if ext is not None and u.dim() and u.numel():
+        return ext.unit_rows_backward(u.contiguous(), n.to(u.dtype).contiguous(), g.contiguous(), eps)
+    s = (u * g).sum(-1, keepdim=True).masked_fill_(n < eps, 0)
+    return (u * s).neg_().add_(g).div_(n.clamp_min(eps))

@@ -36,6 +36,7 @@ __all__ = [
     "cluster",
     "cluster_norms",
     "unit_rows",
+    "unit_rows_grad",
     "centroid_gemm",
     "reconstruct",
     "cluster_grad",
@@ -366,8 +367,9 @@ def unit_rows(c: torch.Tensor) -> torch.Tensor:
     """c / max(||c||, eps) along the last dim: ``F.normalize(c, dim=-1)``, the norm
     centroid's unit centroids. An op of its own for its backward, (g - u (u . g)) / max(||c||,
     eps) with two temporaries; F.normalize's autograd held six centroid-sized ones at once,
-    the norm centroid's backward peak on CifarNet conv2 at L=1600."""
-    return c / c.norm(dim=-1, keepdim=True).clamp_min(UNIT_EPS)
+    the norm centroid's backward peak on CifarNet conv2 at L=1600. Both are one C++ pass
+    (kernels.unit_rows)."""
+    return kernels.unit_rows(c, UNIT_EPS)
 
 
 @unit_rows.register_fake
@@ -382,9 +384,20 @@ def _unit_rows_setup(ctx, inputs, output):
 
 def _unit_rows_backward(ctx, g):
     u, n = ctx.saved_tensors
-    # below eps the denominator is the constant eps: no projection term (as F.normalize)
-    s = (u * g).sum(-1, keepdim=True).masked_fill_(n < UNIT_EPS, 0)
-    return (u * s).neg_().add_(g).div_(n.clamp_min(UNIT_EPS))
+    return unit_rows_grad(u, n, g)
+
+
+@torch.library.custom_op("reuse::unit_rows_grad", mutates_args=())
+def unit_rows_grad(u: torch.Tensor, n: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Backward of ``unit_rows`` from its output ``u`` and the rows' norms ``n`` (keepdim):
+    (g - u (u . g)) / max(n, eps); below eps the denominator is the constant eps, so there is
+    no projection term (as F.normalize). Its own op so the backward stays traceable."""
+    return kernels.unit_rows_backward(u, n, g, UNIT_EPS)
+
+
+@unit_rows_grad.register_fake
+def _(u, n, g):
+    return torch.empty_like(u)
 
 
 unit_rows.register_autograd(_unit_rows_backward, setup_context=_unit_rows_setup)

@@ -259,7 +259,13 @@ def _op_args(dtype):
         "reconstruct": (leaf(yc), inv, b),
         "reconstruct_no_bias": (leaf(yc), inv, None),
         "unit_rows": (leaf(torch.cat([cent, torch.zeros_like(cent[:, :1])], 1)),),  # a zero row too
+        "unit_rows_grad": _unit_rows_grad_args(torch.cat([cent, torch.zeros_like(cent[:, :1])], 1)),
     }
+
+
+def _unit_rows_grad_args(c):
+    c = c.detach()
+    return (torch.ops.reuse.unit_rows(c), c.norm(dim=-1, keepdim=True), torch.randn_like(c))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -290,6 +296,7 @@ def _op_args(dtype):
         "member_norms_grad_into",
         "member_norms_grad_into_input",
         "unit_rows",
+        "unit_rows_grad",
     ],
 )
 def test_opcheck(name, dtype):
@@ -350,19 +357,24 @@ def test_cluster_norms_equals_cluster_and_member_norms(channels_last, L):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
 
-def test_unit_rows_equals_normalize():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_unit_rows_equals_normalize(dtype):
     """unit_rows is F.normalize(c, dim=-1), forward and backward, zero rows included
     (whose denominator is the constant eps); float64 gradcheck."""
     g = torch.Generator().manual_seed(0)
-    c = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    c = torch.randn(3, 7, 37, generator=g, dtype=dtype)
     c[0, 2] = 0
     c[1, 4] = 1e-14  # below eps
-    gy = torch.randn(c.shape, generator=g, dtype=torch.float64)
+    gy = torch.randn(c.shape, generator=g, dtype=dtype)
     got, want = c.clone().requires_grad_(), c.clone().requires_grad_()
     torch.ops.reuse.unit_rows(got).backward(gy)
     F.normalize(want, dim=-1).backward(gy)
-    torch.testing.assert_close(torch.ops.reuse.unit_rows(c), F.normalize(c, dim=-1), rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)
+    tol = dict(rtol=1e-15, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.ops.reuse.unit_rows(c), F.normalize(c, dim=-1), **tol)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.grad, want.grad, **tol)
+    if dtype != torch.float64:
+        return
     assert torch.autograd.gradcheck(
         torch.ops.reuse.unit_rows, (torch.randn(4, 3, 6, dtype=torch.float64).requires_grad_(),)
     )

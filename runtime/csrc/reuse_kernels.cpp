@@ -1285,7 +1285,80 @@ torch::Tensor hash_rows(torch::Tensor rows, torch::Tensor planes) {
   return ids;
 }
 
+// The norm centroid's unit rows, u = c / max(||c||, eps) along the last dimension, and their
+// backward, (g - u (u . g)) / max(||c||, eps) (no projection term where ||c|| < eps), as
+// F.normalize computes them; one pass each over (R, E) rows, threads own row ranges.
+template <typename T>
+void unit_rows_impl(const T* C, T* U, T* Nrm, int64_t R, int64_t E, double eps) {
+  at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict c = C + r * E;
+      T* __restrict u = U + r * E;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < E; ++k) acc += c[k] * c[k];
+      const T n = std::sqrt(acc);
+      Nrm[r] = n;
+      const T d = std::max(n, T(eps));
+#pragma omp simd
+      for (int64_t k = 0; k < E; ++k) u[k] = c[k] / d;
+    }
+  });
+}
+
+std::vector<torch::Tensor> unit_rows(torch::Tensor c, double eps) {
+  check_cpu_contig(c, "c");
+  TORCH_CHECK(c.dim() >= 1, "unit_rows: c needs a last dimension");
+  const int64_t E = c.size(-1), R = E ? c.numel() / E : 0;
+  auto u = torch::empty_like(c);
+  auto sizes = c.sizes().vec();
+  sizes.back() = 1;
+  auto n = torch::empty(sizes, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "unit_rows", [&] {
+    unit_rows_impl<scalar_t>(c.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(), R, E, eps);
+  });
+  return {u, n};
+}
+
+template <typename T>
+void unit_rows_backward_impl(const T* U, const T* Nrm, const T* G, T* D, int64_t R, int64_t E, double eps) {
+  at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict u = U + r * E;
+      const T* __restrict g = G + r * E;
+      T* __restrict d = D + r * E;
+      const T n = Nrm[r];
+      T dot = 0;
+      if (n >= T(eps)) {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < E; ++k) dot += u[k] * g[k];
+      }
+      const T den = std::max(n, T(eps));
+#pragma omp simd
+      for (int64_t k = 0; k < E; ++k) d[k] = (g[k] - u[k] * dot) / den;
+    }
+  });
+}
+
+torch::Tensor unit_rows_backward(torch::Tensor u, torch::Tensor n, torch::Tensor g, double eps) {
+  check_cpu_contig(u, "u");
+  check_cpu_contig(n, "n");
+  check_cpu_contig(g, "g");
+  TORCH_CHECK(u.sizes() == g.sizes() && u.scalar_type() == g.scalar_type() && n.scalar_type() == u.scalar_type(),
+              "unit_rows_backward: u and g must match, n share their dtype");
+  const int64_t E = u.size(-1), R = E ? u.numel() / E : 0;
+  TORCH_CHECK(n.numel() == R, "unit_rows_backward: one norm per row");
+  auto d = torch::empty_like(u);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "unit_rows_backward", [&] {
+    unit_rows_backward_impl<scalar_t>(u.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                                      d.data_ptr<scalar_t>(), R, E, eps);
+  });
+  return d;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("unit_rows", &unit_rows, "(c / max(||c||, eps), ||c||) along the last dimension");
+  m.def("unit_rows_backward", &unit_rows_backward, "(g - u (u . g)) / max(||c||, eps)");
   m.def("compact", &compact, "rank the ids present in each block (segment): (inverse, counts)");
   m.def("centroid_means", &centroid_means, "per-slot means of the members' sub-vectors");
   m.def("centroid_means_backward", &centroid_means_backward, "col2im of each member's share of its slot's gradient");
