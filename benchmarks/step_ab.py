@@ -41,6 +41,17 @@ def _unit_rows_backward(u, n, g, eps):
     return (u * s).neg_().add_(g).div_(n.clamp_min(eps))
 
 
+def _pad_nhwc(x, t, b, left, r):  # im2col's PyTorch path
+    Nb, H, W, C = x.shape
+    xp = x.new_empty(Nb, H + t + b, W + left + r, C)
+    xp[:, :t].zero_()
+    xp[:, t + H :].zero_()
+    xp[:, t : t + H, :left].zero_()
+    xp[:, t : t + H, left + W :].zero_()
+    xp[:, t : t + H, left : left + W].copy_(x)
+    return xp
+
+
 class _Compat:
     """A build of an older source seen through today's calls: arguments that later versions
     appended (with defaults that keep the old behaviour) are dropped for functions that do
@@ -48,8 +59,8 @@ class _Compat:
 
     # function -> number of arguments of the older signature, when it had fewer
     TRIM = {"centroid_means": 7}  # session 13 added the interior (pt, pl, H, W)
-    # functions added later -> what the runtime computed before them (session 13: unit_rows)
-    MISSING = {"unit_rows": _unit_rows, "unit_rows_backward": _unit_rows_backward}
+    # functions added later -> what the runtime computed before them (session 13)
+    MISSING = {"unit_rows": _unit_rows, "unit_rows_backward": _unit_rows_backward, "pad_nhwc": _pad_nhwc}
 
     def __init__(self, module):
         self._m = module
@@ -123,7 +134,12 @@ def main(argv=None):
     for name in steps:
         print(f"| {name} | {med[name]:.1f} | {med[name] / med['stock']:.3f} |")
     base, tree = med["reuse, base kernels"], med["reuse, tree kernels"]
-    print(f"# reuse step, tree vs base: {tree / base:.3f}x ({base - tree:+.1f} ms per step)")
+    paired = sorted(t / b for t, b in zip(times["reuse, tree kernels"], times["reuse, base kernels"]))
+    q = len(paired) // 4
+    print(
+        f"# reuse step, tree vs base: {tree / base:.3f}x ({base - tree:+.1f} ms per step); per round, paired: "
+        f"median {statistics.median(paired):.3f}x, quartiles {paired[q]:.3f}-{paired[-1 - q]:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ __all__ = [
     "member_norms_backward",
     "unit_rows",
     "unit_rows_backward",
+    "pad_channels_last",
 ]
 
 # Above this many table slots the clustering sorts instead of counting.
@@ -476,3 +477,15 @@ def unit_rows_backward(u: torch.Tensor, n: torch.Tensor, g: torch.Tensor, eps: f
         return ext.unit_rows_backward(u.contiguous(), n.to(u.dtype).contiguous(), g.contiguous(), eps)
     s = (u * g).sum(-1, keepdim=True).masked_fill_(n < eps, 0)
     return (u * s).neg_().add_(g).div_(n.clamp_min(eps))
+
+
+def pad_channels_last(x: torch.Tensor, t: int, b: int, left: int, r: int) -> torch.Tensor | None:
+    """im2col's padded copy (Nb, H + t + b, W + left + r, C) of a channels-last ``x`` (Nb, C, H, W)
+    in one C++ pass; None where that does not apply (another layout, dtype or device)."""
+    if x.dtype not in (torch.float32, torch.float64) or not x.numel():
+        return None
+    nhwc = x.permute(0, 2, 3, 1)
+    if not nhwc.is_contiguous():
+        return None
+    ext = _ext(x)
+    return None if ext is None else ext.pad_nhwc(nhwc, t, b, left, r)

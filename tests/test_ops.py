@@ -515,3 +515,17 @@ def test_cluster_backward_into_the_input_equals_the_padded_one(C, M, k, s, p, d,
     want = padded[:, p[0] : p[0] + 7, p[2] : p[2] + 6].permute(0, 3, 1, 2)
     got = ops.cluster_input_grad(gc, inv, cnt, list(xp.shape), k, s, p, d)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padding", [(2, 2, 2, 2), (2, 0, 1, 3), (0, 0, 0, 0)])
+def test_im2col_is_the_zero_padded_input(padding, dtype):
+    """im2col's padded copy (one C++ pass for a channels-last input, else PyTorch's) equals
+    F.pad of the input, channels-last, in both layouts."""
+    x = torch.randn(3, 5, 6, 7, dtype=dtype)
+    t, b, left, r = padding
+    want = F.pad(x, (left, r, t, b)).permute(0, 2, 3, 1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = torch.ops.reuse.im2col(x.contiguous(memory_format=layout), [3, 3], [1, 1], list(padding), [1, 1])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.is_contiguous()

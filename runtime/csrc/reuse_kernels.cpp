@@ -160,8 +160,21 @@ std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
       std::vector<int64_t>& cnt = block_counts[b];
       std::vector<int64_t>& key = block_keys[b];
       if (dense) {  // counting pass: a table over all 2^H ids
-        table.assign(int64_t(1) << H, 0);
-        for (int64_t n = 0; n < N; ++n) table[ib[n]]++;
+        // four tables taken in turn: runs of one id (the digits' background) made each
+        // increment wait for the last one's store (conv2 L=64 H=8: 0.45 -> 0.37 ms)
+        const int64_t S = int64_t(1) << H;
+        table.assign(4 * S, 0);
+        int64_t* t0 = table.data();
+        int64_t n = 0;
+        for (; n + 4 <= N; n += 4) {
+          t0[ib[n]]++;
+          t0[S + ib[n + 1]]++;
+          t0[2 * S + ib[n + 2]]++;
+          t0[3 * S + ib[n + 3]]++;
+        }
+        for (; n < N; ++n) t0[ib[n]]++;
+        for (int64_t id = 0; id < S; ++id) t0[id] += t0[S + id] + t0[2 * S + id] + t0[3 * S + id];
+        table.resize(S);
         int64_t r = 0;
         for (int64_t id = 0; id < (int64_t)table.size(); ++id) {
           auto& c = table[id];
@@ -1285,6 +1298,34 @@ torch::Tensor hash_rows(torch::Tensor rows, torch::Tensor planes) {
   return ids;
 }
 
+// im2col's padded channels-last copy of x in one pass: x (Nb, H, W, C) contiguous (a
+// channels-last tensor, permuted) -> (Nb, H + t + b, W + l + r, C), zero around x. Threads own
+// padded rows; each is written once (PyTorch's zero fills of the four borders and the strided
+// copy took ~1.2 ms per step on conv2's input).
+torch::Tensor pad_nhwc(torch::Tensor x, int64_t t, int64_t b, int64_t l, int64_t r) {
+  check_cpu_contig(x, "x");
+  TORCH_CHECK(x.dim() == 4 && t >= 0 && b >= 0 && l >= 0 && r >= 0, "pad_nhwc: x must be (Nb, H, W, C), pads >= 0");
+  const int64_t Nb = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), Hp = H + t + b, Wp = W + l + r;
+  auto out = torch::empty({Nb, Hp, Wp, C}, x.options());
+  const int64_t es = x.element_size();
+  const char* src = static_cast<const char*>(x.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, Nb * Hp, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t bb = row / Hp, hp = row % Hp;
+      char* d = dst + row * Wp * C * es;
+      if (hp < t || hp >= t + H) {
+        std::memset(d, 0, Wp * C * es);
+        continue;
+      }
+      std::memset(d, 0, l * C * es);
+      std::memcpy(d + l * C * es, src + (bb * H + hp - t) * W * C * es, W * C * es);
+      std::memset(d + (l + W) * C * es, 0, r * C * es);
+    }
+  });
+  return out;
+}
+
 // The norm centroid's unit rows, u = c / max(||c||, eps) along the last dimension, and their
 // backward, (g - u (u . g)) / max(||c||, eps) (no projection term where ||c|| < eps), as
 // F.normalize computes them; one pass each over (R, E) rows, threads own row ranges.
@@ -1357,6 +1398,7 @@ torch::Tensor unit_rows_backward(torch::Tensor u, torch::Tensor n, torch::Tensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pad_nhwc", &pad_nhwc, "zero-padded (Nb, H + t + b, W + l + r, C) copy of x (Nb, H, W, C)");
   m.def("unit_rows", &unit_rows, "(c / max(||c||, eps), ||c||) along the last dimension");
   m.def("unit_rows_backward", &unit_rows_backward, "(g - u (u . g)) / max(||c||, eps)");
   m.def("compact", &compact, "rank the ids present in each block (segment): (inverse, counts)");
