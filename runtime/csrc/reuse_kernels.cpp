@@ -907,15 +907,65 @@ void for_pairs_by_blocks(int64_t nb, int64_t N, int64_t table_bytes, const int32
   });
 }
 
+// One block's rows [n0, n1) into its table, in register strips of NV vectors: while rows
+// keep to one slot (runs of the digits' background), their sum stays in registers and meets
+// the table once, where adding each row into the table made every add wait for the last one's
+// store.
+template <typename T>
+void scatter_runs(const T* G, const int32_t* vb, const T* wb, T* table, int64_t n0, int64_t n1, int64_t M) {
+  using VT = typename Vec<T>::type;
+  constexpr int64_t VW = Vec<T>::W, CW = NV * VW;
+  int64_t c0 = 0;
+  for (; c0 + CW <= M; c0 += CW) {
+    VT a[NV] = {};
+    int64_t cur = vb[n0];
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t s = vb[n];
+      if (s != cur) {
+        T* d = table + cur * M + c0;
+        for (int64_t v = 0; v < NV; ++v) {
+          vstore(d + v * VW, vload(d + v * VW) + a[v]);
+          a[v] = VT{};
+        }
+        cur = s;
+      }
+      const T* g = G + n * M + c0;
+      if (wb) {
+        const T f = wb[n];
+        for (int64_t v = 0; v < NV; ++v) a[v] += f * vload(g + v * VW);
+      } else {
+        for (int64_t v = 0; v < NV; ++v) a[v] += vload(g + v * VW);
+      }
+    }
+    T* d = table + cur * M + c0;
+    for (int64_t v = 0; v < NV; ++v) vstore(d + v * VW, vload(d + v * VW) + a[v]);
+  }
+  if (c0 < M)  // the last, narrower strip
+    for (int64_t n = n0; n < n1; ++n) {
+      const T f = wb ? wb[n] : T(1);
+      T* d = table + vb[n] * M;
+      const T* g = G + n * M;
+      for (int64_t k = c0; k < M; ++k) d[k] += f * g[k];
+    }
+}
+
 template <typename T>
 void reconstruct_backward_impl(const T* G, const int32_t* V, const T* W, T* out, int64_t nb, int64_t cmax, int64_t N,
                                int64_t M) {
   auto add_into = [&](T* base, int64_t b, int64_t n, int64_t s) {
     add_row_w(base + (b * cmax + s) * M, G + n * M, W, b * N + n, M);
   };
-  if (nb >= at::get_num_threads()) {  // each thread owns whole blocks
-    for_pairs_by_blocks(nb, N, cmax * M * (int64_t)sizeof(T), V,
-                        [&](int64_t b, int64_t n, int64_t s) { add_into(out, b, n, s); });
+  if (nb >= at::get_num_threads()) {  // each thread owns whole blocks, rows in runs of one slot
+    constexpr int64_t TILE = 512;
+    const int64_t GB = block_group(nb, cmax * M * (int64_t)sizeof(T), kScatterBudget);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t g0 = b0; g0 < b1; g0 += GB) {
+        const int64_t g1 = std::min(b1, g0 + GB);
+        for (int64_t n0 = 0; n0 < N; n0 += TILE)
+          for (int64_t b = g0; b < g1; ++b)
+            scatter_runs(G, V + b * N, W ? W + b * N : nullptr, out + b * cmax * M, n0, std::min(N, n0 + TILE), M);
+      }
+    });
     return;
   }
   for_pairs_by_rows(nb, N, cmax, M, V, out, add_into);
