@@ -169,7 +169,8 @@ def cluster(
     hash id is ``kernels.slot_keys(ids, inverse, counts)``. The rewrite also passes the
     convolution's input ``x`` (``xp = im2col(x, ..., padding)``): if ``x`` is channels-last,
     the backward writes ``x``'s gradient directly (``cluster_input_grad``; none for ``xp``),
-    so no padded gradient is formed.
+    so no padded gradient is formed, and the forward's chunk path skips the padding's pixels
+    (``xp`` must then be ``im2col``'s zero-padded copy of ``x``, as in the rewrite).
     """
     return _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, "reuse.cluster", x, padding)
 
