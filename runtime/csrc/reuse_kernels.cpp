@@ -354,7 +354,7 @@ bool chunk_plan(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, i
 // U[p, q]: the key rank of pixel p's chunk q, read from one block that covers it (all agree:
 // the first covering tap of its row and column intervals); -1 outside the planned intervals
 // or where no block covers the pixel.
-void chunk_pixel_keys(ChunkPlan& cp, const Geo& g, const int32_t* V, int64_t nb, int64_t cmax) {
+void chunk_pixel_keys(ChunkPlan& cp, const Geo& g, const int32_t* V, int64_t cmax) {
   const int64_t N = g.N(), nq = cp.nq;
   cp.U.assign(g.P() * nq, -1);
   at::parallel_for(0, g.Nb * g.Hp, 16, [&](int64_t r0, int64_t r1) {
@@ -374,7 +374,6 @@ void chunk_pixel_keys(ChunkPlan& cp, const Geo& g, const int32_t* V, int64_t nb,
       }
     }
   });
-  (void)nb;
 }
 
 // In-place 2D prefix sums over an (A+1) x (B+1) grid of vectors of length E per q (row and
@@ -521,7 +520,7 @@ bool chunk_path(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, i
   check_cpu_contig(*keys, "keys");
   if (!chunk_plan(cp, g, pieces, nb, cmax, keys->data_ptr<int64_t>(), counts.data_ptr<int64_t>(), mode, in))
     return false;
-  chunk_pixel_keys(cp, g, inverse.data_ptr<int32_t>(), nb, cmax);
+  chunk_pixel_keys(cp, g, inverse.data_ptr<int32_t>(), cmax);
   return true;
 }
 
