@@ -51,6 +51,41 @@ def build(source: str, tag: str):
     )
 
 
+class Compat:
+    """A build of an older source seen through today's calls: arguments that later versions
+    appended (with defaults that keep the old behaviour) are dropped for functions that do
+    not take them, and functions it lacks are the PyTorch code that ran in their place."""
+
+    # function -> number of arguments of the older signature, when it had fewer
+    TRIM = {"centroid_means": 7}  # session 13 added the interior (pt, pl, H, W)
+    # functions added later -> what the runtime computed before them (session 13)
+    MISSING = {
+        "unit_rows": kernels.unit_rows_torch,
+        "unit_rows_backward": kernels.unit_rows_backward_torch,
+        "pad_nhwc": kernels.pad_nhwc_torch,
+    }
+
+    def __init__(self, module):
+        self._m = module
+
+    def __getattr__(self, name):
+        if not hasattr(self._m, name) and name in self.MISSING:
+            return self.MISSING[name]
+        fn = getattr(self._m, name)
+        n = self.TRIM.get(name)
+        # asked once per lookup: a failed pybind call would cost ~15 ms (it formats its tensors)
+        if n is None or f"arg{n}" in (fn.__doc__ or ""):
+            return fn
+        return lambda *args: fn(*args[:n])
+
+
+def base_and_tree(base: str) -> dict:
+    """{"base": the kernels at git revision ``base`` (through :class:`Compat`), "tree": the
+    working tree's}, both built and loaded."""
+    old_src = subprocess.run(["git", "show", f"{base}:{SRC}"], cwd=ROOT, check=True, capture_output=True, text=True)
+    return {"base": Compat(build(old_src.stdout, "base")), "tree": build((ROOT / SRC).read_text(), "tree")}
+
+
 def inputs(layer: str, L: int, H: int, hashing: str = "random"):
     """The chain's intermediates for one stage on the digits (conv2: on conv1's pooled output),
     hashed with random planes or (``hashing="pca"``) planes fitted to the input as the main job's."""
@@ -92,12 +127,8 @@ def ab_stage(builds: dict, layer: str, L: int, H: int, repeats: int, hashing: st
                 return m.hash_rows(units, planes)
             return kernels._pack_last(kernels._project(units, planes))
 
-        # builds before session 13 take no interior (a failed pybind call costs ~15 ms: ask once)
-        with_interior = "arg7" in (m.centroid_means.__doc__ or "")
-
         def means(keys=None, mode=2):  # per-row kernels by default; the chunk path as the chain takes it
-            args = (xp, inv, cnt, g.vector(), g.pieces_tensor(), keys, mode)
-            return m.centroid_means(*args, *interior) if with_interior else m.centroid_means(*args)
+            return m.centroid_means(xp, inv, cnt, g.vector(), g.pieces_tensor(), keys, mode, *interior)
 
         def chunk_means_bwd():  # writing x's gradient, as the chain does for a channels-last x
             return m.centroid_means_backward(dcent, inv, cnt, g.vector(), g.pieces_tensor(), keys, 1, *interior)
@@ -145,10 +176,7 @@ def main(argv=None):
     ap.add_argument("--hashing", default="random", choices=["random", "pca"], help="pca: planes fitted to the input")
     args = ap.parse_args(argv)
     tune_malloc()
-    old_src = subprocess.run(
-        ["git", "show", f"{args.base}:{SRC}"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
-    builds = {"base": build(old_src, "base"), "tree": build((ROOT / SRC).read_text(), "tree")}
+    builds = base_and_tree(args.base)
     print(f"# kernels A/B: {args.base} (base) vs the working tree (tree); medians of {args.repeats}, ms")
     for stage in args.stages:
         layer, lh = stage.split(":")

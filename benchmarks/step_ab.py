@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,56 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kernels_ab import SRC, build  # noqa: E402
+from benchmarks.kernels_ab import base_and_tree  # noqa: E402
 from benchmarks.layers import machine, machine_phase  # noqa: E402
 from benchmarks.step import make_step  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
 from reuse_compiler.runtime import extension  # noqa: E402
-
-
-def _unit_rows(c, eps):
-    n = c.norm(dim=-1, keepdim=True)
-    return c / n.clamp_min(eps), n
-
-
-def _unit_rows_backward(u, n, g, eps):
-    s = (u * g).sum(-1, keepdim=True).masked_fill_(n < eps, 0)
-    return (u * s).neg_().add_(g).div_(n.clamp_min(eps))
-
-
-def _pad_nhwc(x, t, b, left, r):  # im2col's PyTorch path
-    Nb, H, W, C = x.shape
-    xp = x.new_empty(Nb, H + t + b, W + left + r, C)
-    xp[:, :t].zero_()
-    xp[:, t + H :].zero_()
-    xp[:, t : t + H, :left].zero_()
-    xp[:, t : t + H, left + W :].zero_()
-    xp[:, t : t + H, left : left + W].copy_(x)
-    return xp
-
-
-class _Compat:
-    """A build of an older source seen through today's calls: arguments that later versions
-    appended (with defaults that keep the old behaviour) are dropped for functions that do
-    not take them, and functions it lacks are the PyTorch code that ran in their place."""
-
-    # function -> number of arguments of the older signature, when it had fewer
-    TRIM = {"centroid_means": 7}  # session 13 added the interior (pt, pl, H, W)
-    # functions added later -> what the runtime computed before them (session 13)
-    MISSING = {"unit_rows": _unit_rows, "unit_rows_backward": _unit_rows_backward, "pad_nhwc": _pad_nhwc}
-
-    def __init__(self, module):
-        self._m = module
-
-    def __getattr__(self, name):
-        if not hasattr(self._m, name) and name in self.MISSING:
-            return self.MISSING[name]
-        fn = getattr(self._m, name)
-        n = self.TRIM.get(name)
-        if n is None or f"arg{n}" in (fn.__doc__ or ""):
-            return fn
-        return lambda *args: fn(*args[:n])
 
 
 def main(argv=None):
@@ -82,10 +37,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
     args = ap.parse_args(argv)
     tune_malloc()
-    old_src = subprocess.run(
-        ["git", "show", f"{args.base}:{SRC}"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
-    builds = {"base": _Compat(build(old_src, "base")), "tree": build((ROOT / SRC).read_text(), "tree")}
+    builds = base_and_tree(args.base)
 
     torch.manual_seed(0)
     (x_tr, y_tr), _ = load_digits(0.2, 0)

@@ -33,8 +33,11 @@ __all__ = [
     "member_norms",
     "member_norms_backward",
     "unit_rows",
+    "unit_rows_torch",
     "unit_rows_backward",
+    "unit_rows_backward_torch",
     "pad_channels_last",
+    "pad_nhwc_torch",
 ]
 
 # Above this many table slots the clustering sorts instead of counting.
@@ -465,7 +468,12 @@ def unit_rows(c: torch.Tensor, eps: float) -> torch.Tensor:
     """c / max(||c||, eps) along the last dimension (F.normalize), one pass in C++."""
     ext = _ext(c) if c.dtype in (torch.float32, torch.float64) else None
     if ext is not None and c.dim() and c.numel():
-        return ext.unit_rows(c.contiguous(), eps)[0]
+        return ext.unit_rows(c.contiguous(), eps)
+    return unit_rows_torch(c, eps)
+
+
+def unit_rows_torch(c: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`unit_rows` in plain PyTorch."""
     return c / c.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
@@ -475,17 +483,33 @@ def unit_rows_backward(u: torch.Tensor, n: torch.Tensor, g: torch.Tensor, eps: f
     ext = _ext(u, n, g) if u.dtype in (torch.float32, torch.float64) and g.dtype == u.dtype else None
     if ext is not None and u.dim() and u.numel():
         return ext.unit_rows_backward(u.contiguous(), n.to(u.dtype).contiguous(), g.contiguous(), eps)
+    return unit_rows_backward_torch(u, n, g, eps)
+
+
+def unit_rows_backward_torch(u: torch.Tensor, n: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`unit_rows_backward` in plain PyTorch."""
     s = (u * g).sum(-1, keepdim=True).masked_fill_(n < eps, 0)
     return (u * s).neg_().add_(g).div_(n.clamp_min(eps))
 
 
-def pad_channels_last(x: torch.Tensor, t: int, b: int, left: int, r: int) -> torch.Tensor | None:
-    """im2col's padded copy (Nb, H + t + b, W + left + r, C) of a channels-last ``x`` (Nb, C, H, W)
-    in one C++ pass; None where that does not apply (another layout, dtype or device)."""
-    if x.dtype not in (torch.float32, torch.float64) or not x.numel():
-        return None
+def pad_channels_last(x: torch.Tensor, t: int, b: int, left: int, r: int) -> torch.Tensor:
+    """im2col's padded copy (Nb, H + t + b, W + left + r, C) of ``x`` (Nb, C, H, W), zero around
+    x: one C++ pass for a channels-last float32/64 CPU ``x``, else :func:`pad_nhwc_torch`."""
     nhwc = x.permute(0, 2, 3, 1)
-    if not nhwc.is_contiguous():
-        return None
-    ext = _ext(x)
-    return None if ext is None else ext.pad_nhwc(nhwc, t, b, left, r)
+    ext = _ext(x) if x.dtype in (torch.float32, torch.float64) and x.numel() and nhwc.is_contiguous() else None
+    if ext is not None:
+        return ext.pad_nhwc(nhwc, t, b, left, r)
+    return pad_nhwc_torch(nhwc, t, b, left, r)
+
+
+def pad_nhwc_torch(nhwc: torch.Tensor, t: int, b: int, left: int, r: int) -> torch.Tensor:
+    """The zero-padded copy of ``nhwc`` (Nb, H, W, C) in plain PyTorch: one copy of the interior
+    (free to read when x is channels-last), zeros around it."""
+    Nb, H, W, C = nhwc.shape
+    xp = nhwc.new_empty(Nb, H + t + b, W + left + r, C)
+    xp[:, :t].zero_()
+    xp[:, t + H :].zero_()
+    xp[:, t : t + H, :left].zero_()
+    xp[:, t : t + H, left + W :].zero_()
+    xp[:, t : t + H, left : left + W].copy_(nhwc)
+    return xp

@@ -883,26 +883,30 @@ inline void add_row_w(T* __restrict d, const T* __restrict s, const T* W, int64_
 
 // Threads own whole blocks, in groups whose tables fit in L2 (kScatterBudget: the tile of
 // gradient rows shares it); the rows go through in tiles, a tile meets every block of the
-// group, and fn(b, n, slot) runs in (group, tile, block, row) order. Row-by-row within one
-// block keeps the few hot slot rows in L1. Without the groups a thread cycled through all
-// its tables per tile: 1.6-3x slower at L = 8 and L = 25 (tables of 155-570 KB).
+// group: fn(b, n0, n1) runs in (group, tile, block) order. Row-by-row within one block keeps
+// the few hot slot rows in L1. Without the groups a thread cycled through all its tables per
+// tile: 1.6-3x slower at L = 8 and L = 25 (tables of 155-570 KB).
 constexpr int64_t kScatterBudget = 256 << 10;
 
 template <typename Fn>
-void for_pairs_by_blocks(int64_t nb, int64_t N, int64_t table_bytes, const int32_t* V, Fn fn) {
+void for_block_tiles(int64_t nb, int64_t N, int64_t table_bytes, Fn fn) {
   constexpr int64_t TILE = 512;
   const int64_t GB = block_group(nb, table_bytes, kScatterBudget);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t g0 = b0; g0 < b1; g0 += GB) {
       const int64_t g1 = std::min(b1, g0 + GB);
-      for (int64_t n0 = 0; n0 < N; n0 += TILE) {
-        const int64_t n1 = std::min(N, n0 + TILE);
-        for (int64_t b = g0; b < g1; ++b) {
-          const int32_t* vb = V + b * N;
-          for (int64_t n = n0; n < n1; ++n) fn(b, n, vb[n]);
-        }
-      }
+      for (int64_t n0 = 0; n0 < N; n0 += TILE)
+        for (int64_t b = g0; b < g1; ++b) fn(b, n0, std::min(N, n0 + TILE));
     }
+  });
+}
+
+// for_block_tiles, row by row: fn(b, n, slot).
+template <typename Fn>
+void for_pairs_by_blocks(int64_t nb, int64_t N, int64_t table_bytes, const int32_t* V, Fn fn) {
+  for_block_tiles(nb, N, table_bytes, [&](int64_t b, int64_t n0, int64_t n1) {
+    const int32_t* vb = V + b * N;
+    for (int64_t n = n0; n < n1; ++n) fn(b, n, vb[n]);
   });
 }
 
@@ -955,15 +959,8 @@ void reconstruct_backward_impl(const T* G, const int32_t* V, const T* W, T* out,
     add_row_w(base + (b * cmax + s) * M, G + n * M, W, b * N + n, M);
   };
   if (nb >= at::get_num_threads()) {  // each thread owns whole blocks, rows in runs of one slot
-    constexpr int64_t TILE = 512;
-    const int64_t GB = block_group(nb, cmax * M * (int64_t)sizeof(T), kScatterBudget);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t g0 = b0; g0 < b1; g0 += GB) {
-        const int64_t g1 = std::min(b1, g0 + GB);
-        for (int64_t n0 = 0; n0 < N; n0 += TILE)
-          for (int64_t b = g0; b < g1; ++b)
-            scatter_runs(G, V + b * N, W ? W + b * N : nullptr, out + b * cmax * M, n0, std::min(N, n0 + TILE), M);
-      }
+    for_block_tiles(nb, N, cmax * M * (int64_t)sizeof(T), [&](int64_t b, int64_t n0, int64_t n1) {
+      scatter_runs(G, V + b * N, W ? W + b * N : nullptr, out + b * cmax * M, n0, n1, M);
     });
     return;
   }
@@ -1379,7 +1376,7 @@ torch::Tensor pad_nhwc(torch::Tensor x, int64_t t, int64_t b, int64_t l, int64_t
 // backward, (g - u (u . g)) / max(||c||, eps) (no projection term where ||c|| < eps), as
 // F.normalize computes them; one pass each over (R, E) rows, threads own row ranges.
 template <typename T>
-void unit_rows_impl(const T* C, T* U, T* Nrm, int64_t R, int64_t E, double eps) {
+void unit_rows_impl(const T* C, T* U, int64_t R, int64_t E, double eps) {
   at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* __restrict c = C + r * E;
@@ -1387,27 +1384,22 @@ void unit_rows_impl(const T* C, T* U, T* Nrm, int64_t R, int64_t E, double eps) 
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t k = 0; k < E; ++k) acc += c[k] * c[k];
-      const T n = std::sqrt(acc);
-      Nrm[r] = n;
-      const T d = std::max(n, T(eps));
+      const T d = std::max(std::sqrt(acc), T(eps));
 #pragma omp simd
       for (int64_t k = 0; k < E; ++k) u[k] = c[k] / d;
     }
   });
 }
 
-std::vector<torch::Tensor> unit_rows(torch::Tensor c, double eps) {
+torch::Tensor unit_rows(torch::Tensor c, double eps) {
   check_cpu_contig(c, "c");
   TORCH_CHECK(c.dim() >= 1, "unit_rows: c needs a last dimension");
   const int64_t E = c.size(-1), R = E ? c.numel() / E : 0;
   auto u = torch::empty_like(c);
-  auto sizes = c.sizes().vec();
-  sizes.back() = 1;
-  auto n = torch::empty(sizes, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "unit_rows", [&] {
-    unit_rows_impl<scalar_t>(c.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(), R, E, eps);
+    unit_rows_impl<scalar_t>(c.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), R, E, eps);
   });
-  return {u, n};
+  return u;
 }
 
 template <typename T>
@@ -1448,7 +1440,7 @@ torch::Tensor unit_rows_backward(torch::Tensor u, torch::Tensor n, torch::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pad_nhwc", &pad_nhwc, "zero-padded (Nb, H + t + b, W + l + r, C) copy of x (Nb, H, W, C)");
-  m.def("unit_rows", &unit_rows, "(c / max(||c||, eps), ||c||) along the last dimension");
+  m.def("unit_rows", &unit_rows, "c / max(||c||, eps) along the last dimension");
   m.def("unit_rows_backward", &unit_rows_backward, "(g - u (u . g)) / max(||c||, eps)");
   m.def("compact", &compact, "rank the ids present in each block (segment): (inverse, counts)");
   m.def("centroid_means", &centroid_means, "per-slot means of the members' sub-vectors");
