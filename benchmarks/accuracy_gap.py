@@ -1,0 +1,211 @@
+"""Accuracy benchmark: where the reuse run's accuracy gap to stock comes from.
+
+The main job's data, model, initial weights, data order and optimizer (``examples/train.py``:
+4,000 real digits, batch 128, channels-last, Adam 1e-3, the main job's reuse config) trained
+under several variants, one after the other, with the reused layers' stages fixed (no
+controller: the main job's controller keeps its first stage on CifarNet anyway). Variants:
+
+- ``stock``: the uncompiled model;
+- ``reuse``: the compiled model as the main job trains it;
+- ``fwd``: the reuse chain's output values, the exact convolution's gradients
+  (``y = exact + (reuse - exact).detach()`` at every reused layer);
+- ``bwd``: the exact convolution's output values, the reuse chain's gradients
+  (``y = reuse + (exact - reuse).detach()``);
+- ``sumscale``: the norm centroid's outputs scaled per cluster by |mean| / mean ||x||, so that
+  a cluster's outputs sum to those of its members' mean (as the paper's mean centroid);
+- ``stage:L:H``: ``reuse`` with ``--layer`` fixed at (L, H).
+
+Accuracy is the test accuracy of the trained weights in the stock model (exact
+convolutions), after every epoch. The figure of merit is its mean over the second half of
+training (epochs 6-12 of 12), which is less noisy than one epoch on a 1,000-digit test split.
+Timing is not measured here (the variants with an exact convolution beside the chain are
+slower by construction). Deterministic: a variant's curves repeat exactly.
+
+    python benchmarks/accuracy_gap.py --seeds 7 1 5 2 --variants stock reuse fwd bwd
+    python benchmarks/accuracy_gap.py --seeds 7 1 5 --variants stage:64:9 stage:64:10
+    python benchmarks/accuracy_gap.py --model alexnet --epochs 4 --variants stock reuse --norm-grad on
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits  # noqa: E402
+from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
+
+
+def _node(gm, name):
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _mix(gm, base: str, values: str) -> None:
+    """At the chain ``base``: output values of ``values`` ("reuse" or "exact"), gradients of
+    the other."""
+    g = gm.graph
+    xp, y, yc = _node(gm, f"{base}_xp"), _node(gm, f"{base}_y"), _node(gm, f"{base}_yc")
+    x, (_, stride, pad, dil) = xp.args[0], xp.args[1:]
+    users = list(y.users)
+    with g.inserting_before(min(users, key=lambda u: list(g.nodes).index(u))):
+        padding = [pad[0], pad[2]]  # im2col's (top, bottom, left, right); symmetric for Conv2d
+        ex = g.call_function(F.conv2d, (x, yc.args[1], y.args[2], stride, padding, dil))
+        keep, other = (y, ex) if values == "reuse" else (ex, y)
+        delta = g.call_method("detach", (g.call_function(torch.sub, (keep, other)),))
+        out = g.call_function(torch.add, (other, delta))
+    for u in users:
+        u.replace_input_with(y, out)
+
+
+def _sum_scale(centroids, inverse, counts, norms):
+    """Per cluster |mean| / mean ||x|| (<= 1), a constant of the backward."""
+    nb, cmax, _ = centroids.shape
+    s = torch.zeros(nb, cmax, dtype=norms.dtype).scatter_add_(1, inverse.reshape(nb, -1).long(), norms.reshape(nb, -1))
+    mean_norm = s / counts.reshape(nb, cmax).clamp_min(1)
+    return (centroids.norm(dim=2) / mean_norm.clamp_min(1e-12)).clamp(max=1).unsqueeze(-1).detach()
+
+
+def _scale_sums(gm, base: str) -> None:
+    g = gm.graph
+    yc = _node(gm, f"{base}_yc")
+    args = [_node(gm, f"{base}_{k}") for k in ("centroids", "inverse", "counts", "norms")]
+    users = list(yc.users)
+    with g.inserting_before(min(users, key=lambda u: list(g.nodes).index(u))):
+        out = g.call_function(torch.mul, (yc, g.call_function(_sum_scale, tuple(args))))
+    for u in users:
+        u.replace_input_with(yc, out)
+
+
+def build(variant: str, base, example, args):
+    if variant == "stock":
+        return copy.deepcopy(base)
+    LH = {}
+    if variant.startswith("stage:"):
+        _, L, H = variant.split(":")
+        LH = {"L": {args.layer: int(L)}, "H": {args.layer: int(H)}}
+    config = ReuseConfig(
+        seed=args.seed_config,
+        policy="measured",
+        l_values="extended",
+        centroid=args.centroid,
+        max_error=DEFAULT_MAX_ERROR,
+        hashing="pca",
+        hash_refresh=20,
+        norm_grad=args.norm_grad == "on",
+        exclude=args.exclude,
+        **LH,
+    )
+    gm = reuse_compile(copy.deepcopy(base), example, config=config)
+    # every chain (one per rewritten conv, one per group of a grouped one), by its reconstruct node
+    bases = [n.name.removesuffix("_y") for n in gm.graph.nodes if n.target is torch.ops.reuse.reconstruct.default]
+    for b in bases:
+        if variant in ("fwd", "bwd"):
+            _mix(gm, b, "reuse" if variant == "fwd" else "exact")
+        elif variant == "sumscale":
+            if args.centroid != "norm":
+                raise SystemExit("the sumscale variant scales the norm centroid's outputs: use --centroid norm")
+            _scale_sums(gm, b)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def run(variant: str, seed: int, args) -> dict:
+    (x_tr, y_tr), (x_te, y_te) = (
+        (xs.contiguous(memory_format=torch.channels_last), ys) for xs, ys in load_digits(0.2, seed)
+    )
+    torch.manual_seed(seed)
+    base = MODELS[args.model]().to(memory_format=torch.channels_last)
+    args.seed_config = seed
+    model = build(variant, base, x_tr[: args.batch_size], args)
+    stages = (
+        {r.name: "exact" if r.exact else f"L={r.L} H={r.H}" for r in model.reuse_plan} if variant != "stock" else {}
+    )
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    steps = len(x_tr) // args.batch_size
+    losses, accs = [], []
+    for _ in range(args.epochs):
+        perm = torch.randperm(len(x_tr), generator=order)
+        model.train()
+        total = 0.0
+        for s in range(steps):
+            idx = perm[s * args.batch_size : (s + 1) * args.batch_size]
+            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        losses.append(total / steps)
+        ev = copy.deepcopy(base)  # the trained weights in the stock model: exact convolutions
+        ev.load_state_dict({k: v for k, v in model.state_dict().items() if k in base.state_dict()})
+        ev.eval()
+        with torch.no_grad():
+            accs.append(
+                sum(
+                    (ev(x_te[i : i + 500]).argmax(1) == y_te[i : i + 500]).sum().item()
+                    for i in range(0, len(x_te), 500)
+                )
+                / len(x_te)
+            )
+    return {"train_loss": losses, "test_acc": accs, "stages": stages}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="cifarnet", choices=sorted(MODELS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[7, 1, 5])
+    ap.add_argument("--variants", nargs="+", default=["stock", "reuse", "fwd", "bwd"])
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--layer", default="conv2", help="the layer a stage:L:H variant fixes")
+    ap.add_argument("--exclude", nargs="*", default=[], help="layers kept exact")
+    ap.add_argument(
+        "--norm-grad", choices=["off", "on"], default="off", help="as examples/train.py's (off: cifarnet's)"
+    )
+    ap.add_argument("--centroid", choices=["norm", "mean"], default="norm", help="mean needs --norm-grad on")
+    ap.add_argument("--out", default=None, help="write the curves as JSON here")
+    args = ap.parse_args(argv)
+    if args.centroid == "mean" and args.norm_grad == "off":
+        ap.error("--centroid mean has no member norms: use --norm-grad on")
+    for v in args.variants:
+        ok = v in ("stock", "reuse", "fwd", "bwd", "sumscale") or (v.startswith("stage:") and len(v.split(":")) == 3)
+        if not ok:
+            ap.error(f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale or stage:L:H")
+    logging.getLogger("reuse_compiler").setLevel(logging.ERROR)
+    half = args.epochs // 2
+    results = {}
+    for seed in args.seeds:
+        for v in args.variants:
+            r = results[f"{v}/{seed}"] = run(v, seed, args)
+            print(
+                f"seed {seed} {v:>12}: mean acc epochs {half}-{args.epochs} "
+                f"{statistics.mean(r['test_acc'][half - 1 :]):.4f}  final loss {r['train_loss'][-1]:.3f}  "
+                f"acc {' '.join(f'{a:.3f}' for a in r['test_acc'])}  {r['stages'] or ''}",
+                flush=True,
+            )
+    print(f"\n| variant | {' | '.join(f'seed {s}' for s in args.seeds)} | mean | vs {args.variants[0]} |")
+    print("|---|" + "---:|" * (len(args.seeds) + 2))
+    ref = None
+    for v in args.variants:
+        m = [statistics.mean(results[f"{v}/{s}"]["test_acc"][half - 1 :]) for s in args.seeds]
+        ref = statistics.mean(m) if ref is None else ref
+        diff = 100 * (statistics.mean(m) - ref)
+        print(f"| {v} | {' | '.join(f'{a:.4f}' for a in m)} | {statistics.mean(m):.4f} | {diff:+.2f} pts |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

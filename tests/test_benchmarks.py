@@ -1,0 +1,70 @@
+"""The graph edits of benchmarks/accuracy_gap.py do what its docs say: ``fwd`` keeps the
+chain's output values with the exact convolution's gradients, ``bwd`` the converse, and
+``sumscale`` makes each cluster's outputs sum to those of its members' mean."""
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import accuracy_gap  # noqa: E402
+from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
+
+
+def _one_conv():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1))
+    x = torch.relu(torch.randn(2, 8, 10, 10, dtype=torch.float64))
+    gm = reuse_compile(model.double(), x, config=ReuseConfig(L=8, H=4, seed=1))
+    assert not gm.reuse_plan.rows()[0].exact
+    return model, gm, x
+
+
+def _edited(gm, edit, *args):
+    gm = copy.deepcopy(gm)
+    edit(gm, "_0", *args)  # the chain of Sequential's conv "0"
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _value_and_grads(m, x, g):
+    m.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_(True)
+    y = m(xx)
+    (y * g).sum().backward()
+    w = next(p for n, p in m.named_parameters() if n.endswith("weight"))
+    return y.detach(), w.grad.clone(), xx.grad.clone()
+
+
+def test_mix_keeps_one_side_value_and_the_other_gradient():
+    model, gm, x = _one_conv()
+    g = torch.randn(2, 6, 10, 10, dtype=torch.float64)
+    y_exact, gw_exact, gx_exact = _value_and_grads(model, x, g)
+    y_reuse, gw_reuse, gx_reuse = _value_and_grads(gm, x, g)
+    assert (y_reuse - y_exact).norm() > 1e-3 * y_exact.norm()  # the chain approximates
+    assert (gw_reuse - gw_exact).norm() > 1e-3 * gw_exact.norm()
+    y, gw, gx = _value_and_grads(_edited(gm, accuracy_gap._mix, "reuse"), x, g)
+    torch.testing.assert_close(y, y_reuse)
+    torch.testing.assert_close(gw, gw_exact)
+    torch.testing.assert_close(gx, gx_exact)
+    y, gw, gx = _value_and_grads(_edited(gm, accuracy_gap._mix, "exact"), x, g)
+    torch.testing.assert_close(y, y_exact)
+    torch.testing.assert_close(gw, gw_reuse)
+    torch.testing.assert_close(gx, gx_reuse)
+
+
+def test_sum_scale_preserves_each_output_channels_sum():
+    model, gm, x = _one_conv()
+    for m in (model, gm):
+        m.get_submodule("0").bias.data.zero_()
+    scaled = _edited(gm, accuracy_gap._scale_sums)
+    # a cluster's scaled outputs sum to n times its mean's output, the sum of its members'
+    # exact outputs; so with a zero bias every channel's sum over the batch is exact
+    y, y_norm, y_exact = scaled(x), gm(x), model(x)
+    torch.testing.assert_close(y.sum(dim=(0, 2, 3)), y_exact.sum(dim=(0, 2, 3)))
+    assert not torch.allclose(y_norm.sum(dim=(0, 2, 3)), y_exact.sum(dim=(0, 2, 3)))
