@@ -323,10 +323,12 @@ def build_parser():
     p.add_argument("--hash-refresh", type=int, default=20, help="with --hashing pca: training steps between refits")
     p.add_argument(
         "--norm-grad",
-        choices=["off", "on"],
-        default="off",
+        choices=["auto", "off", "on"],
+        default="auto",
         help="norm centroid: whether the member norms pass a gradient to the layer's input (on: the exact "
-        "gradient of the approximate forward; off, the default: constants of the backward, cheaper)",
+        "gradient of the approximate forward; off: constants of the backward, cheaper). auto, the default: "
+        "off for cifarnet, where it trains as well, on for the other models, whose training off stalled "
+        "(AlexNet; docs/performance.md)",
     )
     p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
     p.add_argument("--H", type=int, default=None, help="fixed H for every layer")
@@ -366,6 +368,8 @@ def main(argv=None):
         args.max_error = DEFAULT_MAX_ERROR if args.policy == "measured" else 0
     if args.max_error < 0 or (args.max_error > 0 and args.policy != "measured"):
         parser.error("--max-error must be >= 0 (0: no filter), and > 0 only with --policy measured")
+    if args.norm_grad == "auto":  # measured per model (docs/performance.md, session 14)
+        args.norm_grad = "off" if args.model == "cifarnet" else "on"
     if args.hash_refresh < 1:
         parser.error("--hash-refresh must be >= 1 (training steps between refits of the hash planes)")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

@@ -83,7 +83,10 @@ class ReuseConfig:
             layer's input (True, default: the exact gradient of the approximate forward).
             False treats them as constants of the backward: the input gradient flows
             through the centroids only, the weight gradient is unchanged, and the backward
-            is cheaper and keeps less (docs/policies.md).
+            is cheaper and keeps less (docs/policies.md). False is only safe with fine
+            clusters: it gives every member of a cluster the same input gradient, and with
+            a few clusters per block (AlexNet's inner layers at H=6) training stalled at
+            chance (docs/performance.md, session 14).
     """
 
     L: int | dict[str, int] | None = None
