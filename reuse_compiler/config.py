@@ -83,10 +83,10 @@ class ReuseConfig:
             layer's input (True, default: the exact gradient of the approximate forward).
             False treats them as constants of the backward: the input gradient flows
             through the centroids only, the weight gradient is unchanged, and the backward
-            is cheaper and keeps less (docs/policies.md). False is only safe with fine
-            clusters: it gives every member of a cluster the same input gradient, and with
-            a few clusters per block (AlexNet's inner layers at H=6) training stalled at
-            chance (docs/performance.md, session 14).
+            is cheaper and keeps less (docs/policies.md). False gives every member of a
+            cluster the same input gradient. It trained CifarNet like True did, but AlexNet
+            stalled at chance with it (docs/performance.md, session 14): use it only where
+            it was measured to train.
     """
 
     L: int | dict[str, int] | None = None
