@@ -259,6 +259,14 @@ def plot(stock, reuse, path):
     plt.close(fig)
 
 
+def auto_norm_grad(model: str) -> str:
+    """``--norm-grad auto``: the member norms are constants of the backward ("off") for
+    cifarnet, where that trained as well as their gradient and is cheaper; the other models
+    keep the gradient ("on"): AlexNet stalled at chance without it (docs/performance.md,
+    session 14)."""
+    return "off" if model == "cifarnet" else "on"
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -368,8 +376,8 @@ def main(argv=None):
         args.max_error = DEFAULT_MAX_ERROR if args.policy == "measured" else 0
     if args.max_error < 0 or (args.max_error > 0 and args.policy != "measured"):
         parser.error("--max-error must be >= 0 (0: no filter), and > 0 only with --policy measured")
-    if args.norm_grad == "auto":  # measured per model (docs/performance.md, session 14)
-        args.norm_grad = "off" if args.model == "cifarnet" else "on"
+    if args.norm_grad == "auto":
+        args.norm_grad = auto_norm_grad(args.model)
     if args.hash_refresh < 1:
         parser.error("--hash-refresh must be >= 1 (training steps between refits of the hash planes)")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

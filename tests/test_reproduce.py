@@ -194,3 +194,12 @@ def test_interleaved_runs_have_their_separate_curves():
         {"a": train_epochs("a", model(1), data, args, epochs=1), "b": train_epochs("b", model(2), data, args)}
     )
     assert len(longer["a"]["epochs"]) == 1 and curves(longer["b"]) == curves(alone["b"])
+
+
+def test_main_job_norm_grad_auto():
+    """The main job's --norm-grad auto: norms constant for cifarnet only (AlexNet stalled)."""
+    from examples.train import MODELS, auto_norm_grad, build_parser
+
+    assert build_parser().parse_args([]).norm_grad == "auto"
+    assert auto_norm_grad("cifarnet") == "off"
+    assert {auto_norm_grad(m) for m in MODELS if m != "cifarnet"} == {"on"}
