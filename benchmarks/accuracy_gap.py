@@ -24,6 +24,7 @@ slower by construction). Deterministic: a variant's curves repeat exactly.
     python benchmarks/accuracy_gap.py --seeds 7 1 5 2 --variants stock reuse fwd bwd
     python benchmarks/accuracy_gap.py --seeds 7 1 5 --variants stage:64:9 stage:64:10
     python benchmarks/accuracy_gap.py --model alexnet --epochs 4 --variants stock reuse --norm-grad on
+    python benchmarks/accuracy_gap.py --model alexnet --epochs 4 --variants stock reuse --freeze features.0 features.3
 """
 
 from __future__ import annotations
@@ -130,9 +131,12 @@ def run(variant: str, seed: int, args) -> dict:
     stages = (
         {r.name: "exact" if r.exact else f"L={r.L} H={r.H}" for r in model.reuse_plan} if variant != "stock" else {}
     )
+    for name, p in model.named_parameters():  # --freeze: these layers keep their initial weights
+        if any(name.startswith(f"{layer}.") for layer in args.freeze):
+            p.requires_grad_(False)
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     steps = len(x_tr) // args.batch_size
     losses, accs = [], []
     for _ in range(args.epochs):
@@ -170,6 +174,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--layer", default="conv2", help="the layer a stage:L:H variant fixes")
     ap.add_argument("--exclude", nargs="*", default=[], help="layers kept exact")
+    ap.add_argument("--freeze", nargs="*", default=[], help="layers (module names) not trained")
     ap.add_argument(
         "--norm-grad", choices=["off", "on"], default="off", help="as examples/train.py's (off: cifarnet's)"
     )
