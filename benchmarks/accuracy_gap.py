@@ -13,6 +13,8 @@ controller: the main job's controller keeps its first stage on CifarNet anyway).
   (``y = reuse + (exact - reuse).detach()``);
 - ``sumscale``: the norm centroid's outputs scaled per cluster by |mean| / mean ||x||, so that
   a cluster's outputs sum to those of its members' mean (as the paper's mean centroid);
+- ``stunit``: the norm centroid's unit centroids with the centroid norm a constant of the
+  backward (the input gradient is not projected off the centroid's direction);
 - ``stage:L:H``: ``reuse`` with ``--layer`` fixed at (L, H).
 
 Accuracy is the test accuracy of the trained weights in the stock model (exact
@@ -86,6 +88,11 @@ def _scale_sums(gm, base: str) -> None:
         u.replace_input_with(yc, out)
 
 
+def _unit_norm_constant(c):
+    """unit_rows with the centroid's norm a constant of the backward: no projection."""
+    return c / c.norm(dim=-1, keepdim=True).clamp_min(1e-12).detach()
+
+
 def build(variant: str, base, example, args):
     if variant == "stock":
         return copy.deepcopy(base)
@@ -111,6 +118,10 @@ def build(variant: str, base, example, args):
     for b in bases:
         if variant in ("fwd", "bwd"):
             _mix(gm, b, "reuse" if variant == "fwd" else "exact")
+        elif variant == "stunit":
+            if args.centroid != "norm":
+                raise SystemExit("the stunit variant changes the norm centroid's backward: use --centroid norm")
+            _node(gm, f"{b}_unit_centroids").target = _unit_norm_constant
         elif variant == "sumscale":
             if args.centroid != "norm":
                 raise SystemExit("the sumscale variant scales the norm centroid's outputs: use --centroid norm")
@@ -184,9 +195,11 @@ def main(argv=None):
     if args.centroid == "mean" and args.norm_grad == "off":
         ap.error("--centroid mean has no member norms: use --norm-grad on")
     for v in args.variants:
-        ok = v in ("stock", "reuse", "fwd", "bwd", "sumscale") or (v.startswith("stage:") and len(v.split(":")) == 3)
+        ok = v in ("stock", "reuse", "fwd", "bwd", "sumscale", "stunit") or (
+            v.startswith("stage:") and len(v.split(":")) == 3
+        )
         if not ok:
-            ap.error(f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale or stage:L:H")
+            ap.error(f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale, stunit or stage:L:H")
     logging.getLogger("reuse_compiler").setLevel(logging.ERROR)
     half = args.epochs // 2
     results = {}

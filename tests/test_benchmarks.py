@@ -1,6 +1,7 @@
 """The graph edits of benchmarks/accuracy_gap.py do what its docs say: ``fwd`` keeps the
 chain's output values with the exact convolution's gradients, ``bwd`` the converse, and
-``sumscale`` makes each cluster's outputs sum to those of its members' mean."""
+``sumscale`` makes each cluster's outputs sum to those of its members' mean, ``stunit``
+changes only the input gradient."""
 
 import copy
 import sys
@@ -68,3 +69,16 @@ def test_sum_scale_preserves_each_output_channels_sum():
     y, y_norm, y_exact = scaled(x), gm(x), model(x)
     torch.testing.assert_close(y.sum(dim=(0, 2, 3)), y_exact.sum(dim=(0, 2, 3)))
     assert not torch.allclose(y_norm.sum(dim=(0, 2, 3)), y_exact.sum(dim=(0, 2, 3)))
+
+
+def test_unit_norm_constant_changes_only_the_input_gradient():
+    _, gm, x = _one_conv()
+    st = copy.deepcopy(gm)
+    next(n for n in st.graph.nodes if n.name == "_0_unit_centroids").target = accuracy_gap._unit_norm_constant
+    st.recompile()
+    g = torch.randn(2, 6, 10, 10, dtype=torch.float64)
+    y0, gw0, gx0 = _value_and_grads(gm, x, g)
+    y1, gw1, gx1 = _value_and_grads(st, x, g)
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(gw1, gw0)
+    assert (gx1 - gx0).norm() > 1e-3 * gx0.norm()
