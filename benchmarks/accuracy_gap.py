@@ -93,7 +93,7 @@ def _unit_norm_constant(c):
     return c / c.norm(dim=-1, keepdim=True).clamp_min(1e-12).detach()
 
 
-def build(variant: str, base, example, args):
+def build(variant: str, base, example, args, seed: int):
     if variant == "stock":
         return copy.deepcopy(base)
     LH = {}
@@ -101,7 +101,7 @@ def build(variant: str, base, example, args):
         _, L, H = variant.split(":")
         LH = {"L": {args.layer: int(L)}, "H": {args.layer: int(H)}}
     config = ReuseConfig(
-        seed=args.seed_config,
+        seed=seed,
         policy="measured",
         l_values="extended",
         centroid=args.centroid,
@@ -119,12 +119,8 @@ def build(variant: str, base, example, args):
         if variant in ("fwd", "bwd"):
             _mix(gm, b, "reuse" if variant == "fwd" else "exact")
         elif variant == "stunit":
-            if args.centroid != "norm":
-                raise SystemExit("the stunit variant changes the norm centroid's backward: use --centroid norm")
             _node(gm, f"{b}_unit_centroids").target = _unit_norm_constant
         elif variant == "sumscale":
-            if args.centroid != "norm":
-                raise SystemExit("the sumscale variant scales the norm centroid's outputs: use --centroid norm")
             _scale_sums(gm, b)
     gm.graph.lint()
     gm.recompile()
@@ -137,14 +133,15 @@ def run(variant: str, seed: int, args) -> dict:
     )
     torch.manual_seed(seed)
     base = MODELS[args.model]().to(memory_format=torch.channels_last)
-    args.seed_config = seed
-    model = build(variant, base, x_tr[: args.batch_size], args)
+    model = build(variant, base, x_tr[: args.batch_size], args, seed)
     stages = (
         {r.name: "exact" if r.exact else f"L={r.L} H={r.H}" for r in model.reuse_plan} if variant != "stock" else {}
     )
     for name, p in model.named_parameters():  # --freeze: these layers keep their initial weights
         if any(name.startswith(f"{layer}.") for layer in args.freeze):
             p.requires_grad_(False)
+    # the main job's loop (examples/train.py train_epochs), without its controller and its
+    # exact evaluation, which rebuilds the graph and would drop this variant's edits
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -194,6 +191,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.centroid == "mean" and args.norm_grad == "off":
         ap.error("--centroid mean has no member norms: use --norm-grad on")
+    if args.centroid == "mean" and {"stunit", "sumscale"} & set(args.variants):
+        ap.error("the stunit and sumscale variants change the norm centroid: use --centroid norm")
     for v in args.variants:
         ok = v in ("stock", "reuse", "fwd", "bwd", "sumscale", "stunit") or (
             v.startswith("stage:") and len(v.split(":")) == 3
@@ -201,7 +200,7 @@ def main(argv=None):
         if not ok:
             ap.error(f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale, stunit or stage:L:H")
     logging.getLogger("reuse_compiler").setLevel(logging.ERROR)
-    half = args.epochs // 2
+    half = max(1, args.epochs // 2)
     results = {}
     for seed in args.seeds:
         for v in args.variants:
