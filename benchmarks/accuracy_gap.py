@@ -44,29 +44,40 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits  # noqa: E402
+from examples.train import DEFAULT_MAX_ERROR, MODELS, evaluate, load_digits, train_steps  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
+from reuse_compiler.runtime.ops import UNIT_EPS  # noqa: E402
 
 
 def _node(gm, name):
     return next(n for n in gm.graph.nodes if n.name == name)
 
 
+def _replace_uses(gm, node, build) -> None:
+    """Insert ``build(graph)`` before ``node``'s first user and make every user read it."""
+    g = gm.graph
+    users = list(node.users)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    with g.inserting_before(min(users, key=order.__getitem__)):
+        out = build(g)
+    for u in users:
+        u.replace_input_with(node, out)
+
+
 def _mix(gm, base: str, values: str) -> None:
     """At the chain ``base``: output values of ``values`` ("reuse" or "exact"), gradients of
     the other."""
-    g = gm.graph
     xp, y, yc = _node(gm, f"{base}_xp"), _node(gm, f"{base}_y"), _node(gm, f"{base}_yc")
     x, (_, stride, pad, dil) = xp.args[0], xp.args[1:]
-    users = list(y.users)
-    with g.inserting_before(min(users, key=lambda u: list(g.nodes).index(u))):
-        padding = [pad[0], pad[2]]  # im2col's (top, bottom, left, right); symmetric for Conv2d
+    padding = [pad[0], pad[2]]  # im2col's (top, bottom, left, right); symmetric for Conv2d
+
+    def build(g):
         ex = g.call_function(F.conv2d, (x, yc.args[1], y.args[2], stride, padding, dil))
         keep, other = (y, ex) if values == "reuse" else (ex, y)
         delta = g.call_method("detach", (g.call_function(torch.sub, (keep, other)),))
-        out = g.call_function(torch.add, (other, delta))
-    for u in users:
-        u.replace_input_with(y, out)
+        return g.call_function(torch.add, (other, delta))
+
+    _replace_uses(gm, y, build)
 
 
 def _sum_scale(centroids, inverse, counts, norms):
@@ -78,19 +89,14 @@ def _sum_scale(centroids, inverse, counts, norms):
 
 
 def _scale_sums(gm, base: str) -> None:
-    g = gm.graph
     yc = _node(gm, f"{base}_yc")
-    args = [_node(gm, f"{base}_{k}") for k in ("centroids", "inverse", "counts", "norms")]
-    users = list(yc.users)
-    with g.inserting_before(min(users, key=lambda u: list(g.nodes).index(u))):
-        out = g.call_function(torch.mul, (yc, g.call_function(_sum_scale, tuple(args))))
-    for u in users:
-        u.replace_input_with(yc, out)
+    args = tuple(_node(gm, f"{base}_{k}") for k in ("centroids", "inverse", "counts", "norms"))
+    _replace_uses(gm, yc, lambda g: g.call_function(torch.mul, (yc, g.call_function(_sum_scale, args))))
 
 
 def _unit_norm_constant(c):
     """unit_rows with the centroid's norm a constant of the backward: no projection."""
-    return c / c.norm(dim=-1, keepdim=True).clamp_min(1e-12).detach()
+    return c / c.norm(dim=-1, keepdim=True).clamp_min(UNIT_EPS).detach()
 
 
 def build(variant: str, base, example, args, seed: int):
@@ -140,36 +146,19 @@ def run(variant: str, seed: int, args) -> dict:
     for name, p in model.named_parameters():  # --freeze: these layers keep their initial weights
         if any(name.startswith(f"{layer}.") for layer in args.freeze):
             p.requires_grad_(False)
-    # the main job's loop (examples/train.py train_epochs), without its controller and its
-    # exact evaluation, which rebuilds the graph and would drop this variant's edits
+    # the main job's steps (examples/train.py); not its train_epochs, whose evaluation of a
+    # compiled model rebuilds the graph and would drop this variant's edits
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    steps = len(x_tr) // args.batch_size
     losses, accs = [], []
     for _ in range(args.epochs):
         perm = torch.randperm(len(x_tr), generator=order)
         model.train()
-        total = 0.0
-        for s in range(steps):
-            idx = perm[s * args.batch_size : (s + 1) * args.batch_size]
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        losses.append(total / steps)
+        losses.append(sum(train_steps(model, opt, x_tr, y_tr, perm, args.batch_size)) / (len(x_tr) // args.batch_size))
         ev = copy.deepcopy(base)  # the trained weights in the stock model: exact convolutions
         ev.load_state_dict({k: v for k, v in model.state_dict().items() if k in base.state_dict()})
-        ev.eval()
-        with torch.no_grad():
-            accs.append(
-                sum(
-                    (ev(x_te[i : i + 500]).argmax(1) == y_te[i : i + 500]).sum().item()
-                    for i in range(0, len(x_te), 500)
-                )
-                / len(x_te)
-            )
+        accs.append(evaluate(ev, x_te, y_te)[1])
     return {"train_loss": losses, "test_acc": accs, "stages": stages}
 
 

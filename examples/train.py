@@ -142,6 +142,18 @@ def interleave(runs: dict) -> dict:
     return recs
 
 
+def train_steps(model, opt, x, y, perm, batch_size: int):
+    """One epoch of optimizer steps over the batches ``perm`` cuts from ``(x, y)`` (the last
+    incomplete batch dropped): cross-entropy, backward, step. Yields each step's loss."""
+    for s in range(len(x) // batch_size):
+        idx = perm[s * batch_size : (s + 1) * batch_size]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        yield loss.item()
+
+
 def train_epochs(name, model, data, args, controller_factory=None, epochs=None, position=0):
     """:func:`train_run` as a generator: yields the run's record after every epoch (the same
     dict, growing), so that runs can be interleaved (:func:`interleave`)."""
@@ -170,19 +182,14 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
         epoch_loss = 0.0
         r_c_seen: dict[str, list[float]] = {}
         t0 = time.perf_counter()
-        for s in range(steps_per_epoch):
-            idx = perm[s * args.batch_size : (s + 1) * args.batch_size]
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            epoch_loss += loss.item()
+        for loss in train_steps(model, opt, x_tr, y_tr, perm, args.batch_size):
+            epoch_loss += loss
             if ctl is not None:  # r_c of this training batch (evaluation passes overwrite the plan's)
                 for r in model.reuse_plan:
                     if r.r_c is not None and not r.exact:
                         r_c_seen.setdefault(r.name, []).append(r.r_c)
                 n_hist = len(ctl.history)
-                ctl.step(loss.item())
+                ctl.step(loss)
                 for h in ctl.history[n_hist:]:
                     at = rec["train_time"] + time.perf_counter() - t0
                     rec["switches"].append({**h, "time": at, "epoch": epoch})
