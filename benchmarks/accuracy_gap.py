@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.train import DEFAULT_MAX_ERROR, MODELS, evaluate, load_digits, train_steps  # noqa: E402
+from examples.train import DEFAULT_MAX_ERROR, MODELS, evaluate, load_digits, make_adam, train_steps  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
 from reuse_compiler.runtime.ops import UNIT_EPS  # noqa: E402
 
@@ -150,7 +150,7 @@ def run(variant: str, seed: int, args) -> dict:
     # compiled model rebuilds the graph and would drop this variant's edits
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = make_adam([p for p in model.parameters() if p.requires_grad], 1e-3)
     losses, accs = [], []
     for _ in range(args.epochs):
         perm = torch.randperm(len(x_tr), generator=order)

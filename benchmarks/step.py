@@ -40,12 +40,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.layers import machine, machine_phase, peak_bytes  # noqa: E402
-from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, tune_malloc  # noqa: E402
+from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
 
 
-def make_step(model, x, y):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+def make_step(model, x, y, adam: str = "foreach"):
+    """One training step of the main job (its Adam, ``examples.train.make_adam``)."""
+    opt = make_adam(model.parameters(), 1e-3, adam)
 
     def step():
         opt.zero_grad(set_to_none=True)

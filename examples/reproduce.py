@@ -238,7 +238,9 @@ def cmd_train(ctx: Ctx) -> dict:
     log(f"== train: CifarNet on {len(x_tr)} digits, {s.train_epochs} epochs, Adam lr {s.lr}, batch {s.batch_size}")
     torch.manual_seed(SEED)
     model = cifarnet(in_channels=1, image_size=28)
-    args = SimpleNamespace(seed=SEED, lr=s.lr, batch_size=s.batch_size, epochs=s.train_epochs, no_progress=True)
+    args = SimpleNamespace(
+        seed=SEED, lr=s.lr, adam="foreach", batch_size=s.batch_size, epochs=s.train_epochs, no_progress=True
+    )
     rec = train_run("stock", model, ((x_tr, y_tr), (x_te, y_te)), args)
     torch.save(model.state_dict(), ctx.out / WEIGHTS)
     ctx._state = None
@@ -876,7 +878,7 @@ def train_fixed(ctx: Ctx, centroid: str | None, epochs: int, seed: int) -> dict:
     if s.quick:
         data = ((data[0][0][::10][:300], data[0][1][::10][:300]), (data[1][0][:100], data[1][1][:100]))
         x_tr = data[0][0]
-    args = SimpleNamespace(seed=seed, lr=s.lr, batch_size=s.batch_size, epochs=epochs, no_progress=True)
+    args = SimpleNamespace(seed=seed, lr=s.lr, adam="foreach", batch_size=s.batch_size, epochs=epochs, no_progress=True)
     torch.manual_seed(seed)
     base = cifarnet(in_channels=1, image_size=28)
     if centroid is None:

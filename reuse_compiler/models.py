@@ -28,10 +28,23 @@ def _pooled(size: int, times: int) -> int:
 
 
 class CifarNet(nn.Module):
-    """conv 5x5x64, pool, conv 5x5x64, pool, fc 384, fc 192, fc 10."""
+    """conv 5x5x64, pool, conv 5x5x64, pool, fc 384, fc 192, fc 10.
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: float = 1.0):
+    Each convolution's ReLU runs after its max-pool (``pool_first=True``, the default), on a
+    quarter of the elements. Max-pooling and ReLU commute (ReLU is monotonic), so the values
+    and the gradients are those of TF-slim's order, conv -> ReLU -> pool (``pool_first=False``),
+    bit for bit; only the time differs (docs/performance.md, "Training step")."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        width: float = 1.0,
+        pool_first: bool = True,
+    ):
         super().__init__()
+        self.pool_first = pool_first
         c = max(1, round(64 * width))
         self.conv1 = nn.Conv2d(in_channels, c, 5, padding=2)
         self.pool1 = nn.MaxPool2d(3, 2, padding=1)
@@ -43,16 +56,22 @@ class CifarNet(nn.Module):
         self.fc3 = nn.Linear(192, num_classes)
 
     def forward(self, x):
-        x = self.pool1(F.relu(self.conv1(x)))
-        x = self.pool2(F.relu(self.conv2(x)))
+        if self.pool_first:
+            x = F.relu(self.pool1(self.conv1(x)))
+            x = F.relu(self.pool2(self.conv2(x)))
+        else:
+            x = self.pool1(F.relu(self.conv1(x)))
+            x = self.pool2(F.relu(self.conv2(x)))
         x = torch.flatten(x, 1)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
 
 
-def cifarnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: float = 1.0) -> CifarNet:
-    return CifarNet(num_classes, in_channels, image_size, width)
+def cifarnet(
+    num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: float = 1.0, pool_first: bool = True
+) -> CifarNet:
+    return CifarNet(num_classes, in_channels, image_size, width, pool_first)
 
 
 class _Classifier(nn.Module):

@@ -1,16 +1,19 @@
 """Smoke test of examples/reproduce.py: ``all --quick`` end to end, then real properties of
 what it wrote (files, table shapes, accuracies and ratios in range, paired r_c)."""
 
+import copy
 import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from examples import reproduce  # noqa: E402
+from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
 
 COMMANDS = ("train", "fig7", "fig8", "table3", "table4", "norm")
 
@@ -175,7 +178,7 @@ def test_interleaved_runs_have_their_separate_curves():
     x = torch.randn(96, 1, 8, 8, generator=g)
     y = torch.randint(0, 10, (96,), generator=g)
     data = ((x[:64], y[:64]), (x[64:], y[64:]))
-    args = argparse.Namespace(epochs=3, seed=5, batch_size=16, lr=1e-2, no_progress=True)
+    args = argparse.Namespace(epochs=3, seed=5, batch_size=16, lr=1e-2, adam="foreach", no_progress=True)
 
     def model(seed):
         torch.manual_seed(seed)
@@ -203,3 +206,46 @@ def test_main_job_norm_grad_auto():
     assert build_parser().parse_args([]).norm_grad == "auto"
     assert auto_norm_grad("cifarnet") == "off"
     assert {auto_norm_grad(m) for m in MODELS if m != "cifarnet"} == {"on"}
+
+
+def test_cifarnet_pool_first_is_the_same_function_and_gradient():
+    """CifarNet's default pools before its ReLUs; the values and every gradient equal those of
+    conv -> ReLU -> pool bit for bit (max-pool and ReLU commute), also after reuse_compile."""
+    from reuse_compiler.models import cifarnet
+
+    torch.manual_seed(0)
+    old = cifarnet(in_channels=1, image_size=28, pool_first=False)
+    new = cifarnet(in_channels=1, image_size=28)
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(16, 1, 28, 28)
+    y = torch.randint(0, 10, (16,))
+    config = ReuseConfig(seed=0)
+    pairs = [(old, new), (reuse_compile(copy.deepcopy(old), x, config=config), reuse_compile(new, x, config=config))]
+    for a, b in pairs:
+        la, lb = (torch.nn.functional.cross_entropy(m(x), y) for m in (a, b))
+        la.backward()
+        lb.backward()
+        assert torch.equal(la, lb)
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+
+
+def test_main_job_adam_foreach_equals_for_loop():
+    """The main job's Adam (foreach, the default) gives the for-loop's parameters bit for bit;
+    an unknown implementation is refused by name."""
+    from examples.train import build_parser, make_adam
+
+    assert build_parser().parse_args([]).adam == "foreach"
+    torch.manual_seed(0)
+    params = {impl: [torch.randn(5, 3).requires_grad_(), torch.randn(3).requires_grad_()] for impl in ("a", "b")}
+    params["b"] = [p.detach().clone().requires_grad_() for p in params["a"]]
+    opts = {"a": make_adam(params["a"], 1e-2, "foreach"), "b": make_adam(params["b"], 1e-2, "for-loop")}
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in params["a"]]
+        for k, opt in opts.items():
+            for p, g in zip(params[k], grads):
+                p.grad = g.clone()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params["a"], params["b"]))
+    with pytest.raises(ValueError, match="Adam implementation 'sgd'"):
+        make_adam(params["a"], 1e-2, "sgd")
