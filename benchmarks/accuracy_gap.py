@@ -15,7 +15,9 @@ controller: the main job's controller keeps its first stage on CifarNet anyway).
   a cluster's outputs sum to those of its members' mean (as the paper's mean centroid);
 - ``stunit``: the norm centroid's unit centroids with the centroid norm a constant of the
   backward (the input gradient is not projected off the centroid's direction);
-- ``stage:L:H``: ``reuse`` with ``--layer`` fixed at (L, H).
+- ``stage:L:H``: ``reuse`` with ``--layer`` fixed at (L, H);
+- ``refresh:N``: ``reuse`` with the hash planes refitted every N training steps (the main
+  job's default: 20).
 
 Accuracy is the test accuracy of the trained weights in the stock model (exact
 convolutions), after every epoch. The figure of merit is its mean over the second half of
@@ -103,6 +105,7 @@ def build(variant: str, base, example, args, seed: int):
     if variant == "stock":
         return copy.deepcopy(base)
     LH = {}
+    refresh = int(variant.split(":")[1]) if variant.startswith("refresh:") else 20
     if variant.startswith("stage:"):
         _, L, H = variant.split(":")
         LH = {"L": {args.layer: int(L)}, "H": {args.layer: int(H)}}
@@ -113,7 +116,7 @@ def build(variant: str, base, example, args, seed: int):
         centroid=args.centroid,
         max_error=DEFAULT_MAX_ERROR,
         hashing="pca",
-        hash_refresh=20,
+        hash_refresh=refresh,
         norm_grad=args.norm_grad == "on",
         exclude=args.exclude,
         **LH,
@@ -183,11 +186,16 @@ def main(argv=None):
     if args.centroid == "mean" and {"stunit", "sumscale"} & set(args.variants):
         ap.error("the stunit and sumscale variants change the norm centroid: use --centroid norm")
     for v in args.variants:
-        ok = v in ("stock", "reuse", "fwd", "bwd", "sumscale", "stunit") or (
-            v.startswith("stage:") and len(v.split(":")) == 3
+        parts = v.split(":")
+        ok = (
+            v in ("stock", "reuse", "fwd", "bwd", "sumscale", "stunit")
+            or (parts[0] == "stage" and len(parts) == 3 and all(p.isdigit() for p in parts[1:]))
+            or (parts[0] == "refresh" and len(parts) == 2 and parts[1].isdigit() and int(parts[1]) >= 1)
         )
         if not ok:
-            ap.error(f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale, stunit or stage:L:H")
+            ap.error(
+                f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale, stunit, stage:L:H or refresh:N (N >= 1)"
+            )
     logging.getLogger("reuse_compiler").setLevel(logging.ERROR)
     half = max(1, args.epochs // 2)
     results = {}

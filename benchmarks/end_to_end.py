@@ -27,15 +27,15 @@ from benchmarks.layers import machine_phase  # noqa: E402
 from examples.train import main as train_main  # noqa: E402
 
 
-def epoch_to(rec: dict, target: float) -> dict | None:
-    """The first epoch (its row) whose test accuracy >= target."""
-    return next((e for e in rec["epochs"] if e["test_acc"] >= target - 1e-9), None)
+def epoch_to(rec: dict, target: float) -> int | None:
+    """The first epoch (counted from 1) whose test accuracy >= target."""
+    return next((i for i, e in enumerate(rec["epochs"], 1) if e["test_acc"] >= target - 1e-9), None)
 
 
 def time_to(rec: dict, target: float) -> float | None:
     """Training wall time at the end of the first epoch whose test accuracy >= target."""
-    e = epoch_to(rec, target)
-    return None if e is None else e["time"]
+    i = epoch_to(rec, target)
+    return None if i is None else rec["epochs"][i - 1]["time"]
 
 
 def acc_at(rec: dict, t: float) -> float | None:
@@ -61,10 +61,10 @@ def row_of(seed: int, stock: dict, reuse: dict, tolerance: float) -> dict:
         "ratio": None if t_reuse is None else t_reuse / t_stock,
         "tolerance": tolerance,
         "ratio_within_tolerance": None if t_reuse_tol is None else t_reuse_tol / t_stock_tol,
-        "reuse_epoch_to_target": None if hit is None else hit["epoch"],
+        "reuse_epoch_to_target": hit,
         "stock_epochs": n_stock,
         "reuse_epochs": len(reuse["epochs"]),
-        "ratio_in_stock_epochs": None if hit is None or hit["epoch"] > n_stock else t_reuse / t_stock,
+        "ratio_in_stock_epochs": None if hit is None or hit > n_stock else t_reuse / t_stock,
         "stock_acc_at_reuse_total": acc_at(stock, reuse["train_time"]),
         "stock_total": stock["train_time"],
         "reuse_total": reuse["train_time"],

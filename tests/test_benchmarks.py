@@ -3,10 +3,12 @@ chain's output values with the exact convolution's gradients, ``bwd`` the conver
 ``sumscale`` makes each cluster's outputs sum to those of its members' mean, ``stunit``
 changes only the input gradient."""
 
+import argparse
 import copy
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -14,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import accuracy_gap  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
+from reuse_compiler.models import cifarnet  # noqa: E402
 
 
 def _one_conv():
@@ -82,3 +85,20 @@ def test_unit_norm_constant_changes_only_the_input_gradient():
     torch.testing.assert_close(y1, y0)
     torch.testing.assert_close(gw1, gw0)
     assert (gx1 - gx0).norm() > 1e-3 * gx0.norm()
+
+
+def test_variant_names_are_checked_before_training():
+    """A malformed variant is refused by name before any training starts."""
+    for bad in ("refresh:0", "refresh:x", "stage:64", "nope"):
+        with pytest.raises(SystemExit):
+            accuracy_gap.main(["--seeds", "0", "--variants", "stock", bad])
+
+
+def test_refresh_variant_sets_the_refit_interval():
+    """``refresh:N`` is the main job's reuse with the hash planes refitted every N steps."""
+    args = argparse.Namespace(layer="conv2", centroid="norm", norm_grad="off", exclude=[])
+    torch.manual_seed(0)
+    base = cifarnet(in_channels=1, image_size=12, width=0.125)
+    x = torch.rand(4, 1, 12, 12)
+    assert accuracy_gap.build("refresh:7", base, x, args, 0).reuse_config.hash_refresh == 7
+    assert accuracy_gap.build("reuse", base, x, args, 0).reuse_config.hash_refresh == 20

@@ -157,6 +157,12 @@ def test_end_to_end_rows_from_curves():
     assert r["ratio"] == 4 / 6 and r["total_ratio"] == 6 / 9 and r["reuse_final_acc"] == 0.96
     assert r["ratio_within_tolerance"] == 2 / 6  # 0.966 >= 0.965 at 2 s; stock 0.98 at 6 s
     assert r["reuse_best_acc"] == 0.975 and r["stock_acc_at_reuse_total"] == 0.98
+    assert r["reuse_epoch_to_target"] == 3 and r["ratio_in_stock_epochs"] == 4 / 6
+    # a reuse run longer than stock's that reaches the target after stock's last epoch
+    longer = {**reuse, "epochs": [*reuse["epochs"][:2], {"time": 5, "test_acc": 0.96}, {"time": 6, "test_acc": 0.971}]}
+    r = end_to_end.row_of(0, stock, longer, 0.005)
+    assert r["reuse_epoch_to_target"] == 4 and r["ratio"] == 1.0 and r["ratio_in_stock_epochs"] is None
+    assert "within stock's 3 epochs (the reuse run trained up to 4): reached in 0/1" in end_to_end.report([r], [])
     reuse["epochs"] = reuse["epochs"][:1]
     assert end_to_end.row_of(0, stock, reuse, 0.005)["ratio"] is None
     # epoch times: stock 3, 3, 3; reuse 1, 2, 2 (then the curves end): ratios 2/3, 2/3
