@@ -1,9 +1,9 @@
 """The paper's benchmark networks (Table II), defined here so nothing is downloaded.
 
 ``cifarnet`` is TF-slim's CifarNet without local response normalisation (its ReLUs after
-the max-pools, the same function); ``alexnet`` and
-``vgg19`` follow the originals with a ``width`` multiplier on every channel count and an
-``image_size`` knob so they run on small inputs on a CPU. ``functional_net`` uses
+the max-pools, the same function); ``alexnet`` and ``vgg19`` follow the originals with a
+``width`` multiplier on every channel count and an ``image_size`` knob so they run on small
+inputs on a CPU. ``functional_net`` uses
 ``F.conv2d`` with stride 2 and no bias (it exercises the functional rewrite).
 
 >>> import torch
