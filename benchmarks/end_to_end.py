@@ -38,13 +38,26 @@ def time_to(rec: dict, target: float) -> float | None:
     return None if i is None else rec["epochs"][i - 1]["time"]
 
 
+def smoothed(rec: dict, k: int) -> dict:
+    """``rec`` with each epoch's test accuracy replaced by the mean over it and the k - 1
+    epochs before it (epochs before the k-th dropped): one epoch's accuracy on the
+    1,000-digit split moves by +-0.5 points, a k-epoch mean less."""
+    accs = [e["test_acc"] for e in rec["epochs"]]
+    return {
+        **rec,
+        "epochs": [
+            {**e, "test_acc": sum(accs[i - k + 1 : i + 1]) / k} for i, e in enumerate(rec["epochs"]) if i >= k - 1
+        ],
+    }
+
+
 def acc_at(rec: dict, t: float) -> float | None:
     """Best test accuracy among the epochs that ended by training wall time t."""
     accs = [e["test_acc"] for e in rec["epochs"] if e["time"] <= t + 1e-9]
     return max(accs) if accs else None
 
 
-def row_of(seed: int, stock: dict, reuse: dict, tolerance: float) -> dict:
+def row_of(seed: int, stock: dict, reuse: dict, tolerance: float, smooth: int = 3) -> dict:
     target = stock["epochs"][-1]["test_acc"]
     t_stock, t_reuse = time_to(stock, target), time_to(reuse, target)
     # secondary views (the figure of merit stays "ratio"): the same with the target lowered by
@@ -53,6 +66,9 @@ def row_of(seed: int, stock: dict, reuse: dict, tolerance: float) -> dict:
     # with --reuse-epochs above stock's: the same figure had the reuse run stopped with stock
     hit = epoch_to(reuse, target)
     n_stock = len(stock["epochs"])
+    # and with both curves smoothed (k-epoch means): stock's last mean as the target
+    s_stock, s_reuse = smoothed(stock, smooth), smoothed(reuse, smooth)
+    t_s = time_to(s_reuse, s_stock["epochs"][-1]["test_acc"]) if s_stock["epochs"] and s_reuse["epochs"] else None
     return {
         "seed": seed,
         "target_acc": target,
@@ -65,6 +81,8 @@ def row_of(seed: int, stock: dict, reuse: dict, tolerance: float) -> dict:
         "stock_epochs": n_stock,
         "reuse_epochs": len(reuse["epochs"]),
         "ratio_in_stock_epochs": None if hit is None or hit > n_stock else t_reuse / t_stock,
+        "smooth": smooth,
+        "ratio_smoothed": None if t_s is None else t_s / time_to(s_stock, s_stock["epochs"][-1]["test_acc"]),
         "stock_acc_at_reuse_total": acc_at(stock, reuse["train_time"]),
         "stock_total": stock["train_time"],
         "reuse_total": reuse["train_time"],
@@ -88,7 +106,7 @@ def epoch_ratio(stock: dict, reuse: dict) -> float | None:
     return statistics.median(r / s for s, r in pairs) if pairs else None
 
 
-def run(seeds, extra, out: Path, tolerance: float, report_only: bool = False) -> list[dict]:
+def run(seeds, extra, out: Path, tolerance: float, report_only: bool = False, smooth: int = 3) -> list[dict]:
     rows = []
     for seed in seeds:
         path = out / f"seed{seed}"
@@ -98,7 +116,7 @@ def run(seeds, extra, out: Path, tolerance: float, report_only: bool = False) ->
         else:
             phase = machine_phase()
             res = train_main([*extra, "--seed", str(seed), "--no-progress", "--out", str(path)])
-        rows.append(row_of(seed, res["stock"], res["reuse"], tolerance))
+        rows.append(row_of(seed, res["stock"], res["reuse"], tolerance, smooth))
         if phase:
             rows[-1]["machine_phase_before"] = phase
     return rows
@@ -149,20 +167,30 @@ def report(rows, extra) -> str:
             + (f", median {med:.2f} counting the misses" if med != float("inf") else ", median: not reached")
         )
     tol = rows[0]["tolerance"] if rows else 0.0
+    k = rows[0].get("smooth", 3) if rows else 3
     lines += [
         "",
-        f"Secondary views (not the target): time ratio to stock's final accuracy minus {tol:g}; best "
+        f"Secondary views (not the target): time ratio to stock's final accuracy minus {tol:g}; the same "
+        f"ratio with both runs' accuracy curves smoothed ({k}-epoch means; target: stock's last mean); best "
         "accuracy of each run; stock's best accuracy by the time the reuse run ended.",
         "",
-        f"| seed | ratio to target - {tol:g} | reuse epoch reaching the target | reuse best acc | "
-        "stock best acc by the reuse run's total time |",
-        "|---:|---:|---:|---:|---:|",
+        f"| seed | ratio to target - {tol:g} | reuse epoch reaching the target | ratio, {k}-epoch means | "
+        "reuse best acc | stock best acc by the reuse run's total time |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         rt = "not reached" if r["ratio_within_tolerance"] is None else f"{r['ratio_within_tolerance']:.2f}"
         sa = "-" if r["stock_acc_at_reuse_total"] is None else f"{r['stock_acc_at_reuse_total']:.4f}"
         ep = "-" if r.get("reuse_epoch_to_target") is None else str(r["reuse_epoch_to_target"])
-        lines.append(f"| {r['seed']} | {rt} | {ep} | {r['reuse_best_acc']:.4f} | {sa} |")
+        rs = "not reached" if r.get("ratio_smoothed") is None else f"{r['ratio_smoothed']:.2f}"
+        lines.append(f"| {r['seed']} | {rt} | {ep} | {rs} | {r['reuse_best_acc']:.4f} | {sa} |")
+    smoothed_all = sorted(r["ratio_smoothed"] if r.get("ratio_smoothed") is not None else float("inf") for r in rows)
+    if smoothed_all:
+        med = statistics.median(smoothed_all)
+        lines.append(
+            f"\n{k}-epoch means: reached in {sum(x != float('inf') for x in smoothed_all)}/{len(rows)} seeds, median "
+            + (f"{med:.2f} counting the misses" if med != float("inf") else "not reached")
+        )
     return "\n".join(lines)
 
 
@@ -177,11 +205,16 @@ def main(argv=None):
         "--tolerance", type=float, default=0.005, help="accuracy below stock's final one for the secondary ratio"
     )
     ap.add_argument(
+        "--smooth", type=int, default=3, help="epochs per running mean for the smoothed secondary ratio (>= 1)"
+    )
+    ap.add_argument(
         "--report-only", action="store_true", help="re-read the seeds' results.json under --out instead of training"
     )
     args = ap.parse_args(argv)
+    if args.smooth < 1:
+        ap.error("--smooth must be >= 1 (1: no smoothing)")
     out = Path(args.out)
-    rows = run(args.seeds, extra, out, args.tolerance, args.report_only)
+    rows = run(args.seeds, extra, out, args.tolerance, args.report_only, args.smooth)
     text = report(rows, extra)
     print(text)
     out.mkdir(parents=True, exist_ok=True)

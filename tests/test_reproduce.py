@@ -158,6 +158,11 @@ def test_end_to_end_rows_from_curves():
     assert r["ratio_within_tolerance"] == 2 / 6  # 0.966 >= 0.965 at 2 s; stock 0.98 at 6 s
     assert r["reuse_best_acc"] == 0.975 and r["stock_acc_at_reuse_total"] == 0.98
     assert r["reuse_epoch_to_target"] == 3 and r["ratio_in_stock_epochs"] == 4 / 6
+    # smoothed curves: 1-epoch means are the curves themselves; with 2-epoch means stock's
+    # target is (0.98 + 0.97) / 2 and reuse's means (0.883, 0.9705, 0.9675) stay below it
+    assert end_to_end.row_of(0, stock, reuse, 0.005, smooth=1)["ratio_smoothed"] == r["ratio"]
+    assert end_to_end.row_of(0, stock, reuse, 0.005, smooth=2)["ratio_smoothed"] is None
+    assert end_to_end.smoothed(stock, 2)["epochs"][0]["time"] == 6
     # a reuse run longer than stock's that reaches the target after stock's last epoch
     longer = {**reuse, "epochs": [*reuse["epochs"][:2], {"time": 5, "test_acc": 0.96}, {"time": 6, "test_acc": 0.971}]}
     r = end_to_end.row_of(0, stock, longer, 0.005)
