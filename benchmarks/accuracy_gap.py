@@ -17,7 +17,9 @@ controller: the main job's controller keeps its first stage on CifarNet anyway).
   backward (the input gradient is not projected off the centroid's direction);
 - ``stage:L:H``: ``reuse`` with ``--layer`` fixed at (L, H);
 - ``refresh:N``: ``reuse`` with the hash planes refitted every N training steps (the main
-  job's default: 20).
+  job's default: 20);
+- ``warmup:S``: ``reuse`` with the reused layers exact for the first S training steps (an
+  epoch is 31 steps).
 
 Accuracy is the test accuracy of the trained weights in the stock model (exact
 convolutions), after every epoch. The figure of merit is its mean over the second half of
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.train import DEFAULT_MAX_ERROR, MODELS, evaluate, load_digits, make_adam, train_steps  # noqa: E402
-from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
+from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
 from reuse_compiler.runtime.ops import UNIT_EPS  # noqa: E402
 
 
@@ -154,11 +156,21 @@ def run(variant: str, seed: int, args) -> dict:
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     opt = make_adam([p for p in model.parameters() if p.requires_grad], 1e-3)
-    losses, accs = [], []
+    warm = int(variant.split(":")[1]) if variant.startswith("warmup:") else 0
+    warm_layers = [r.name for r in model.reuse_plan if not r.exact] if warm else []
+    for name in warm_layers:  # warmup:S: exact until step S (set_stage keeps parameters and Adam's state)
+        set_stage(model, name, exact=True)
+    losses, accs, steps = [], [], 0
     for _ in range(args.epochs):
         perm = torch.randperm(len(x_tr), generator=order)
         model.train()
-        losses.append(sum(train_steps(model, opt, x_tr, y_tr, perm, args.batch_size)) / (len(x_tr) // args.batch_size))
+        total = 0.0
+        for loss in train_steps(model, opt, x_tr, y_tr, perm, args.batch_size):
+            total, steps = total + loss, steps + 1
+            if steps == warm:
+                for name in warm_layers:
+                    set_stage(model, name, exact=False)
+        losses.append(total / (len(x_tr) // args.batch_size))
         ev = copy.deepcopy(base)  # the trained weights in the stock model: exact convolutions
         ev.load_state_dict({k: v for k, v in model.state_dict().items() if k in base.state_dict()})
         accs.append(evaluate(ev, x_te, y_te)[1])
@@ -190,11 +202,12 @@ def main(argv=None):
         ok = (
             v in ("stock", "reuse", "fwd", "bwd", "sumscale", "stunit")
             or (parts[0] == "stage" and len(parts) == 3 and all(p.isdigit() for p in parts[1:]))
-            or (parts[0] == "refresh" and len(parts) == 2 and parts[1].isdigit() and int(parts[1]) >= 1)
+            or (parts[0] in ("refresh", "warmup") and len(parts) == 2 and parts[1].isdigit() and int(parts[1]) >= 1)
         )
         if not ok:
             ap.error(
-                f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale, stunit, stage:L:H or refresh:N (N >= 1)"
+                f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale, stunit, stage:L:H, refresh:N or warmup:S "
+                "(N, S >= 1)"
             )
     logging.getLogger("reuse_compiler").setLevel(logging.ERROR)
     half = max(1, args.epochs // 2)
