@@ -122,6 +122,13 @@ def run(seeds, extra, out: Path, tolerance: float, report_only: bool = False, sm
     return rows
 
 
+def median_with_misses(ratios) -> float | None:
+    """Median of time ratios where a miss (None) counts as slower than every reached seed (its
+    ratio is beyond its total time); None when that median is a miss."""
+    med = statistics.median(x if x is not None else float("inf") for x in ratios)
+    return None if med == float("inf") else med
+
+
 def report(rows, extra) -> str:
     lines = [
         f"end-to-end: examples/train.py {' '.join(extra) or '(defaults)'}",
@@ -138,9 +145,7 @@ def report(rows, extra) -> str:
             f"{r['switches']} |"
         )
     reached = [r["ratio"] for r in rows if r["ratio"] is not None]
-    # a miss counts as slower than every reached seed (its ratio is beyond its total time)
-    with_misses = sorted(r["ratio"] if r["ratio"] is not None else float("inf") for r in rows)
-    median_all = statistics.median(with_misses)
+    median_all = median_with_misses(r["ratio"] for r in rows)
     epochs = [r["epoch_ratio"] for r in rows if r.get("epoch_ratio") is not None]
     lines.append(
         f"\nmedian total-time ratio {statistics.median(r['total_ratio'] for r in rows):.2f}"
@@ -149,7 +154,7 @@ def report(rows, extra) -> str:
         + (f", median time-to-target ratio {statistics.median(reached):.2f} over those" if reached else "")
         + (
             f", {median_all:.2f} counting the misses as failures"
-            if median_all != float("inf")
+            if median_all is not None
             else ", median over all seeds: not reached"
         )
     )
@@ -159,12 +164,11 @@ def report(rows, extra) -> str:
     longer = [r for r in rows if r.get("reuse_epochs", 0) > r.get("stock_epochs", 0)]
     if longer:  # the same runs, read as if the reuse run had stopped with stock's
         within = [r["ratio_in_stock_epochs"] for r in longer if r["ratio_in_stock_epochs"] is not None]
-        inf = sorted(x if x is not None else float("inf") for x in (r["ratio_in_stock_epochs"] for r in longer))
-        med = statistics.median(inf)
+        med = median_with_misses(r["ratio_in_stock_epochs"] for r in longer)
         lines.append(
             f"within stock's {longer[0]['stock_epochs']} epochs (the reuse run trained up to "
             f"{longer[0]['reuse_epochs']}): reached in {len(within)}/{len(longer)} seeds"
-            + (f", median {med:.2f} counting the misses" if med != float("inf") else ", median: not reached")
+            + (f", median {med:.2f} counting the misses" if med is not None else ", median: not reached")
         )
     tol = rows[0]["tolerance"] if rows else 0.0
     k = rows[0].get("smooth", 3) if rows else 3
@@ -184,12 +188,12 @@ def report(rows, extra) -> str:
         ep = "-" if r.get("reuse_epoch_to_target") is None else str(r["reuse_epoch_to_target"])
         rs = "not reached" if r.get("ratio_smoothed") is None else f"{r['ratio_smoothed']:.2f}"
         lines.append(f"| {r['seed']} | {rt} | {ep} | {rs} | {r['reuse_best_acc']:.4f} | {sa} |")
-    smoothed_all = sorted(r["ratio_smoothed"] if r.get("ratio_smoothed") is not None else float("inf") for r in rows)
-    if smoothed_all:
-        med = statistics.median(smoothed_all)
+    if rows:
+        smooth = [r.get("ratio_smoothed") for r in rows]
+        med = median_with_misses(smooth)
         lines.append(
-            f"\n{k}-epoch means: reached in {sum(x != float('inf') for x in smoothed_all)}/{len(rows)} seeds, median "
-            + (f"{med:.2f} counting the misses" if med != float("inf") else "not reached")
+            f"\n{k}-epoch means: reached in {sum(x is not None for x in smooth)}/{len(rows)} seeds, median "
+            + (f"{med:.2f} counting the misses" if med is not None else "not reached")
         )
     return "\n".join(lines)
 

@@ -19,7 +19,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.layers import machine, machine_phase  # noqa: E402
-from benchmarks.step import make_step  # noqa: E402
+from benchmarks.step import make_step, time_interleaved  # noqa: E402
+from benchmarks.step import stages as plan_stages  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, load_digits, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
 from reuse_compiler.models import cifarnet  # noqa: E402
@@ -61,20 +61,11 @@ def main(argv=None):
         base.load_state_dict(weights)
         base = base.to(memory_format=torch.channels_last)
         gm = reuse_compile(copy.deepcopy(base), x, config=config)
-        stages[shared] = ", ".join(f"{r.name} " + ("exact" if r.exact else f"L={r.L} H={r.H}") for r in gm.reuse_plan)
+        stages[shared] = plan_stages(gm)
         steps[(shared, "stock")] = make_step(base, x, y, adam)
         steps[(shared, "reuse")] = make_step(gm, x, y, adam)
-    for fn in steps.values():  # warm-up: Adam's state, the first calls
-        fn()
-        fn()
     phase = machine_phase()
-    times = {key: [] for key in steps}
-    for _ in range(args.repeats):
-        for key, fn in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            times[key].append((time.perf_counter() - t0) / args.steps * 1e3)
+    times = time_interleaved(steps, args.repeats, args.steps)
     med = {key: statistics.median(v) for key, v in times.items()}
     first = next(iter(SHARED))
     print(

@@ -44,6 +44,28 @@ from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tu
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
 
 
+def stages(gm) -> str:
+    """A compiled model's stages, one per layer: ``conv1 exact, conv2 L=64 H=8``."""
+    return ", ".join(f"{r.name} " + ("exact" if r.exact else f"L={r.L} H={r.H}") for r in gm.reuse_plan)
+
+
+def time_interleaved(steps: dict, repeats: int, n: int, warmup: int = 2) -> dict:
+    """Call each of ``steps`` (name -> callable) ``warmup`` times (Adam's state, the kernels'
+    first calls), then time them round-robin: ``repeats`` rounds of ``n`` calls each. Returns
+    name -> ms per call, one value per round."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - t0) / n * 1e3)
+    return times
+
+
 def make_step(model, x, y, adam: str = "foreach"):
     """One training step of the main job (its Adam, ``examples.train.make_adam``)."""
     opt = make_adam(model.parameters(), 1e-3, adam)
@@ -84,8 +106,7 @@ def main(argv=None):
     for name, kw, with_exact in configs:
         config = ReuseConfig(**{"policy": "measured", "l_values": "extended", **kw})
         gm = reuse_compile(copy.deepcopy(base), x, config=config)
-        stages = ", ".join(f"{r.name} " + ("exact" if r.exact else f"L={r.L} H={r.H}") for r in gm.reuse_plan)
-        models[f"{name}: {stages}"] = gm
+        models[f"{name}: {stages(gm)}"] = gm
         if with_exact:
             exact = copy.deepcopy(gm)
             set_stage(exact, exact=True)
@@ -93,19 +114,10 @@ def main(argv=None):
 
     phase_before = machine_phase()
     steps = {name: make_step(m, x, y) for name, m in models.items()}
-    for fn in steps.values():  # warm-up: Adam's state, the kernels' first calls
-        fn()
-        fn()
-    times = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            times[name].append((time.perf_counter() - t0) / args.steps)
+    times = time_interleaved(steps, args.repeats, args.steps)
     peaks = {name: peak_bytes(fn, "cpu") for name, fn in steps.items()}
 
-    base_ms = statistics.median(times["stock fp32"]) * 1e3
+    base_ms = statistics.median(times["stock fp32"])
     print(
         f"# training step of examples/train.py's CifarNet (batch {args.batch_size}, channels-last, Adam) on "
         f"{machine('cpu')}; malloc {malloc}; medians of {args.repeats} interleaved rounds of {args.steps} steps"
@@ -114,7 +126,7 @@ def main(argv=None):
     print("| variant | step ms | step x | peak MB | peak x |")
     print("|---|---:|---:|---:|---:|")
     for name in steps:
-        ms = statistics.median(times[name]) * 1e3
+        ms = statistics.median(times[name])
         print(
             f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {peaks[name] / 2**20:.1f} | "
             f"{peaks[name] / peaks['stock fp32']:.2f} |"

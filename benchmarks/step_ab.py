@@ -14,7 +14,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.kernels_ab import base_and_tree  # noqa: E402
 from benchmarks.layers import machine, machine_phase  # noqa: E402
-from benchmarks.step import make_step  # noqa: E402
+from benchmarks.step import make_step, stages, time_interleaved  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
 from reuse_compiler.runtime import extension  # noqa: E402
@@ -48,7 +47,6 @@ def main(argv=None):
         policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False
     )
     gm = reuse_compile(copy.deepcopy(stock), x, config=config)
-    stages = ", ".join(f"{r.name} " + ("exact" if r.exact else f"L={r.L} H={r.H}") for r in gm.reuse_plan)
     steps = {
         "stock": make_step(stock, x, y),
         "reuse, base kernels": make_step(copy.deepcopy(gm), x, y),
@@ -57,28 +55,24 @@ def main(argv=None):
     uses = {"stock": None, "reuse, base kernels": builds["base"], "reuse, tree kernels": builds["tree"]}
     real_get = extension.get
 
-    def run(name, n):
-        module = uses[name]
-        extension.get = (lambda: module) if module is not None else real_get
-        try:
-            for _ in range(n):
-                steps[name]()
-        finally:
-            extension.get = real_get
+    def with_kernels(name):  # the step, run with its build's kernels
+        module, step = uses[name], steps[name]
 
-    for name in steps:  # warm-up: Adam's state, the first calls
-        run(name, 2)
+        def run():
+            extension.get = (lambda: module) if module is not None else real_get
+            try:
+                step()
+            finally:
+                extension.get = real_get
+
+        return run
+
     phase = machine_phase()
-    times = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name in steps:
-            t0 = time.perf_counter()
-            run(name, args.steps)
-            times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+    times = time_interleaved({name: with_kernels(name) for name in steps}, args.repeats, args.steps)
     med = {name: statistics.median(v) for name, v in times.items()}
     print(
         f"# training step A/B of the kernels, {args.base} (base) vs the working tree, on {machine('cpu')}; "
-        f"{stages}; medians of {args.repeats} interleaved rounds of {args.steps} steps"
+        f"{stages(gm)}; medians of {args.repeats} interleaved rounds of {args.steps} steps"
     )
     print(f"# machine phase: {phase} before, {machine_phase()} after")
     print("| variant | step ms | x stock |")
