@@ -1,7 +1,7 @@
 """The graph edits of benchmarks/accuracy_gap.py do what its docs say: ``fwd`` keeps the
 chain's output values with the exact convolution's gradients, ``bwd`` the converse, and
 ``sumscale`` makes each cluster's outputs sum to those of its members' mean, ``stunit``
-changes only the input gradient."""
+changes only the input gradient; ``vq``'s ids are nearest codewords."""
 
 import argparse
 import copy
@@ -102,3 +102,50 @@ def test_refresh_variant_sets_the_refit_interval():
     x = torch.rand(4, 1, 12, 12)
     assert accuracy_gap.build("refresh:7", base, x, args, 0).reuse_config.hash_refresh == 7
     assert accuracy_gap.build("reuse", base, x, args, 0).reuse_config.hash_refresh == 20
+
+
+def test_vector_quantised_ids_are_nearest_codewords_and_zero_keeps_id_0():
+    """``vq``: a fit returns H orthonormal directions and a codebook of 2^H - 1 centroids; a
+    non-zero sub-vector's id is 1 + its nearest codeword (in the projection of its unit
+    vector), a zero one's 0; leaving the context restores the sign hash."""
+    from reuse_compiler.runtime import kernels, planes
+
+    fit0, hash0 = planes.fit_planes, kernels._hash_rows
+    g = torch.Generator().manual_seed(0)
+    rows = torch.relu(torch.randn(600, 16, generator=g))
+    rows[:50] = 0
+    with accuracy_gap.vector_quantised() as vq:
+        P = planes.fit_planes(rows, 3, torch.randn(16, 3, generator=g))
+        torch.testing.assert_close(P.T @ P, torch.eye(3), atol=1e-5, rtol=0)
+        ids = kernels._hash_rows(rows, P)
+        assert vq["calls"] == 1
+    assert (planes.fit_planes, kernels._hash_rows) == (fit0, hash0)
+    assert ids.dtype == torch.int64 and (ids[:50] == 0).all() and (ids[50:] >= 1).all() and (ids < 8).all()
+    # each non-zero row's codeword is nearer than every other row's codeword
+    z = rows[50:] / rows[50:].norm(dim=1, keepdim=True) @ P
+    used = ids[50:].unique()
+    cw = torch.stack([z[ids[50:] == i].mean(0) for i in used])  # Lloyd's last step: means of the members
+    d = torch.cdist(z, cw)
+    own = d[torch.arange(len(z)), torch.searchsorted(used, ids[50:])]
+    assert (own <= d.min(1).values + 0.05).float().mean() > 0.95  # members sit with their nearest mean
+
+
+def test_vq_hashes_the_chunk_path_of_a_compiled_model():
+    """Inside the context a compiled layer on the chunk path (L divides its input channels)
+    trains with codebook ids: the hash is called and a training step runs forward and
+    backward."""
+    torch.manual_seed(0)
+    base = cifarnet(in_channels=1, image_size=12, width=0.125)  # conv2: 8 -> 8 channels
+    x = torch.rand(4, 1, 12, 12)
+    config = ReuseConfig(L={"conv2": 8}, H={"conv2": 3}, hashing="pca", centroid="norm", norm_grad=False)
+    with accuracy_gap.vector_quantised() as vq:
+        gm = reuse_compile(copy.deepcopy(base), x, config=config)
+        row = gm.reuse_plan["conv2"]
+        assert (row.L, row.H, row.exact) == (8, 3, False)
+        gm.train()
+        y = gm(x)
+        y.sum().backward()
+    assert vq["calls"] >= 1
+    assert torch.isfinite(y).all()
+    grad = dict(gm.named_parameters())["conv2.weight"].grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
