@@ -127,14 +127,16 @@ def vector_quantised(iters: int = 10, first_iters: int = 15):
     state = {"calls": 0}
     fit0, hash0 = _planes.fit_planes, _kernels._hash_rows
 
+    def nearest(z, c):  # the fit's assignment and the hash: index of the nearest codeword
+        return (z @ c.T - 0.5 * (c * c).sum(1)).argmax(1)
+
     def fit(rows, H, fallback, seed=0):
         L = rows.shape[1]
         nz = rows[rows.abs().amax(1) > 0]
         if L < H or nz.shape[0] < 2**H:
             return fit0(rows, H, fallback, seed)
         unit = nz / nz.norm(dim=1, keepdim=True)
-        P = torch.linalg.eigh((unit.T @ unit).double())[1].flip(1)[:, :H].to(rows.dtype)
-        P = P * torch.where(P.gather(0, P.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0).to(P)
+        P = _planes.largest_entry_positive(_planes._directions(unit, H, seed))
         z, k = unit @ P, 2**H - 1
         if (L, H) in books:
             old_p, c = books[L, H]
@@ -143,7 +145,7 @@ def vector_quantised(iters: int = 10, first_iters: int = 15):
             g = torch.Generator().manual_seed(seed)
             c, n = z[torch.randperm(len(z), generator=g)[:k]].clone(), first_iters
         for _ in range(n):
-            a = (z @ c.T - 0.5 * (c * c).sum(1)).argmax(1)
+            a = nearest(z, c)
             sums = torch.zeros(k, H, dtype=z.dtype).index_add_(0, a, z)
             cnt = torch.bincount(a, minlength=k).to(z.dtype)[:, None]
             c = torch.where(cnt > 0, sums / cnt.clamp_min(1), c)
@@ -157,7 +159,7 @@ def vector_quantised(iters: int = 10, first_iters: int = 15):
         state["calls"] += 1
         P, c = (t.to(rows.dtype) for t in books[L, H])
         n = rows.norm(dim=1, keepdim=True)
-        ids = 1 + ((rows @ P) / n.clamp_min(1e-12) @ c.T - 0.5 * (c * c).sum(1)).argmax(1)
+        ids = 1 + nearest((rows @ P) / n.clamp_min(1e-12), c)
         return torch.where(n[:, 0] > 0, ids, torch.zeros_like(ids))
 
     _planes.fit_planes, _kernels._hash_rows = fit, hash_rows

@@ -34,7 +34,7 @@ from torch import nn
 from .dist import group as distributed_group
 from .geometry import Geometry
 
-__all__ = ["HASHINGS", "LayerHash", "fit_planes", "fit_to_input", "sample_subvectors"]
+__all__ = ["HASHINGS", "LayerHash", "fit_planes", "fit_to_input", "largest_entry_positive", "sample_subvectors"]
 
 HASHINGS = ("random", "pca")
 MAX_IMAGES = 16
@@ -104,9 +104,12 @@ def fit_planes(rows: torch.Tensor, H: int, fallback: torch.Tensor, seed: int = 0
     order = torch.cat([dirs[:, informative], dirs[:, ~informative]], 1)[:, :H]
     if order.shape[1] < H:
         order = torch.cat([order, fallback.to(order)[:, order.shape[1] : H]], 1)
-    order = order / order.norm(dim=0, keepdim=True).clamp_min(1e-12)
-    sign = torch.where(order.gather(0, order.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0).to(order)
-    return (order * sign).contiguous()
+    return largest_entry_positive(order / order.norm(dim=0, keepdim=True).clamp_min(1e-12)).contiguous()
+
+
+def largest_entry_positive(d: torch.Tensor) -> torch.Tensor:
+    """The columns of ``d`` with their signs fixed: each column's largest entry positive."""
+    return d * torch.where(d.gather(0, d.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0).to(d)
 
 
 @torch.no_grad()
