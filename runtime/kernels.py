@@ -146,7 +146,7 @@ def hash_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tenso
         rows = xp.reshape(P, g.C).to(ct)
         if kind == "chunk":
             nq = g.C // g.L
-            unit = _hash_rows(rows.view(P * nq, g.L), planes).view(P, nq)
+            unit = _hash_rows(rows.reshape(P * nq, g.L), planes).view(P, nq)
             taps, per_tap = range(g.kh * g.kw), nq
         else:  # m pixels of a kernel row, all channels: a (1 x m) convolution over every anchor
             m = g.L // g.C
@@ -198,6 +198,10 @@ def _compact_torch(ids: torch.Tensor, H: int, scope: str):
         return ids.to(torch.int32), torch.zeros(nb, 0, dtype=torch.int64, device=dev)
     if scope == "batch" and H <= 20 and nb << H <= max(_DENSE_SLOTS, 4 * nb * N):
         S = 1 << H
+        if bool(((flat < 0) | (flat >= S)).any()):  # as the C++ counting pass: ids index its table
+            raise RuntimeError(
+                f"compact: cluster ids must lie in [0, 2^H) with H = {H}; pass the H of the planes that hashed them"
+            )
         present = torch.bincount((flat + base * S).view(-1), minlength=nb * S).view(nb, S)
         occupied = present > 0
         rank = occupied.cumsum(1) - 1

@@ -31,6 +31,7 @@ from . import kernels
 from .geometry import Geometry, conv_out_size
 
 __all__ = [
+    "check_input",
     "im2col",
     "lsh_hash",
     "cluster",
@@ -51,6 +52,31 @@ SCOPES = ("input", "batch")
 
 def _padded_geometry(xp_shape, kernel, stride, dilation, L: int) -> Geometry:
     return Geometry.of(xp_shape, kernel, stride, dilation, L)
+
+
+# --------------------------------------------------------------------------- check_input
+
+
+@torch.library.custom_op("reuse::check_input", mutates_args=())
+def check_input(x: torch.Tensor, in_channels: int, layer: str) -> None:
+    """The checks F.conv2d makes of its input, before a rewritten convolution: without them
+    the chain would read a wrong number of channels without noticing (a group's slice of
+    the input, or one whole window as the sub-vector)."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"reuse: layer {layer!r} expected a 4-D (batch, channels, height, width) input, got shape "
+            f"{tuple(x.shape)}; add the batch dimension (x.unsqueeze(0)) for a single image"
+        )
+    if x.shape[1] != in_channels:
+        raise ValueError(
+            f"reuse: layer {layer!r} expected input{list(x.shape)} to have {in_channels} channels "
+            f"(its in_channels), but got {x.shape[1]} channels instead"
+        )
+
+
+@check_input.register_fake
+def _(x, in_channels, layer):
+    return None
 
 
 # --------------------------------------------------------------------------- im2col
@@ -167,13 +193,30 @@ def _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, op, x=None, pa
     if scope not in SCOPES:
         raise ValueError(f"{op}: scope must be one of {SCOPES}, got {scope!r}")
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+    interior = _interior(xp, x, padding)
+    centroids, inverse, counts = _cluster_ids(xp, ids, g, H, scope, interior)
+    if xp.dtype.is_floating_point and xp.numel() and not bool(torch.isfinite(centroids.sum())):
+        # A NaN or Inf sub-vector hashes like any other (a NaN one to id 0, the zero
+        # vectors' id) and would make its cluster's centroid, so the output of every member
+        # in every image of the batch, non-finite. Such sub-vectors get a cluster of their
+        # own (id 2^H, past every hash id): only the outputs they feed are non-finite, as
+        # with F.conv2d. The check is one sum of the small centroid table (30 us at conv2;
+        # isfinite().all() takes 0.7 ms); the rare case pays a second clustering.
+        bad = ~torch.isfinite(kernels.member_norms(xp, g)).view_as(ids)
+        ids = torch.where(bad, torch.full_like(ids, 1 << H), ids)
+        centroids, inverse, counts = _cluster_ids(xp, ids, g, H + 1, scope, interior)
+    return centroids, inverse, counts
+
+
+def _cluster_ids(xp, ids, g, H, scope, interior):
+    """Compact ``ids`` (< 2^H) and average the members: (centroids, inverse, counts)."""
     keys = None
     if kernels.chunk_path_applies(ids, g, scope):
         inverse, counts, keys = kernels.compact(ids, H, scope, with_keys=True)
         _hand_keys(inverse, keys)
     else:
         inverse, counts = kernels.compact(ids, H, scope)
-    centroids = kernels.centroid_means(xp, inverse, counts, g, keys, _interior(xp, x, padding)).to(xp.dtype)
+    centroids = kernels.centroid_means(xp, inverse, counts, g, keys, interior).to(xp.dtype)
     return centroids, inverse, counts
 
 

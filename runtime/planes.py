@@ -94,6 +94,12 @@ def fit_planes(rows: torch.Tensor, H: int, fallback: torch.Tensor, seed: int = 0
     when fewer than H directions exist. Deterministic for given rows."""
     L = rows.shape[1]
     q = min(L, H + 8)
+    finite = torch.isfinite(rows).all(1)
+    if not bool(finite.all()):  # a NaN/Inf input at a refit would give NaN planes: every id 0
+        rows = rows[finite]
+    big = float(rows.abs().amax()) if rows.numel() else 0.0
+    if big > torch.finfo(rows.dtype).max ** 0.5 / 1e4:  # products would overflow; the
+        rows = rows / big  # directions and signs do not depend on the scale
     dirs = _directions(rows, q, seed) if rows.shape[0] else rows.new_zeros(L, 0)
     nonzero = rows[rows.abs().amax(1) > 0]
     if nonzero.shape[0] and dirs.shape[1]:
@@ -168,7 +174,9 @@ class LayerHash(nn.Module):
     def reset(self, planes: torch.Tensor) -> None:
         """New (L, H): the random family ``planes``. With pca this is a placeholder, unless
         the training planes are of this (L, H) (a stage set back after a probe): those."""
-        self.planes = planes.to(self.planes.device)
+        # in the buffer's dtype: after gm.bfloat16() every family is rounded alike, whether
+        # it was drawn before the cast or after a set_stage (a resume does not redraw)
+        self.planes = planes.to(device=self.planes.device, dtype=self.planes.dtype)
         self.source = None
         if self.hashing == "pca" and self.train_LH == self.LH:
             self.planes.copy_(self.train_planes)

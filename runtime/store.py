@@ -65,8 +65,12 @@ class ClusterStore:
         out = yc.detach().clone()
         hits = total = 0
         with torch.no_grad():
+            # slots with a non-finite centroid or output (NaN/Inf inputs, see reuse.cluster)
+            # neither read nor enter the store: their ids are not those of their members'
+            # directions, and a stored NaN would reach every later batch
+            finite = torch.isfinite(centroids.sum(-1)) & torch.isfinite(yc.sum(-1))
             for b in range(nb):
-                valid = keys[b] >= 0
+                valid = (keys[b] >= 0) & finite[b]
                 k = keys[b][valid]
                 total += len(k)
                 stored = self.keys[b]

@@ -260,6 +260,7 @@ def _op_args(dtype):
         "reconstruct_no_bias": (leaf(yc), inv, None),
         "unit_rows": (leaf(torch.cat([cent, torch.zeros_like(cent[:, :1])], 1)),),  # a zero row too
         "unit_rows_grad": _unit_rows_grad_args(torch.cat([cent, torch.zeros_like(cent[:, :1])], 1)),
+        "check_input": (x, x.shape[1], "conv"),
     }
 
 
@@ -297,6 +298,7 @@ def _unit_rows_grad_args(c):
         "member_norms_grad_into_input",
         "unit_rows",
         "unit_rows_grad",
+        "check_input",
     ],
 )
 def test_opcheck(name, dtype):
@@ -529,3 +531,56 @@ def test_im2col_is_the_zero_padded_input(padding, dtype):
         got = torch.ops.reuse.im2col(x.contiguous(memory_format=layout), [3, 3], [1, 1], list(padding), [1, 1])
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("L", [36, 4, 2, 12])
+def test_non_finite_sub_vectors_get_a_cluster_of_their_own(L):
+    """reuse.cluster with one NaN pixel (batch scope): per block, exactly the sub-vectors that
+    contain it share one non-finite centroid, and every other centroid is the mean of its
+    members (a NaN sub-vector hashes to id 0 with the zero vectors; without this the zero
+    cluster, so every image, would turn NaN)."""
+    ops = torch.ops.reuse
+    torch.manual_seed(0)
+    k, s, p, d = [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]
+    x = torch.randn(2, 4, 6, 6)
+    x[1, :, 2, 1] = float("nan")
+    xp = ops.im2col(x, k, s, p, d)
+    ids = ops.lsh_hash(xp, lsh_planes(L, 5, seed=0), k, s, d)
+    cent, inv, counts = ops.cluster(xp, ids, k, s, d, L, 5, "batch", x, p)
+    nb = 36 // L
+    # the sub-vectors, (N, nb, L), in the reference's (kh, kw, c) column order
+    rows = F.unfold(F.pad(x, (1, 1, 1, 1)), 3).view(2, 4, 9, 36).permute(0, 3, 2, 1).reshape(-1, 36)
+    sub = rows.view(-1, nb, L)
+    inv = inv.reshape(nb, -1).long()
+    nonfinite = ~torch.isfinite(cent).all(-1)
+    for b in range(nb):
+        has_nan = sub[:, b].isnan().any(-1)
+        assert int(nonfinite[b].sum()) == int(has_nan.any())
+        assert torch.equal(nonfinite[b][inv[b]], has_nan)
+        sums = torch.zeros(cent.shape[1], L).index_add_(0, inv[b], torch.nan_to_num(sub[:, b], nan=0.0))
+        ref = sums / counts[b].clamp(min=1)[:, None]
+        torch.testing.assert_close(cent[b][~nonfinite[b]], ref[~nonfinite[b]], rtol=1e-5, atol=1e-6)
+
+
+def test_cluster_rejects_ids_wider_than_h():
+    """Ids past 2^H (planes of another H) are an error, not a count outside the table."""
+    ops = torch.ops.reuse
+    k, s, p, d = [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]
+    xp = ops.im2col(torch.randn(2, 4, 6, 6), k, s, p, d)
+    ids = ops.lsh_hash(xp, lsh_planes(9, 12, seed=0), k, s, d)
+    assert int(ids.max()) >= 16
+    with pytest.raises(RuntimeError, match=r"ids must lie in \[0, 2\^H\) with H = 4"):
+        ops.cluster(xp, ids, k, s, d, 9, 4, "batch")
+
+
+@pytest.mark.parametrize("L", [2, 4])
+def test_hash_of_a_non_contiguous_padded_input(L):
+    """lsh_hash and cluster read a strided xp (a channel slice) as its contiguous copy."""
+    ops = torch.ops.reuse
+    k, s, d = [3, 3], [1, 1], [1, 1]
+    xp = torch.randn(2, 7, 7, 8)[..., :4]
+    planes = lsh_planes(L, 6, seed=0)
+    ids = ops.lsh_hash(xp, planes, k, s, d)
+    assert torch.equal(ids, ops.lsh_hash(xp.contiguous(), planes, k, s, d))
+    got = ops.cluster(xp, ids, k, s, d, L, 6, "batch")[0]
+    torch.testing.assert_close(got, ops.cluster(xp.contiguous(), ids, k, s, d, L, 6, "batch")[0])

@@ -250,3 +250,40 @@ def test_config_refuses_bad_hashing():
         ReuseConfig(hashing="pca", hash_refresh=0)
     with pytest.raises(ValueError, match="hashing must be one of"):
         LayerHash("itq")
+
+
+def test_bf16_model_hashes_alike_whatever_its_stage_history(tmp_path):
+    """After gm.bfloat16(), planes drawn by a later set_stage are rounded like the ones cast
+    then, so a run that probed stages and a resumed one (which redraws nothing) hash alike."""
+    x = torch.randn(16, 3, 32, 32)
+
+    def fresh():
+        torch.manual_seed(1)
+        return reuse_compile(cifarnet(image_size=32, width=0.5), x).bfloat16()
+
+    a = fresh()
+    for n in ("conv1", "conv2"):
+        H = a.reuse_plan[n].H
+        set_stage(a, n, H=H + 1)
+        set_stage(a, n, H=H)  # what AdaptiveReuse's probes do
+        assert a.get_submodule(f"reuse_state.{n}.hasher").planes.dtype == torch.bfloat16
+    save_checkpoint(tmp_path / "bf16.pt", a)
+    b = fresh()
+    load_checkpoint(tmp_path / "bf16.pt", b)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(a(x.bfloat16()), b(x.bfloat16()))
+
+
+def test_fit_planes_ignores_non_finite_rows_and_scale():
+    """A NaN/Inf sub-vector in the sample (a bad batch at a refit) does not give NaN planes,
+    and entries too large to square in float32 give the planes of the rescaled sample."""
+    torch.manual_seed(0)
+    rows = torch.randn(256, 16) @ torch.randn(16, 16)
+    fallback = lsh_planes(16, 6, seed=0)
+    want = fit_planes(rows, 6, fallback)
+    bad = torch.cat([rows, torch.full((3, 16), float("nan")), torch.full((1, 16), float("inf"))])
+    assert torch.equal(fit_planes(bad, 6, fallback), want)
+    huge = fit_planes(rows * 1e25, 6, fallback)
+    assert torch.isfinite(huge).all()
+    torch.testing.assert_close(huge, fit_planes(rows * 1e25 / (rows * 1e25).abs().max(), 6, fallback))

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <cstring>
@@ -152,6 +153,7 @@ std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
   int32_t* V = inverse.data_ptr<int32_t>();
   std::vector<std::vector<int64_t>> block_counts(nb), block_keys(nb);
   const bool dense = seg == N && H <= 20 && (int64_t(1) << H) <= std::max<int64_t>(4 * N, 4096);
+  std::atomic<bool> out_of_range{false};
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> table, uniq;
     for (int64_t b = b0; b < b1; ++b) {
@@ -165,14 +167,26 @@ std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
         const int64_t S = int64_t(1) << H;
         table.assign(4 * S, 0);
         int64_t* t0 = table.data();
+        // ids are masked into the table and any id past 2^H is reported (an error below)
+        const uint64_t mask = static_cast<uint64_t>(S - 1);
+        uint64_t high = 0;
         int64_t n = 0;
         for (; n + 4 <= N; n += 4) {
-          t0[ib[n]]++;
-          t0[S + ib[n + 1]]++;
-          t0[2 * S + ib[n + 2]]++;
-          t0[3 * S + ib[n + 3]]++;
+          const uint64_t i0 = ib[n], i1 = ib[n + 1], i2 = ib[n + 2], i3 = ib[n + 3];
+          high |= (i0 | i1 | i2 | i3) & ~mask;
+          t0[i0 & mask]++;
+          t0[S + (i1 & mask)]++;
+          t0[2 * S + (i2 & mask)]++;
+          t0[3 * S + (i3 & mask)]++;
         }
-        for (; n < N; ++n) t0[ib[n]]++;
+        for (; n < N; ++n) {
+          high |= static_cast<uint64_t>(ib[n]) & ~mask;
+          t0[ib[n] & mask]++;
+        }
+        if (high) {
+          out_of_range = true;
+          continue;
+        }
         for (int64_t id = 0; id < S; ++id) t0[id] += t0[S + id] + t0[2 * S + id] + t0[3 * S + id];
         table.resize(S);
         int64_t r = 0;
@@ -204,6 +218,8 @@ std::vector<torch::Tensor> compact(torch::Tensor ids, int64_t H, int64_t seg) {
       }
     }
   });
+  TORCH_CHECK(!out_of_range, "compact: cluster ids must lie in [0, 2^H) with H = ", H,
+              "; pass the H of the planes that hashed them");
   int64_t cmax = 0;
   for (auto& c : block_counts) cmax = std::max<int64_t>(cmax, c.size());
   auto counts = torch::zeros({nb, cmax}, ids.options());
