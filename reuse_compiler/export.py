@@ -179,7 +179,8 @@ def onnx_translation_table() -> dict:
         occupied = op.Cast(op.Greater(op.Reshape(present, [nb, 1 << H]), const(0)), to=INT64)
         rank = op.Sub(op.CumSum(occupied, op.Constant(value_int=1)), const(1))  # (nb, 2**H)
         cmax = op.ReduceMax(op.ReduceSum(occupied, [1], keepdims=0), keepdims=1)  # (1,), the data-dependent Cmax
-        inverse = op.Reshape(op.Gather(op.Reshape(rank, [-1]), key), op.Shape(ids))
+        # allowzero: an empty batch gives a 0 in Shape(ids), which must stay 0 (not "copy the dim")
+        inverse = op.Reshape(op.Gather(op.Reshape(rank, [-1]), key), op.Shape(ids), allowzero=1)
         # counts[b, rank] = present for occupied ids; the empty ones write 0 to a spare last slot
         spare = op.Mul(cmax, const([nb]))
         slot = op.Add(rank, op.Mul(const(np.arange(nb).reshape(nb, 1)), cmax))
@@ -211,7 +212,9 @@ def onnx_translation_table() -> dict:
         if per_block is not None:  # one int64 key: group * 2**H + id
             key = op.Add(op.Mul(group, const([1 << H])), ids)
             uk, _first, inv, cnt = op.Unique(op.Reshape(key, [-1]), sorted=1)
-            row = op.Div(uk, per_block)  # the key's block (keys are >= 0, so Div floors)
+            # the key's block (keys are >= 0, so Div floors); per_block is 0 for an empty batch
+            # in scope "input" (then uk is empty too), and onnxruntime's integer Div refuses 0
+            row = op.Div(uk, op.Max(per_block, const([1])))
         else:  # too wide for one int64: Unique over (block[, image], id) rows, sorted lexicographically
             full = op.Shape(ids)
             cols = [op.Unsqueeze(op.Reshape(op.Expand(p, full), [-1]), [1]) for p in parts]
@@ -229,7 +232,7 @@ def onnx_translation_table() -> dict:
         slot = op.Add(op.Mul(row, cmax), rank)  # unique per key, so the scatter below needs no reduction
         zeros = op.ConstantOfShape(op.Mul(cmax, const([nb])), value=numpy_helper.from_array(np.zeros(1, np.int64)))
         counts = op.Reshape(op.ScatterElements(zeros, slot, cnt, axis=0), [nb, -1])
-        return op.Reshape(op.Gather(rank, inv), op.Shape(ids)), counts, cmax
+        return op.Reshape(op.Gather(rank, inv), op.Shape(ids), allowzero=1), counts, cmax
 
     def row_sums(xp, inverse, cmax, g: Geometry):
         """Per slot, the sum of its members' sub-vectors, (nb * Cmax, L): a segment sum over
@@ -496,8 +499,14 @@ def _export(
     output_names: list[str] | None = None,
 ) -> None:
     """torch.export ``module`` (eval mode, one input ``x``, dynamic batch), refuse ``reuse``
-    ops without a translation, write ``path`` with the translations (one file)."""
+    ops without a translation, write ``path`` with the translations (one file).
+
+    With a dynamic batch, a batch-1 example is traced as that image repeated twice:
+    torch.export specialises every size-1 dim to the constant 1, which clashes with
+    ``Dim("batch")``. Only the trace sees the repeat; the file's batch axis stays symbolic."""
     table = onnx_translation_table() if table is None else table
+    if dynamic_batch and example_input.shape[0] == 1:
+        example_input = example_input.repeat(2, *([1] * (example_input.dim() - 1)))
     dyn = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
     quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed. Skipping torchvision::nms"
     level = quiet.level
@@ -568,8 +577,10 @@ def export_onnx(
     Args:
         gm: the compiled module. If it has not run yet, one forward on ``example_input``
             (eval mode, no grad) runs first, so the exported stage is the one in use.
-        example_input: one float32 (N, C, H, W) batch. C, H and W are fixed in the model;
-            the batch stays dynamic unless ``dynamic_batch=False``.
+        example_input: one float32 (N, C, H, W) batch, N >= 1. C, H and W are fixed in the
+            model; the batch stays dynamic unless ``dynamic_batch=False`` (the file then takes
+            N images only). N = 1 is traced as two copies of the image; the file does not
+            depend on it, and the parity check runs on ``example_input`` itself.
         path: the ``.onnx`` file to write (weights and hash planes inside).
         variant: ``"reuse"``: hashing, clustering, centroid GEMM and reconstruction as ONNX
             ops at each layer's current stage, with the module's hash planes; ``"exact"``:
@@ -595,6 +606,8 @@ def export_onnx(
         raise TypeError("export_onnx: example_input must be one (N, C, H, W) tensor")
     if example_input.dtype != torch.float32:
         raise TypeError(f"export_onnx: only float32 models export, got an input of dtype {example_input.dtype}")
+    if example_input.shape[0] == 0:
+        raise ValueError("export_onnx: example_input must hold at least one image (the exported model takes any batch)")
     module = export_module(gm, variant)
     path = os.fspath(path)
     with _eval_mode(gm), torch.no_grad():

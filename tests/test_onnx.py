@@ -19,7 +19,7 @@ import torch
 import reuse_compiler
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage
 from reuse_compiler import export as onnx_export
-from reuse_compiler.export import OnnxExportError, export_module, export_onnx, ort_providers, ort_session
+from reuse_compiler.export import VARIANTS, OnnxExportError, export_module, export_onnx, ort_providers, ort_session
 from reuse_compiler.models import alexnet, cifarnet, functional_net, vgg19
 
 pytest.importorskip("onnx")
@@ -144,6 +144,52 @@ def test_export_onnx_defaults(tmp_path):
             ref = module(xb).numpy()
         got = sess.run(None, {"x": xb.numpy()})[0]
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batch_of_one_example(variant, tmp_path):
+    """A batch-1 example exports (torch.export would specialise the batch to 1; it is traced
+    at batch 2) with a dynamic batch axis, the parity check runs on the batch-1 example, and
+    the file runs batches 1 and 3 like the module. The module is compiled on batch 1 too."""
+    import onnx
+
+    factory, shape = MODELS["cifarnet_gray28"]
+    torch.manual_seed(0)
+    gm = reuse_compile(factory(), batch(shape, 1, 0)).eval()
+    result = export_onnx(gm, batch(shape, 1, 1), tmp_path / "m.onnx", variant=variant, optimize=False)
+    assert result.max_abs_diff <= 1e-4 * result.scale
+    model = onnx.load(result.path)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    sess = ort_session(result, providers=CPU)
+    module = export_module(gm, variant).eval()
+    for B in (1, 3):
+        xb = batch(shape, B, 2)
+        with torch.no_grad():
+            ref = module(xb).numpy()
+        got = sess.run(None, {"x": xb.numpy()})[0]
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_empty_example_is_refused(tmp_path):
+    gm, shape = compiled("functional")
+    with pytest.raises(ValueError, match="at least one image"):
+        export_onnx(gm, batch(shape, 0, 0), tmp_path / "m.onnx", check=False)
+
+
+@pytest.mark.parametrize("scope", ["batch", "input"])
+def test_empty_batch(scope, tmp_path):
+    """An empty batch gives empty outputs of the module's shapes (ids and layer outputs too):
+    scope "batch" ranks with the counting table (a Reshape to Shape(ids) holding a 0 needs
+    allowzero), scope "input" divides the Unique keys by Nb * 2**H = 0."""
+    gm, shape = compiled("cifarnet_gray28", ReuseConfig(scope=scope))
+    sess, _ = assert_parity(gm, shape, tmp_path, batches=(2,), seeds=4)
+    m = probed(gm, "reuse").eval()
+    x = batch(shape, 0, 0)
+    with torch.no_grad():
+        refs = [t.numpy() for t in m(x)]
+    gots = sess.run(None, {"x": x.numpy()})
+    assert [g.shape for g in gots] == [r.shape for r in refs] and refs[0].shape == (0, 10)
 
 
 def test_training_mode_is_restored(tmp_path):
@@ -283,11 +329,12 @@ def test_providers(monkeypatch):
     assert ort_providers(prefer_gpu=False) == ["CPUExecutionProvider"]
 
 
-def test_cli_export(tmp_path, capsys):
+@pytest.mark.parametrize("input_shape", ["2,3,16,16", "1,3,16,16"])
+def test_cli_export(input_shape, tmp_path, capsys):
     from reuse_compiler.cli import main
 
     out = tmp_path / "f.onnx"
-    args = ["export", "reuse_compiler.models:functional_net", "--input-shape", "2,3,16,16", "-o", str(out)]
+    args = ["export", "reuse_compiler.models:functional_net", "--input-shape", input_shape, "-o", str(out)]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert str(out) in text and "max|onnxruntime - torch|" in text and out.exists()
