@@ -95,10 +95,11 @@ def trace(model: nn.Module, args: tuple, leaves=()) -> fx.GraphModule:
             ShapeProp(gm).propagate(*args)
     except Exception as e:
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+        cause = e.__cause__ or e  # ShapeProp wraps the model's own error in a dump of the node
         raise ValueError(
-            f"reuse_compile: running {name} on example_input (shapes {shapes}) failed: {e}. "
-            f"Pass an example batch the model accepts (ideally one training batch)."
-        ) from e
+            f"reuse_compile: running {name} on example_input (shapes {shapes}) failed: "
+            f"{type(cause).__name__}: {cause}. Pass an example batch the model accepts (ideally one training batch)."
+        ) from cause
     finally:
         for m, mode in was_training:
             m.training = mode
@@ -121,6 +122,8 @@ class ConvSite:
     groups: int
     bias: bool
     padding_mode: str = "zeros"
+    custom_forward: bool = False  # a Conv2d subclass with its own forward, called as one module
+    module_type: str = "Conv2d"
 
 
 def _pair(v) -> tuple[int, int]:
@@ -158,18 +161,27 @@ def _shape(node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def find_convs(gm: fx.GraphModule) -> list[ConvSite]:
-    """Every nn.Conv2d module call and F.conv2d call, in graph order."""
+def find_convs(gm: fx.GraphModule, conv_paths=()) -> list[ConvSite]:
+    """Every nn.Conv2d module call and F.conv2d call, in graph order. ``conv_paths``: the
+    paths of the traced model's Conv2d modules (fx keeps only their parameters), after which
+    an F.conv2d on one's weight (a Conv2d subclass traced into) is named."""
     modules = dict(gm.named_modules())
+    conv_paths = set(conv_paths)
     sites, seen = [], {}
+
+    def row_name(path: str) -> str:  # a module called more than once: path, path:1, ...
+        count = seen.get(path, 0)
+        seen[path] = count + 1
+        return path if count == 0 else f"{path}:{count}"
+
     for node in gm.graph.nodes:
-        if node.op == "call_module" and type(modules.get(node.target)) is nn.Conv2d:
+        if node.op == "call_module" and isinstance(modules.get(node.target), nn.Conv2d):
+            # a Conv2d subclass is traced into (its F.conv2d is a site below) unless it is a
+            # leaf (excluded, or torch's own, e.g. a QAT conv): then its forward may differ
             m = modules[node.target]
-            count = seen.get(node.target, 0)
-            seen[node.target] = count + 1
             sites.append(
                 ConvSite(
-                    name=node.target if count == 0 else f"{node.target}:{count}",
+                    name=row_name(node.target),
                     node=node.name,
                     kind="module",
                     in_shape=_shape(node.args[0]),
@@ -181,6 +193,8 @@ def find_convs(gm: fx.GraphModule) -> list[ConvSite]:
                     groups=m.groups,
                     bias=m.bias is not None,
                     padding_mode=m.padding_mode,
+                    custom_forward=type(m).forward is not nn.Conv2d.forward,
+                    module_type=type(m).__name__,
                 )
             )
         elif node.op == "call_function" and node.target in (torch.conv2d, F.conv2d):
@@ -190,9 +204,15 @@ def find_convs(gm: fx.GraphModule) -> list[ConvSite]:
             if wshape is None:
                 continue
             dil = _pair(kw.get("dilation", 1))
+            # named after the Conv2d module it runs in (a subclass traced into), or whose weight
+            # it reads (a functional call on a conv's own weight), else after the node
+            stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values() if v[0] in conv_paths]
+            owner = stack[-1] if stack else None
+            if owner is None and isinstance(w, fx.Node) and w.op == "get_attr" and w.target.endswith(".weight"):
+                owner = w.target.rsplit(".", 1)[0] if w.target.rsplit(".", 1)[0] in conv_paths else None
             sites.append(
                 ConvSite(
-                    name=node.name,
+                    name=node.name if owner is None else row_name(owner),
                     node=node.name,
                     kind="function",
                     in_shape=_shape(kw.get("input")),

@@ -99,6 +99,8 @@ def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: b
     chain = {"record": record, "centroid": cfg.centroid, "hashing": cfg.hashing, "norm_grad": cfg.norm_grad}
     with graph.inserting_before(node):
         x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
+        if record:  # F.conv2d's checks of its input (exported graphs leave them to the runtime)
+            _node(graph, _ops.check_input.default, (x, row.in_channels, row.name), f"{base}_check")
         g = row.groups
         if g == 1:
             out = emit_reuse_conv(graph, x, w, b, row, scope, base, **chain)

@@ -28,9 +28,27 @@ __all__ = ["reuse_compile", "set_stage", "MAX_GROUPS"]
 MAX_GROUPS = 8
 
 
+def _module_of(name: str) -> str:
+    """The module path of a plan row's name: a module called more than once has rows
+    ``c``, ``c:1``, ..., and ``exclude`` / ``L`` / ``H`` given for ``c`` apply to every call."""
+    return name.split(":")[0]
+
+
+def _for_layer(config: ReuseConfig, field_name: str, name: str):
+    """``config``'s fixed L or H for the row ``name``: for the call itself (``c:1``) if given,
+    else for its module (``c``)."""
+    v = config.for_layer(field_name, name)
+    return config.for_layer(field_name, _module_of(name)) if v is None else v
+
+
 def _not_rewritable(site: ConvSite, config: ReuseConfig) -> str | None:
-    if site.name in config.exclude:
+    if site.name in config.exclude or _module_of(site.name) in config.exclude:
         return "excluded by ReuseConfig.exclude"
+    if site.custom_forward:
+        return (
+            f"a {site.module_type} (a Conv2d subclass with its own forward) run as one module; kept exact. "
+            "Let torch.fx trace into it (its F.conv2d is then rewritten) or list it in exclude"
+        )
     if site.padding_mode != "zeros":
         return f"padding_mode={site.padding_mode!r} (the lazy im2col zero-pads); kept exact"
     if site.in_shape is None or len(site.in_shape) != 4:
@@ -62,15 +80,21 @@ def _plan_row(site: ConvSite, first: bool, config: ReuseConfig) -> LayerPlan:
         row.exact = True
         return row
     row.L_range = policies.l_range(kw, cg, first)
-    row.H_range = policies.h_range(row.N)
+    # Policy 2's N: the rows of the set being clustered (one image's with scope "input")
+    row.H_range = policies.h_range(row.N // Nb if config.scope == "input" and Nb else row.N)
     row.L_values = policies.l_values(*row.L_range, kh=kh, kw=kw, in_channels=cg, mode=config.l_values)
     row.candidates = policies.candidates(row.L_values, list(range(row.H_range[0], row.H_range[1] + 1)), row.M)
     L0, H0 = row.candidates[0]
-    row.L = config.for_layer("L", row.name) or L0
-    row.H = config.for_layer("H", row.name) or H0
+    row.L = _for_layer(config, "L", row.name) or L0
+    row.H = _for_layer(config, "H", row.name) or H0
     _check_LH(row, row.L, row.H, "ReuseConfig")
     row.cluster_reuse = config.scope == "across-batch"
     return row
+
+
+def _layer_state(name: str, config: ReuseConfig) -> ReuseLayer:
+    """A rewritten layer's runtime state (measurements, hasher, across-batch store)."""
+    return ReuseLayer(name, config.seed, config.cache_size, config.refresh, config.hashing, config.hash_refresh)
 
 
 def _check_LH(row: LayerPlan, L, H, who: str) -> None:
@@ -127,6 +151,11 @@ def reuse_compile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"reuse_compile: model must be a torch.nn.Module, got {type(model).__name__}")
+    if hasattr(model, "reuse_plan"):
+        raise TypeError(
+            "reuse_compile: model is already compiled (it has a reuse_plan); compile the original model "
+            "(it is left untouched unless inplace=True), or change this one's stages with set_stage"
+        )
     config = ReuseConfig() if config is None else config
     if not isinstance(config, ReuseConfig):
         raise TypeError(f"reuse_compile: config must be a ReuseConfig, got {type(config).__name__}")
@@ -138,7 +167,7 @@ def reuse_compile(
         )
     target = model if inplace else copy.deepcopy(model)
     gm = trace(target, args, leaves=config.exclude)
-    sites = find_convs(gm)
+    sites = find_convs(gm, [n for n, m in target.named_modules() if isinstance(m, nn.Conv2d)])
     rows = [_plan_row(site, i == 0, config) for i, site in enumerate(sites)]
     for name in _excluded_convs(target, config.exclude):
         rows.append(
@@ -174,9 +203,7 @@ def reuse_compile(
     gm.add_module("reuse_state", nn.Module())
     for row in rows:
         if row.rewritable:
-            state = ReuseLayer(
-                row.name, config.seed, config.cache_size, config.refresh, config.hashing, config.hash_refresh
-            )
+            state = _layer_state(row.name, config)
             state.set_params(row.L, row.H)
             _register(gm, state_path(row.name), state)
     gm.reuse_plan = ReusePlan(rows, measure=_measure(gm))
@@ -295,8 +322,8 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
             row.reason, row.exact = f"measured policy: {why}", True
             continue
         row.candidates = [(c["L"], c["H"]) for c in kept]
-        row.L = config.for_layer("L", row.name) or row.candidates[0][0]
-        row.H = config.for_layer("H", row.name) or row.candidates[0][1]
+        row.L = _for_layer(config, "L", row.name) or row.candidates[0][0]
+        row.H = _for_layer(config, "H", row.name) or row.candidates[0][1]
 
 
 def _resolve(gm, node):

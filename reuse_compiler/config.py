@@ -39,6 +39,26 @@ def _check_int_or_map(name: str, value, lo: int, hi: int | None) -> None:
             )
 
 
+def _names(name: str, value) -> list[str]:
+    """A list-of-names field: None is the empty list (the default); any other iterable of str
+    (list, tuple, set, generator) becomes a list; anything else is a ValueError naming the field."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        example = [value] if isinstance(value, str) else ["conv1"]
+        raise ValueError(
+            f"ReuseConfig.{name} must be a list of layer or module names (str), e.g. {example!r}; "
+            f"got {type(value).__name__} {value!r}"
+        )
+    items = list(value)
+    bad = [e for e in items if not isinstance(e, str)]
+    if bad:
+        raise ValueError(
+            f"ReuseConfig.{name} must be a list of layer or module names (str); got {value!r} (not names: {bad!r})"
+        )
+    return items
+
+
 @dataclass
 class ReuseConfig:
     """Configuration of :func:`reuse_compiler.reuse_compile`.
@@ -51,7 +71,7 @@ class ReuseConfig:
             "across-batch" (Algorithm 1: reuse stored centroid outputs across batches).
         seed: seed of the hash planes (one family per layer and (L, H)).
         exclude: layer names (convolutions, or any submodule: it is then not traced and
-            its convolutions stay exact) kept exact.
+            its convolutions stay exact) kept exact; any iterable of names, None for none.
         cache_size: across-batch store capacity per layer and sub-matrix, in clusters.
         refresh: across-batch: stored outputs are recomputed for the current weights at
             least every ``refresh`` training steps (default 1: every step; larger values let
@@ -93,7 +113,7 @@ class ReuseConfig:
     H: int | dict[str, int] | None = None
     scope: str = "batch"
     seed: int = 0
-    exclude: list[str] | tuple[str, ...] = field(default_factory=list)
+    exclude: list[str] | tuple[str, ...] | None = field(default_factory=list)
     cache_size: int = 65536
     refresh: int = 1
     l_values: str = "fast"
@@ -113,9 +133,7 @@ class ReuseConfig:
             raise ValueError(f"ReuseConfig.scope must be one of {', '.join(map(repr, SCOPES))}; got {self.scope!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"ReuseConfig.seed must be an int; got {self.seed!r}")
-        if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
-            raise ValueError(f"ReuseConfig.exclude must be a list of layer or module names; got {self.exclude!r}")
-        self.exclude = list(self.exclude)
+        self.exclude = _names("exclude", self.exclude)
         if self.policy not in POLICIES:
             raise ValueError(f"ReuseConfig.policy must be one of {', '.join(map(repr, POLICIES))}; got {self.policy!r}")
         if self.centroid not in CENTROIDS:

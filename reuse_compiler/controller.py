@@ -242,13 +242,17 @@ class AdaptiveReuse:
         # candidate could pass an amendment, so none is probed (same decision, no probe
         # forwards). A callable probe may return any score: its candidates are all probed.
         reachable = callable(self.probe) or _passes_31_32(1.0, a_cur) or _passes_33(1.0, a_cur)
-        for j in range(i + 1, len(cands) if reachable else i + 1):
-            set_stage(self.gm, name, L=cands[j][0], H=cands[j][1])
-            a_j = self._probe()
-            trials.append((j, a_j))
-            if _passes_31_32(a_j, a_cur):
-                chosen, rule = j, "amendment 3.1" if a_cur < 0.5 else "amendment 3.2"
-                break
+        try:
+            for j in range(i + 1, len(cands) if reachable else i + 1):
+                set_stage(self.gm, name, L=cands[j][0], H=cands[j][1])
+                a_j = self._probe()
+                trials.append((j, a_j))
+                if _passes_31_32(a_j, a_cur):
+                    chosen, rule = j, "amendment 3.1" if a_cur < 0.5 else "amendment 3.2"
+                    break
+        except BaseException:  # a failed probe (an error, Ctrl-C) leaves the layer where it was
+            set_stage(self.gm, name, L=old["L"], H=old["H"])
+            raise
         if chosen is None:
             for j, a_j in trials:
                 if _passes_33(a_j, a_cur):

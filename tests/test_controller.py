@@ -349,3 +349,28 @@ def test_cluster_reuse_training_does_not_diverge():
         opt.step()
         losses.append(loss.item())
     assert max(losses) < 5 * losses[0]
+
+
+@pytest.mark.parametrize("fail_at", [2, 4])
+def test_a_failed_probe_leaves_the_layer_at_its_stage(fail_at):
+    """An error (or Ctrl-C) inside a probe restores the stage the probe had set aside."""
+    from reuse_compiler import stage_dict
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 16, 16)
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=16, width=0.25), x)
+    calls = {"n": 0}
+
+    def probe(g):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise KeyboardInterrupt
+        return 0.01
+
+    ctl = AdaptiveReuse(gm, "lh", probe=probe, patience=0)
+    before = stage_dict(gm)
+    ctl.step(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        ctl.step(2.0)
+    assert stage_dict(gm) == before and ctl.history == []
+    assert all(gm.reuse_plan[n].stage == 0 for n in ("conv1", "conv2"))

@@ -77,17 +77,38 @@ def _assert_same(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("scope", ["batch", "input"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nan_inf_input_propagates_like_stock(compiled, bad):
-    model, gm = compiled
+def test_nan_inf_input_propagates_like_stock(bad, scope):
+    """The bad image's logits are non-finite, as with stock; no other image's are (its
+    sub-vectors get clusters of their own, so batch-scope clusters do not spread it)."""
+    torch.manual_seed(0)
+    model = cifarnet(in_channels=1, image_size=28)
+    gm = reuse_compile(model, torch.randn(16, 1, 28, 28), config=ReuseConfig(scope=scope))
     x = torch.randn(16, 1, 28, 28)
     x[3, 0, 5, 5] = bad
     before = _params(gm)
-    y = gm(x)
-    assert y.shape == (16, 10)
-    assert not torch.isfinite(y[3]).all()  # stock conv propagates it too
-    assert not torch.isfinite(model(x)[3]).all()
+    for mode in (gm.train, gm.eval):
+        mode()
+        y, ys = gm(x), model(x)
+        assert y.shape == (16, 10)
+        bad_images = (~torch.isfinite(y)).any(1).nonzero().flatten().tolist()
+        assert bad_images == (~torch.isfinite(ys)).any(1).nonzero().flatten().tolist() == [3]
     _assert_same(before, _params(gm))
+
+
+def test_across_batch_store_keeps_nan_out():
+    """One NaN batch in training does not reach later batches through the cluster store."""
+    torch.manual_seed(0)
+    model = cifarnet(in_channels=1, image_size=28)
+    gm = reuse_compile(model, torch.randn(8, 1, 28, 28), config=ReuseConfig(scope="across-batch"))
+    x = torch.randn(8, 1, 28, 28)
+    x[0, 0, 3, 3] = float("nan")
+    gm(x)
+    for _ in range(3):
+        assert torch.isfinite(gm(torch.randn(8, 1, 28, 28))).all()
+    gm.eval()
+    assert torch.isfinite(gm(torch.randn(8, 1, 28, 28))).all()
 
 
 def test_all_zero_images(compiled):
@@ -232,3 +253,28 @@ def test_extension_build_uses_the_ninja_next_to_python(tmp_path, monkeypatch):
     assert seen["path"].split(os.pathsep)[0] == str(fake_bin)
     extension._build()  # not prepended twice
     assert os.environ["PATH"].split(os.pathsep).count(str(fake_bin)) == 1
+
+
+@pytest.mark.parametrize(
+    "conv,config",
+    [
+        (nn.Conv2d(4, 8, 3, groups=2), ReuseConfig()),  # each group reads a slice of C / groups channels
+        (nn.Conv2d(3, 8, 3), ReuseConfig(L=27)),  # one sub-vector per window
+        (nn.Conv2d(3, 8, 3), ReuseConfig()),
+    ],
+)
+@pytest.mark.parametrize("channels", [1, 5, 8])
+def test_wrong_channel_count_is_an_error_as_in_stock(conv, config, channels):
+    torch.manual_seed(0)
+    model = nn.Sequential(conv)
+    gm = reuse_compile(model, torch.randn(4, conv.in_channels, 8, 8), config=config)
+    assert not gm.reuse_plan["0"].exact
+    x = torch.randn(4, channels, 8, 8)
+    with pytest.raises(RuntimeError, match="channels"):
+        model(x)
+    with pytest.raises(
+        ValueError, match=rf"layer '0' expected input\[4, {channels}, 8, 8\] to have {conv.in_channels} channels"
+    ):
+        gm(x)
+    with pytest.raises(ValueError, match=r"4-D .*x\.unsqueeze"):
+        gm(torch.randn(conv.in_channels, 8, 8))

@@ -416,3 +416,86 @@ def test_whole_module_pickles_and_goes_on_training(tmp_path, hashing):
     gm3 = pickle.loads(pickle.dumps(copy.deepcopy(gm2)))
     assert gm3.reuse_plan["conv2"].exact and gm3.reuse_plan._measure is not None
     torch.testing.assert_close(gm3(x), gm2(x), rtol=0, atol=0)
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.c(x)))
+
+
+def test_a_module_called_twice_is_configured_by_its_name():
+    """exclude / L / H given for module ``c`` apply to both of its calls (rows c, c:1); a
+    value for ``c:1`` itself wins over the module's."""
+    x = torch.randn(2, 4, 8, 8)
+    gm = reuse_compile(_Shared(), x, config=ReuseConfig(exclude=["c"]))
+    assert [(r.name, r.exact) for r in gm.reuse_plan] == [("c", True), ("c:1", True)]
+    gm = reuse_compile(_Shared(), x, config=ReuseConfig(L={"c": 3}, H={"c": 4, "c:1": 5}))
+    assert [(r.name, r.L, r.H) for r in gm.reuse_plan] == [("c", 3, 4), ("c:1", 3, 5)]
+
+
+class _MyConv(nn.Conv2d):
+    pass
+
+
+class _Standardised(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _SubclassNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = _MyConv(3, 8, 3, padding=1)
+        self.body = _Standardised(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+def test_conv2d_subclasses_are_rows_named_after_their_module():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = _SubclassNet()
+    gm = reuse_compile(model, x, config=ReuseConfig(L={"stem": 3}))
+    rows = {r.name: r for r in gm.reuse_plan}
+    assert set(rows) == {"stem", "body"} and rows["stem"].L == 3
+    assert not rows["stem"].exact
+    # body's own forward runs as traced: its F.conv2d on the standardised weight is the site
+    set_stage(gm, "stem", exact=True)
+    gm_exact = reuse_compile(model, x, config=ReuseConfig(exclude=["stem", "body"]))
+    assert [(r.name, r.exact, r.reason) for r in gm_exact.reuse_plan] == [
+        ("stem", True, "excluded by ReuseConfig.exclude"),
+        ("body", True, "excluded by ReuseConfig.exclude"),
+    ]
+    torch.testing.assert_close(gm_exact(x), model(x))
+
+
+def test_compiling_a_compiled_module_is_refused():
+    x = torch.randn(2, 4, 8, 8)
+    gm = reuse_compile(_Shared(), x)
+    with pytest.raises(TypeError, match="already compiled.*set_stage"):
+        reuse_compile(gm, x)
+
+
+def test_input_scope_takes_h_range_from_one_image():
+    """Policy 2's N is the rows of the set being clustered: one image's with scope "input"."""
+    from reuse_compiler import policies
+
+    x = torch.randn(16, 1, 16, 16)
+    model = cifarnet(in_channels=1, image_size=16)
+    per_batch = reuse_compile(model, x).reuse_plan["conv1"]
+    per_image = reuse_compile(model, x, config=ReuseConfig(scope="input")).reuse_plan["conv1"]
+    assert per_batch.N == per_image.N == 16 * 16 * 16
+    assert per_batch.H_range == policies.h_range(16 * 16 * 16)
+    assert per_image.H_range == policies.h_range(16 * 16) != per_batch.H_range
+
+
+def test_a_bad_example_batch_names_the_models_own_error():
+    with pytest.raises(ValueError, match=r"failed: RuntimeError: Given groups=1.*to have 1 channels") as e:
+        reuse_compile(cifarnet(in_channels=1, image_size=16), torch.randn(2, 3, 16, 16))
+    assert "ShapeProp" not in str(e.value)
