@@ -40,6 +40,8 @@ import math
 import torch
 from torch import fx
 
+from reuse_compiler.passes.conv_rewrite import state_path
+from reuse_compiler.runtime.dist import collective_device
 from reuse_compiler.runtime.dist import group as distributed_group
 
 from .api import _compiled, set_stage
@@ -132,6 +134,10 @@ class AdaptiveReuse:
                 set_stage(gm, name, L=L, H=H, cluster_reuse=False, exact=False)
         elif strategy == "cr":
             set_stage(gm, cluster_reuse=True, exact=False)
+        else:  # "fixed": Table IV's strategy 1, without cluster reuse (as "lh")
+            for name in self.layers:
+                if self.plan[name].cluster_reuse:
+                    set_stage(gm, name, cluster_reuse=False)
 
     # ------------------------------------------------------------------ plateaus
 
@@ -147,7 +153,7 @@ class AdaptiveReuse:
         value = float(loss)
         d = distributed_group()
         if d is not None:
-            t = torch.tensor([value], dtype=torch.float64)
+            t = torch.tensor([value], dtype=torch.float64, device=collective_device())
             d.all_reduce(t)
             value = t.item() / d.get_world_size()
         self._buffer.append(value)
@@ -242,6 +248,16 @@ class AdaptiveReuse:
         # candidate could pass an amendment, so none is probed (same decision, no probe
         # forwards). A callable probe may return any score: its candidates are all probed.
         reachable = callable(self.probe) or _passes_31_32(1.0, a_cur) or _passes_33(1.0, a_cur)
+        # the probes' set_stage calls empty the layer's measurements: kept, and restored with
+        # the stage (the plan's r_c stays the training batches', as _probe keeps the others')
+        state = self.gm.get_submodule(state_path(name))
+        kept = (dict(state.last_counts), row.r_c, row.reuse_rate, row.flop_ratio)
+
+        def back() -> None:
+            set_stage(self.gm, name, L=old["L"], H=old["H"])
+            state.last_counts = dict(kept[0])
+            row.r_c, row.reuse_rate, row.flop_ratio = kept[1:]
+
         try:
             for j in range(i + 1, len(cands) if reachable else i + 1):
                 set_stage(self.gm, name, L=cands[j][0], H=cands[j][1])
@@ -251,7 +267,7 @@ class AdaptiveReuse:
                     chosen, rule = j, "amendment 3.1" if a_cur < 0.5 else "amendment 3.2"
                     break
         except BaseException:  # a failed probe (an error, Ctrl-C) leaves the layer where it was
-            set_stage(self.gm, name, L=old["L"], H=old["H"])
+            back()
             raise
         if chosen is None:
             for j, a_j in trials:
@@ -262,10 +278,10 @@ class AdaptiveReuse:
         if chosen is not None:
             new = {**old, "L": cands[chosen][0], "H": cands[chosen][1], "exact": False}
             a_new = dict(trials)[chosen]
-            set_stage(self.gm, name, L=old["L"], H=old["H"])  # applied with the others
+            back()  # applied with the others
             return self._change(name, old, new, rule, A_cur=a_cur, A_new=a_new, probes=probes)
         # 3.3 found nothing (or no candidate is left): the layer's walk ends here
-        set_stage(self.gm, name, L=old["L"], H=old["H"])
+        back()
         new = {**old, "exact": True} if self.finish == "exact" else old
         why = "last candidate" if i == len(cands) - 1 else "no candidate passes 3.3"
         extra = {} if reachable else {"unreachable": True}
@@ -329,14 +345,19 @@ class AdaptiveReuse:
             set_stage(self.gm, name, **stage)
 
 
+# The amendments' thresholds are met with a rounding allowance: accuracies are ratios of
+# counts in floating point, and 0.7 - 0.6 is 0.09999999999999998 (an exact gain of 0.1 failed).
+_EPS = 1e-9
+
+
 def _passes_31_32(a_j: float, a_cur: float) -> bool:
     """Amendment 3.1 (A_cur < 0.5: A_j / A_cur >= 1.5) or 3.2 (A_cur >= 0.5: A_j - A_cur >= 0.1)."""
-    return (a_cur < 0.5 and _ratio(a_j, a_cur) >= 1.5) or (a_cur >= 0.5 and a_j - a_cur >= 0.1)
+    return (a_cur < 0.5 and _ratio(a_j, a_cur) >= 1.5 - _EPS) or (a_cur >= 0.5 and a_j - a_cur >= 0.1 - _EPS)
 
 
 def _passes_33(a_j: float, a_cur: float) -> bool:
     """Amendment 3.3: A_j / A_cur >= 1.1."""
-    return _ratio(a_j, a_cur) >= 1.1
+    return _ratio(a_j, a_cur) >= 1.1 - _EPS
 
 
 def _ratio(a: float, b: float) -> float:

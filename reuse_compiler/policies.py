@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 from reuse_compiler.runtime.geometry import block_kind
 
@@ -70,9 +71,10 @@ def candidates(Ls: list[int], Hs: list[int], M: int) -> list[tuple[int, int]]:
     ``Hs`` ascending."""
     i = j = 0
     out = [(Ls[0], Hs[0])]
+    # exact fractions: in floats a true tie (1/8 - 1/12 = 1/24 against M = 24) fell either way
     while i < len(Ls) - 1 or j < len(Hs) - 1:
-        d_l = 1 / Ls[i + 1] - 1 / Ls[i] if i < len(Ls) - 1 else math.inf
-        d_h = (Hs[j + 1] - Hs[j]) / M if j < len(Hs) - 1 else math.inf
+        d_l = Fraction(1, Ls[i + 1]) - Fraction(1, Ls[i]) if i < len(Ls) - 1 else math.inf
+        d_h = Fraction(Hs[j + 1] - Hs[j], M) if j < len(Hs) - 1 else math.inf
         if d_l <= d_h:
             i += 1
         else:

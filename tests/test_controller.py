@@ -182,6 +182,15 @@ def test_fixed_strategy_keeps_stage():
     assert (gm.reuse_plan["0"].L, gm.reuse_plan["0"].H) == before and ctl.history == [] and ctl.done
 
 
+def test_fixed_strategy_runs_without_cluster_reuse():
+    """Table IV's strategy 1: a compiled across-batch stage has its store turned off."""
+    torch.manual_seed(0)
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=16, width=0.25), torch.randn(8, 1, 16, 16))
+    set_stage(gm, cluster_reuse=True)
+    AdaptiveReuse(gm, "fixed", patience=0)
+    assert [r.cluster_reuse for r in gm.reuse_plan] == [False, False]
+
+
 def test_bad_arguments():
     gm = _one_layer()
     with pytest.raises(ValueError, match="strategy"):
@@ -374,3 +383,34 @@ def test_a_failed_probe_leaves_the_layer_at_its_stage(fail_at):
         ctl.step(2.0)
     assert stage_dict(gm) == before and ctl.history == []
     assert all(gm.reuse_plan[n].stage == 0 for n in ("conv1", "conv2"))
+
+
+@pytest.mark.parametrize(
+    "accs,stage,rule",
+    [
+        ({0: 0.6, 1: 0.7, 2: 0.8}, 1, "amendment 3.2"),  # 0.7 - 0.6 is 0.0999... in floats
+        ({0: 0.2, 1: 0.3, 2: 0.9}, 1, "amendment 3.1"),  # 0.3 / 0.2 = 1.4999... in floats
+        ({0: 0.7, 1: 0.77, 2: 0.78}, 1, "amendment 3.3"),  # 0.77 / 0.7 = 1.0999...
+    ],
+)
+def test_lh_amendments_hold_at_their_exact_thresholds(accs, stage, rule):
+    gm = _one_layer()
+    probe = ScriptedProbe({**{k: accs[2] for k in range(3, 8)}, **accs, -1: accs[2]})
+    ctl = AdaptiveReuse(gm, "lh", probe=probe, patience=0)
+    ctl.step(1.0)
+    _plateau(ctl)
+    assert ctl.history[-1]["rule"] == rule and gm.reuse_plan["0"].stage == stage
+
+
+def test_probes_leave_the_plans_r_c_as_it_was():
+    """A walk that ends at the stage it had keeps the r_c of the training batches."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 16, 16)
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=16, width=0.25), x)
+    ctl = AdaptiveReuse(gm, "lh", probe=lambda g: 0.5, patience=0)
+    gm(x)
+    before = {r.name: r.r_c for r in gm.reuse_plan}
+    ctl.step(1.0)
+    ctl.step(2.0)  # a plateau: every candidate probed, none passes 3.3
+    assert ctl.history and all(h["rule"].startswith("end") for h in ctl.history)
+    assert {r.name: r.r_c for r in gm.reuse_plan} == before

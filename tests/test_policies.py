@@ -94,3 +94,9 @@ def test_policy3_wide_layer_moves_l_first():
 
 def test_expected_cost_eq21():
     assert policies.expected_cost(L=40, H=9, M=64, r_c=0.05) == pytest.approx(9 / 64 + 0.05 + 1 / 40)
+
+
+def test_policy3_exact_ties_take_the_l_step():
+    """1/8 - 1/12 = 1/24 = one H step at M = 24: a tie, decided exactly (in floats the H step won)."""
+    cands = policies.candidates([24, 12, 8, 6], [5, 6, 7], 24)
+    assert cands[:4] == [(24, 5), (12, 5), (8, 5), (6, 5)]
