@@ -609,8 +609,8 @@ def cmd_table3(ctx: Ctx) -> dict:
         f"compiled module (eval mode); one layer at (L, H), the other exact. Exact accuracy **{exact:.4f}**. "
         "CR=0: scope 'batch'; CR=1: scope 'across-batch' (Algorithm 1), the store starts empty and fills. "
         "R after batch j: share of batch j's clusters found in the store. The paper's conv2 used L=10, which has "
-        "no fast path here; L=16 (the nearest fast-path value) is the main row, L=10 (general path) is added "
-        "where run.\n\n"
+        "no fast path here; L=16 (a nearby fast-path value; L=8 is nearer) is the main row, L=10 (general path) "
+        "is added where run.\n\n"
         + md_table(
             ["layer", "L", "H", "r_c (CR=0)", "acc CR=0", "acc CR=1", "CR=1 - CR=0"]
             + [f"R batch {m}" for m in marks]
