@@ -30,6 +30,11 @@ controller: the main job's controller keeps its first stage on CifarNet anyway).
 Accuracy is the test accuracy of the trained weights in the stock model (exact
 convolutions), after every epoch. The figure of merit is its mean over the second half of
 training (epochs 6-12 of 12), which is less noisy than one epoch on a 1,000-digit test split.
+With ``--epochs`` above 12 the report adds, against ``stock`` (or the first variant): each
+variant's mean per epoch window (6-12, then 6 epochs each: 13-18, 19-24, ...) with its
+difference and the number of seeds below; the median training loss at each window's end;
+and per seed the first epoch at which each run reaches stock's epoch-12 accuracy.
+``--report-only`` prints the report of a saved ``--out`` JSON without training.
 Timing is not measured here (the variants with an exact convolution beside the chain are
 slower by construction). Deterministic: a variant's curves repeat exactly.
 
@@ -37,6 +42,7 @@ slower by construction). Deterministic: a variant's curves repeat exactly.
     python benchmarks/accuracy_gap.py --seeds 7 1 5 --variants stage:64:9 stage:64:10
     python benchmarks/accuracy_gap.py --model alexnet --epochs 4 --variants stock reuse --norm-grad on
     python benchmarks/accuracy_gap.py --model alexnet --epochs 4 --variants stock reuse --freeze features.0 features.3
+    python benchmarks/accuracy_gap.py --out runs/gap_s16/long24.json --report-only
 """
 
 from __future__ import annotations
@@ -249,12 +255,114 @@ def run(variant: str, seed: int, args) -> dict:
     return {"train_loss": losses, "test_acc": accs, "stages": stages}
 
 
+REF_EPOCH = 12  # the main job's epochs (examples/train.py --epochs)
+
+
+def windows(epochs: int) -> list[tuple[int, int]]:
+    """Epoch windows (first, last; counted from 1) of the long-run tables: the 12-epoch
+    figure of merit's epochs 6-12, then 6 epochs each (13-18, 19-24, ...; the last one
+    shorter where the run ends inside it)."""
+    return [(REF_EPOCH // 2, REF_EPOCH)] + [(a, min(a + 5, epochs)) for a in range(REF_EPOCH + 1, epochs + 1, 6)]
+
+
+def seed_line(v: str, seed: int, r: dict, epochs: int) -> str:
+    half = max(1, epochs // 2)
+    return (
+        f"seed {seed} {v:>12}: mean acc epochs {half}-{epochs} "
+        f"{statistics.mean(r['test_acc'][half - 1 :]):.4f}  final loss {r['train_loss'][-1]:.3f}  "
+        f"acc {' '.join(f'{a:.3f}' for a in r['test_acc'])}  {r['stages'] or ''}"
+    )
+
+
+def report(results: dict, seeds, variants, epochs: int) -> str:
+    """The summary table (each variant's mean accuracy over the second half of training,
+    per seed, against the first variant) and, for runs longer than 12 epochs, the long-run
+    tables (:func:`long_report`)."""
+    half = max(1, epochs // 2)
+    lines = [
+        f"\nmean test accuracy over epochs {half}-{epochs}:",
+        f"| variant | {' | '.join(f'seed {s}' for s in seeds)} | mean | vs {variants[0]} |",
+        "|---|" + "---:|" * (len(seeds) + 2),
+    ]
+    ref = None
+    for v in variants:
+        m = [statistics.mean(results[f"{v}/{s}"]["test_acc"][half - 1 :]) for s in seeds]
+        ref = statistics.mean(m) if ref is None else ref
+        diff = 100 * (statistics.mean(m) - ref)
+        lines.append(f"| {v} | {' | '.join(f'{a:.4f}' for a in m)} | {statistics.mean(m):.4f} | {diff:+.2f} pts |")
+    if epochs > REF_EPOCH:
+        lines += ["", long_report(results, seeds, variants, epochs)]
+    return "\n".join(lines)
+
+
+def first_epoch(accs, target: float) -> int | None:
+    """The first epoch (counted from 1) whose accuracy >= target."""
+    return next((i for i, a in enumerate(accs, 1) if a >= target - 1e-9), None)
+
+
+def long_report(results: dict, seeds, variants, epochs: int) -> str:
+    """For runs longer than 12 epochs, against ``stock`` (or the first variant where there
+    is no ``stock``): each variant's mean test accuracy per epoch window (:func:`windows`),
+    its difference to the reference and the number of seeds below the reference's mean in
+    that window; the median training loss over the seeds at each window's last epoch; and
+    per seed the first epoch at which each variant reaches the reference's epoch-12
+    accuracy."""
+    ref = "stock" if "stock" in variants else variants[0]
+    others = [v for v in variants if v != ref]
+    wins = windows(epochs)
+
+    def wmean(v, s, a, b):
+        return statistics.mean(results[f"{v}/{s}"]["test_acc"][a - 1 : b])
+
+    head = f"| epochs | {ref} |" + "".join(f" {v} | {v} - {ref} | {v}: seeds below {ref} |" for v in others)
+    lines = [
+        f"mean test accuracy per epoch window over {len(seeds)} seeds, against {ref}:",
+        head,
+        "|---|---:|" + "---:|---:|---:|" * len(others),
+    ]
+    for a, b in wins:
+        r = [wmean(ref, s, a, b) for s in seeds]
+        row = f"| {a}-{b} | {statistics.mean(r):.4f} |"
+        for v in others:
+            m = [wmean(v, s, a, b) for s in seeds]
+            below = sum(x < y for x, y in zip(m, r))
+            diff = 100 * (statistics.mean(m) - statistics.mean(r))
+            row += f" {statistics.mean(m):.4f} | {diff:+.2f} pts | {below} of {len(seeds)} |"
+        lines.append(row)
+    lines += [
+        "",
+        "median training loss over the seeds at the end of each window:",
+        "| epoch | " + " | ".join(variants) + " |",
+        "|---:|" + "---:|" * len(variants),
+    ]
+    for _, b in wins:
+        meds = [statistics.median(results[f"{v}/{s}"]["train_loss"][b - 1] for s in seeds) for v in variants]
+        lines.append(f"| {b} | " + " | ".join(f"{float(f'{m:.2g}'):f}".rstrip("0") for m in meds) + " |")
+    lines += [
+        "",
+        f"first epoch at which each run reaches {ref}'s epoch-{REF_EPOCH} accuracy (-: not within {epochs}):",
+        f"| seed | {ref}'s epoch-{REF_EPOCH} acc | " + " | ".join(variants) + " |",
+        "|---:|---:|" + "---:|" * len(variants),
+    ]
+    reached = dict.fromkeys(variants, 0)
+    for s in seeds:
+        target = results[f"{ref}/{s}"]["test_acc"][REF_EPOCH - 1]
+        hits = [first_epoch(results[f"{v}/{s}"]["test_acc"], target) for v in variants]
+        for v, h in zip(variants, hits):
+            reached[v] += h is not None
+        lines.append(f"| {s} | {target:.4f} | " + " | ".join("-" if h is None else str(h) for h in hits) + " |")
+    lines.append("reached in: " + ", ".join(f"{v} {reached[v]} of {len(seeds)} seeds" for v in variants))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cifarnet", choices=sorted(MODELS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[7, 1, 5])
     ap.add_argument("--variants", nargs="+", default=["stock", "reuse", "fwd", "bwd"])
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument(
+        "--epochs", type=int, default=12, help="above 12: also the per-window tables against stock (see above)"
+    )
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--layer", default="conv2", help="the layer a stage:L:H variant fixes")
     ap.add_argument("--exclude", nargs="*", default=[], help="layers kept exact")
@@ -264,7 +372,29 @@ def main(argv=None):
     )
     ap.add_argument("--centroid", choices=["norm", "mean"], default="norm", help="mean needs --norm-grad on")
     ap.add_argument("--out", default=None, help="write the curves as JSON here")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-read the --out JSON of an earlier run and print its report (its own saved seeds, variants and "
+        "epochs; the other flags are ignored)",
+    )
     args = ap.parse_args(argv)
+    if args.report_only:
+        if not args.out:
+            ap.error("--report-only reads the JSON that --out names")
+        saved = json.loads(Path(args.out).read_text())
+        sa, results = saved["args"], saved["results"]
+        settings = ", ".join(f"{k} {sa[k]}" for k in ("model", "layer", "centroid", "norm_grad") if k in sa)
+        settings += "".join(f", {k} {' '.join(sa[k])}" for k in ("exclude", "freeze") if sa.get(k))
+        print(
+            f"# {args.out}: saved run of --seeds {' '.join(map(str, sa['seeds']))} --variants "
+            f"{' '.join(sa['variants'])} --epochs {sa['epochs']} ({settings})"
+        )
+        for seed in sa["seeds"]:
+            for v in sa["variants"]:
+                print(seed_line(v, seed, results[f"{v}/{seed}"], sa["epochs"]))
+        print(report(results, sa["seeds"], sa["variants"], sa["epochs"]))
+        return
     if args.centroid == "mean" and args.norm_grad == "off":
         ap.error("--centroid mean has no member norms: use --norm-grad on")
     if args.centroid == "mean" and {"stunit", "sumscale"} & set(args.variants):
@@ -282,25 +412,12 @@ def main(argv=None):
                 "warmup:S (N, S >= 1)"
             )
     logging.getLogger("reuse_compiler").setLevel(logging.ERROR)
-    half = max(1, args.epochs // 2)
     results = {}
     for seed in args.seeds:
         for v in args.variants:
             r = results[f"{v}/{seed}"] = run(v, seed, args)
-            print(
-                f"seed {seed} {v:>12}: mean acc epochs {half}-{args.epochs} "
-                f"{statistics.mean(r['test_acc'][half - 1 :]):.4f}  final loss {r['train_loss'][-1]:.3f}  "
-                f"acc {' '.join(f'{a:.3f}' for a in r['test_acc'])}  {r['stages'] or ''}",
-                flush=True,
-            )
-    print(f"\n| variant | {' | '.join(f'seed {s}' for s in args.seeds)} | mean | vs {args.variants[0]} |")
-    print("|---|" + "---:|" * (len(args.seeds) + 2))
-    ref = None
-    for v in args.variants:
-        m = [statistics.mean(results[f"{v}/{s}"]["test_acc"][half - 1 :]) for s in args.seeds]
-        ref = statistics.mean(m) if ref is None else ref
-        diff = 100 * (statistics.mean(m) - ref)
-        print(f"| {v} | {' | '.join(f'{a:.4f}' for a in m)} | {statistics.mean(m):.4f} | {diff:+.2f} pts |")
+            print(seed_line(v, seed, r, args.epochs), flush=True)
+    print(report(results, args.seeds, args.variants, args.epochs))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

@@ -4,8 +4,12 @@ final test accuracy on the real digits, over several seeds.
 Each seed runs the main job (``examples/train.py``: stock and reuse interleaved epoch by
 epoch by default, same initial weights and data order) and reads, from its per-epoch
 curves, the training wall time at which each run first reaches the stock run's final test
-accuracy (exact-convolution evaluation). The ratio reuse/stock of those times is the figure of merit (target <= 0.5);
-"not reached" counts as a miss. Extra arguments go to ``examples/train.py``.
+accuracy (exact-convolution evaluation), and the epoch at which each first reaches it. The
+ratio reuse/stock of those times is the figure of merit (target <= 0.5); "not reached"
+counts as a miss. Extra arguments go to ``examples/train.py``. The report's header and
+summary.json's "args" are the training flags read back from the runs' saved arguments
+(results.json "args"; flags at examples/train.py's current defaults left out), so a
+``--report-only`` rewrite labels the runs it reads, whatever its own command line.
 
     python benchmarks/end_to_end.py --seeds 0 1 2
     python benchmarks/end_to_end.py --seeds 0 1 2 -- --policy paper --l-values fast
@@ -24,7 +28,43 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.layers import machine_phase  # noqa: E402
+from examples.train import DEFAULT_MAX_ERROR, auto_norm_grad, build_parser  # noqa: E402
 from examples.train import main as train_main  # noqa: E402
+
+# saved arguments that differ from seed to seed or name the run's output, not its settings
+PER_RUN = ("seed", "out", "no_progress")
+
+
+def saved_flags(saved: dict) -> list[str]:
+    """examples/train.py's flags for a run's saved arguments (its results.json "args"):
+    every setting not at the script's current default, as it would be typed (the seed and
+    the output folder left out). A default resolved at run time (``--max-error``,
+    ``--norm-grad auto``) counts as the default; a saved argument the script no longer has
+    is shown as ``name=value``."""
+    parser = build_parser()
+    defaults = vars(parser.parse_args([]))
+    resolved = {
+        "max_error": DEFAULT_MAX_ERROR if saved.get("policy", defaults["policy"]) == "measured" else 0,
+        "norm_grad": auto_norm_grad(saved.get("model", defaults["model"])),
+    }
+    flags, known = [], set()
+    for action in parser._actions:
+        d = action.dest
+        known.add(d)
+        if d in PER_RUN or d == "help" or d not in saved:
+            continue
+        v = saved[d]
+        if v == defaults.get(d) or (d in resolved and defaults.get(d) in (None, "auto") and v == resolved[d]):
+            continue
+        opt = max(action.option_strings, key=len)
+        if action.nargs == 0:  # store_true / store_false
+            flags.append(opt)
+        elif isinstance(v, list):
+            flags += [opt, *map(str, v)]
+        else:
+            flags += [opt, str(v)]
+    flags += [f"{k}={v}" for k, v in saved.items() if k not in known and k not in PER_RUN]
+    return flags
 
 
 def epoch_to(rec: dict, target: float) -> int | None:
@@ -60,6 +100,7 @@ def acc_at(rec: dict, t: float) -> float | None:
 def row_of(seed: int, stock: dict, reuse: dict, tolerance: float, smooth: int = 3) -> dict:
     target = stock["epochs"][-1]["test_acc"]
     t_stock, t_reuse = time_to(stock, target), time_to(reuse, target)
+    stock_hit = epoch_to(stock, target)
     # secondary views (the figure of merit stays "ratio"): the same with the target lowered by
     # `tolerance`, and what stock had reached when the reuse run ended
     t_stock_tol, t_reuse_tol = time_to(stock, target - tolerance), time_to(reuse, target - tolerance)
@@ -77,6 +118,7 @@ def row_of(seed: int, stock: dict, reuse: dict, tolerance: float, smooth: int = 
         "ratio": None if t_reuse is None else t_reuse / t_stock,
         "tolerance": tolerance,
         "ratio_within_tolerance": None if t_reuse_tol is None else t_reuse_tol / t_stock_tol,
+        "stock_epoch_to_target": stock_hit,
         "reuse_epoch_to_target": hit,
         "stock_epochs": n_stock,
         "reuse_epochs": len(reuse["epochs"]),
@@ -107,6 +149,8 @@ def epoch_ratio(stock: dict, reuse: dict) -> float | None:
 
 
 def run(seeds, extra, out: Path, tolerance: float, report_only: bool = False, smooth: int = 3) -> list[dict]:
+    """One row per seed (:func:`row_of`), each with the run's saved training arguments
+    (``train_args``: results.json "args")."""
     rows = []
     for seed in seeds:
         path = out / f"seed{seed}"
@@ -117,6 +161,7 @@ def run(seeds, extra, out: Path, tolerance: float, report_only: bool = False, sm
             phase = machine_phase()
             res = train_main([*extra, "--seed", str(seed), "--no-progress", "--out", str(path)])
         rows.append(row_of(seed, res["stock"], res["reuse"], tolerance, smooth))
+        rows[-1]["train_args"] = res.get("args", {})
         if phase:
             rows[-1]["machine_phase_before"] = phase
     return rows
@@ -129,20 +174,40 @@ def median_with_misses(ratios) -> float | None:
     return None if med == float("inf") else med
 
 
+def run_flags(rows) -> list[str] | None:
+    """The training flags shared by every row's saved arguments (:func:`saved_flags`);
+    None when the seeds' runs differ in them."""
+    flags = [saved_flags(r.get("train_args") or {}) for r in rows]
+    return flags[0] if flags and all(f == flags[0] for f in flags) else None
+
+
 def report(rows, extra) -> str:
+    """The tables; ``extra``: the training flags that label the runs (:func:`run_flags`), or
+    None when the seeds' runs used different ones (then each seed's are listed)."""
+    if extra is None:
+        per_seed = "; ".join(
+            f"seed {r['seed']}: {' '.join(saved_flags(r.get('train_args') or {})) or '(defaults)'}" for r in rows
+        )
+        head = f"end-to-end: examples/train.py, the seeds' runs with different flags: {per_seed}"
+    else:
+        head = f"end-to-end: examples/train.py {' '.join(extra) or '(defaults)'}"
     lines = [
-        f"end-to-end: examples/train.py {' '.join(extra) or '(defaults)'}",
-        "| seed | stock final acc (target) | stock time to target (s) | reuse time to target (s) | ratio | "
+        head,
+        "| seed | stock final acc (target) | stock reaches it at epoch | reuse reaches it at epoch | "
+        "stock time to target (s) | reuse time to target (s) | ratio | "
         "total train time stock / reuse (s) | total ratio | reuse final acc | switches |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         tr = "not reached" if r["reuse_time_to_target"] is None else f"{r['reuse_time_to_target']:.1f}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        se = "-" if r.get("stock_epoch_to_target") is None else str(r["stock_epoch_to_target"])
+        re_ = r.get("reuse_epoch_to_target")
+        re_ = f"not in {r['reuse_epochs']} (best {r['reuse_best_acc']:.4f})" if re_ is None else str(re_)
         lines.append(
-            f"| {r['seed']} | {r['target_acc']:.4f} | {r['stock_time_to_target']:.1f} | {tr} | {ratio} | "
-            f"{r['stock_total']:.1f} / {r['reuse_total']:.1f} | {r['total_ratio']:.2f} | {r['reuse_final_acc']:.4f} | "
-            f"{r['switches']} |"
+            f"| {r['seed']} | {r['target_acc']:.4f} | {se} | {re_} | {r['stock_time_to_target']:.1f} | {tr} | "
+            f"{ratio} | {r['stock_total']:.1f} / {r['reuse_total']:.1f} | {r['total_ratio']:.2f} | "
+            f"{r['reuse_final_acc']:.4f} | {r['switches']} |"
         )
     reached = [r["ratio"] for r in rows if r["ratio"] is not None]
     median_all = median_with_misses(r["ratio"] for r in rows)
@@ -218,11 +283,17 @@ def main(argv=None):
     if args.smooth < 1:
         ap.error("--smooth must be >= 1 (1: no smoothing)")
     out = Path(args.out)
+    if args.report_only and extra:
+        print(f"--report-only: ignoring the training flags {' '.join(extra)} (the runs' saved ones label them)")
     rows = run(args.seeds, extra, out, args.tolerance, args.report_only, args.smooth)
-    text = report(rows, extra)
+    flags = run_flags(rows)
+    text = report(rows, flags)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"args": extra, "rows": rows}, indent=1))
+    # "args": the flags shared by every seed's run, null when they differ (then see "args_per_seed")
+    per_seed = {str(r["seed"]): saved_flags(r["train_args"]) for r in rows}
+    summary = {"args": flags, "args_per_seed": per_seed, "rows": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(text + "\n")
 
 

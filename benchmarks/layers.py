@@ -1,7 +1,8 @@
 """Per-layer benchmark: stock convolution vs the reuse chain, ratios measured in one run.
 
-For each layer shape (CifarNet conv1/conv2, an AlexNet and two VGG-19 layers) it times,
-interleaved round-robin, after warm-up, the median of ``--repeats`` runs of:
+For each layer shape (CifarNet conv1/conv2, an AlexNet and two VGG-19 layers) it calls
+every variant once (warm-up), then times ``--repeats`` interleaved rounds (default 5; each
+round calls every variant once, round-robin) and reports medians, of:
 
 - stock fp32 ``F.conv2d`` (the baseline every ratio divides by), stock under bf16 autocast;
 - the reuse chain at the first, middle and last Policy-3 candidate (and any extra --LH),
@@ -11,7 +12,11 @@ except for a model's first layer: its input is the batch, and training computes 
 gradient for it; stock's backward is then the weight gradient alone). It also
 reports the theoretical forward FLOP ratio H/M + r_c + 1/L (Eq. 21, with the measured r_c),
 the relative output error ||y - y_exact|| / ||y_exact||, the bytes autograd saves for the
-backward, and the peak-RSS growth of one forward+backward (CPU) or the CUDA peak.
+backward, and the peak memory of one forward+backward above what was allocated before it
+(its input, weight and every other pre-existing tensor excluded; ``memory_peaks``): from
+the profiler's memory timeline on CPU, ``max_memory_allocated`` on CUDA. The JSON also
+keeps the peak with the pre-existing tensors the call uses (``peak_incl_preexisting_MB``:
+the figure this benchmark printed as its peak before).
 
     python benchmarks/layers.py                       # all layers, CPU
     python benchmarks/layers.py --layers cifarnet.conv2 --repeats 9
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import os
 import platform
@@ -34,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler._memory_profiler import Action
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -104,9 +111,22 @@ def saved_bytes(fn) -> int:
     return total
 
 
-def peak_bytes(fn, device) -> int:
-    """Peak bytes of tensors allocated during one call (its inputs excluded): CUDA's peak
-    allocated, or on CPU the maximum of the profiler's memory timeline."""
+def memory_peaks(fn, device) -> tuple[int, int]:
+    """``(growth, with_preexisting)`` for one call of ``fn`` on ``device``, in bytes.
+
+    ``growth``: the peak, over the call, of the memory allocated on ``device`` above what
+    was allocated when the call began, so tensors that existed before it (its inputs,
+    parameters, optimizer state) are not counted. On CUDA, ``max_memory_allocated`` minus
+    ``memory_allocated`` at the start; on CPU, a running sum of the allocations (+) and
+    frees (-) the profiler records during the call, its pre-existing tensors left out.
+    The two agree unless the call frees memory allocated before it: CUDA then subtracts
+    it, the CPU profiler does not see such frees (it does not know the blocks' sizes).
+    The per-layer calls free nothing that existed before them; step.py clears the
+    gradients before its measured step, so that its step frees none either.
+
+    ``with_preexisting``: the same peak plus what was live at the start: on CUDA all
+    allocated memory; on CPU only the pre-existing tensors the call uses (what the
+    profiler's memory timeline shows, and what this benchmark printed as "peak" before)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -114,17 +134,45 @@ def peak_bytes(fn, device) -> int:
         base = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated()
+        return max(0, peak - base), peak
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export_memory_timeline is deprecated (CUDA has a successor)
-        path = os.path.join(tmp, "timeline.json")
-        prof.export_memory_timeline(path, device="cpu")
-        _, sizes = json.loads(Path(path).read_text())
-    return max((sum(s) for s in sizes), default=0)
+        path = os.path.join(tmp, "timeline.raw.json.gz")
+        prof.export_memory_timeline(path, device="cpu")  # (time, action, bytes, category) per event
+        with gzip.open(path, "rt") as f:
+            events = json.load(f)
+    return timeline_peaks(events)
+
+
+PREEXISTING = Action.PREEXISTING.value  # the action's index in the raw memory timeline
+
+
+def timeline_peaks(events) -> tuple[int, int]:
+    """``(growth, with_preexisting)`` from the profiler's raw memory timeline: events
+    ``(time, action, bytes, category)`` sorted by time, pre-existing tensors at time -1,
+    creations positive, frees negative, a version change as a -n/+n pair."""
+    pre = sum(n for _, action, n, _ in events if action == PREEXISTING)
+    live = peak = 0
+    i = 0
+    calls = [e for e in events if e[1] != PREEXISTING]
+    while i < len(calls):  # the events of one timestamp together, as the coalesced timeline does
+        t = calls[i][0]
+        while i < len(calls) and calls[i][0] == t:
+            live += calls[i][2]
+            i += 1
+        peak = max(peak, live)
+    return peak, pre + peak
+
+
+def peak_bytes(fn, device) -> int:
+    """The peak bytes one call of ``fn`` allocates above what was allocated when it began
+    (pre-existing tensors, its inputs among them, excluded): ``memory_peaks``'s growth."""
+    return memory_peaks(fn, device)[0]
 
 
 def bench_layer(name, spec, args, device):
@@ -227,7 +275,7 @@ def bench_layer(name, spec, args, device):
     for key, fns in variants.items():
         tf, tfb = statistics.median(times[key][0]), statistics.median(times[key][1])
         saved = saved_bytes(fns[1])
-        peak = peak_bytes(fns[1], device)
+        peak, peak_pre = memory_peaks(fns[1], device)
         rows.append(
             {
                 "layer": name,
@@ -240,6 +288,7 @@ def bench_layer(name, spec, args, device):
                 "saved_ratio": saved / base_saved,
                 "peak_MB": peak / 2**20,
                 "peak_ratio": peak / base_peak if base_peak > 0 else float("nan"),
+                "peak_incl_preexisting_MB": peak_pre / 2**20,
                 **info.get(key, {}),
             }
         )
@@ -264,8 +313,8 @@ def print_table(result):
         + ("; first layer: backward without input gradient, as in training)" if result["shape"][-1] else ")")
     )
     hdr = (
-        "| variant | fwd ms | fwd x | fwd+bwd ms | fwd+bwd x | saved MB (x) | peak MB (x) | r_c | FLOP x (Eq.21) "
-        "| rel. error |"
+        "| variant | fwd ms | fwd x | fwd+bwd ms | fwd+bwd x | saved MB (x) | peak growth MB (x) | r_c "
+        "| FLOP x (Eq.21) | rel. error |"
     )
     print(hdr)
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -308,7 +357,9 @@ def machine(device) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", default=",".join(LAYERS), help="comma-separated subset of: " + ", ".join(LAYERS))
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="interleaved timed rounds, after one warm-up call of each variant"
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--l-values", default="fast", choices=["fast", "all", "extended"])
     ap.add_argument("--LH", action="append", default=[], help="extra stage 'L,H' to time (L capped at K)")
@@ -341,9 +392,11 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     print(
-        f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs; "
+        f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs "
+        f"(after one warm-up call of each variant); "
         f"ratios are against stock fp32 F.conv2d in the same run; L values {args.l_values}, centroid {args.centroid}, "
-        f"hashing {args.hashing}, input {args.memory_format}, malloc {malloc}"
+        f"hashing {args.hashing}, input {args.memory_format}, malloc {malloc}; peak growth: the peak of one "
+        f"forward+backward above what was allocated before it (input and weight excluded)"
         + ("; synthetic inputs for every layer" if args.synthetic else "")
     )
     results = []

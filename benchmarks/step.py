@@ -17,9 +17,14 @@ warm-up steps, medians of ``--repeats`` rounds of ``--steps`` steps each:
 With fitted planes a step refits each reused layer's planes every 20 steps (~2-9 ms); the
 timed rounds include the refits that fall in them.
 
-"peak" is the maximum of the profiler's memory timeline during one step (parameters,
-optimizer state and the batch excluded), the figure the issue's "peak training memory"
-target is about; unlike the per-layer benchmark it includes every layer and the optimizer.
+"peak" is the peak memory one step allocates above what was allocated before it
+(``benchmarks.layers.memory_peaks``, from the profiler's memory timeline): parameters,
+Adam's state, the batch and anything else that existed before the step are excluded; the
+previous step's gradients are cleared before the measured step, so the step's own
+gradients count. It is the figure the issue's "peak training memory" target is about;
+unlike the per-layer benchmark it includes every layer and the optimizer. "peak incl.
+pre-existing" adds the pre-existing tensors the step uses (parameters, Adam's state, the
+batch; what this benchmark printed as its peak before).
 
     python benchmarks/step.py
     python benchmarks/step.py --repeats 9 --steps 4
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.layers import machine, machine_phase, peak_bytes  # noqa: E402
+from benchmarks.layers import machine, machine_phase, memory_peaks  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
 
@@ -75,6 +80,7 @@ def make_step(model, x, y, adam: str = "foreach"):
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
+    step.optimizer = opt  # for clearing the gradients before a measured step
     return step
 
 
@@ -115,7 +121,10 @@ def main(argv=None):
     phase_before = machine_phase()
     steps = {name: make_step(m, x, y) for name, m in models.items()}
     times = time_interleaved(steps, args.repeats, args.steps)
-    peaks = {name: peak_bytes(fn, "cpu") for name, fn in steps.items()}
+    peaks, peaks_pre = {}, {}
+    for name, fn in steps.items():
+        fn.optimizer.zero_grad(set_to_none=True)  # the previous step's gradients: not part of "before"
+        peaks[name], peaks_pre[name] = memory_peaks(fn, "cpu")
 
     base_ms = statistics.median(times["stock fp32"])
     print(
@@ -123,13 +132,19 @@ def main(argv=None):
         f"{machine('cpu')}; malloc {malloc}; medians of {args.repeats} interleaved rounds of {args.steps} steps"
     )
     print(f"# machine phase (benchmarks/layers.py machine_phase): {phase_before} before, {machine_phase()} after")
-    print("| variant | step ms | step x | peak MB | peak x |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "# peak: the peak memory one step allocates above what was allocated before it (parameters, Adam's "
+        "state and the batch excluded; the step's gradients included); incl. pre-existing: plus the "
+        "pre-existing tensors the step uses"
+    )
+    print("| variant | step ms | step x | peak MB | peak x | peak incl. pre-existing MB | x |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in steps:
         ms = statistics.median(times[name])
         print(
             f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {peaks[name] / 2**20:.1f} | "
-            f"{peaks[name] / peaks['stock fp32']:.2f} |"
+            f"{peaks[name] / peaks['stock fp32']:.2f} | {peaks_pre[name] / 2**20:.1f} | "
+            f"{peaks_pre[name] / peaks_pre['stock fp32']:.2f} |"
         )
 
 

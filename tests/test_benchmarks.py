@@ -1,10 +1,14 @@
 """The graph edits of benchmarks/accuracy_gap.py do what its docs say: ``fwd`` keeps the
 chain's output values with the exact convolution's gradients, ``bwd`` the converse, and
 ``sumscale`` makes each cluster's outputs sum to those of its members' mean, ``stunit``
-changes only the input gradient; ``vq``'s ids are nearest codewords."""
+changes only the input gradient; ``vq``'s ids are nearest codewords. The benchmarks'
+measurements and reports: peak memory leaves out what existed before the call, ops.py
+times round-robin, accuracy_gap's long-run report and report-only mode, end_to_end's
+labels from the runs' saved arguments."""
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -149,3 +153,117 @@ def test_vq_hashes_the_chunk_path_of_a_compiled_model():
     assert torch.isfinite(y).all()
     grad = dict(gm.named_parameters())["conv2.weight"].grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_peak_memory_leaves_out_what_existed_before_the_call():
+    """``memory_peaks``: a call that only reads an 8 MiB tensor grows memory by ~0 (the old
+    figure, with the pre-existing tensors, by 8 MiB); one that allocates a fresh 8 MiB
+    tensor by 8 MiB; two live at once count twice."""
+    from benchmarks.layers import memory_peaks, peak_bytes
+
+    MiB = 2**20
+    x = torch.ones(2 * MiB)  # 8 MiB
+
+    def two():
+        a = torch.ones(2 * MiB)
+        b = a + 1
+        return b
+
+    growth, with_pre = memory_peaks(lambda: x.sum(), "cpu")
+    assert growth < 0.01 * MiB and abs(with_pre - 8 * MiB) < 0.01 * MiB
+    assert abs(peak_bytes(lambda: torch.empty(2 * MiB), "cpu") - 8 * MiB) < 0.01 * MiB
+    assert abs(peak_bytes(two, "cpu") - 16 * MiB) < 0.01 * MiB
+
+
+def test_timeline_peaks_from_raw_events():
+    """The raw timeline's pre-existing tensors (action 1) are left out of the growth; the
+    events of one timestamp count together."""
+    from benchmarks.layers import PREEXISTING, timeline_peaks
+
+    assert PREEXISTING == 1
+    # 100 pre-existing; +10 at t=1; at t=2 +30 and -10 (peak 30, not 40); -30 at t=3
+    events = [(-1, 1, 100, 0), (1, 2, 10, 0), (2, 2, 30, 0), (2, 4, -10, 0), (3, 4, -30, 0)]
+    assert timeline_peaks(events) == (30, 130)
+    assert timeline_peaks([(-1, 1, 100, 0)]) == (0, 100)
+
+
+def test_ops_times_every_function_in_each_round():
+    """``ops.time_round_robin``: one warm-up call each, then rounds calling each once."""
+    from benchmarks import ops
+
+    calls = []
+    times = ops.time_round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 4 and all(len(t) == 3 for t in times.values())
+    assert ops.SHAPE == (128, 64, 14, 14)
+
+
+def _gap_results(seeds, accs, losses):
+    """accuracy_gap's results for stock and reuse: per seed, accs[v](seed, epoch) and losses."""
+    return {
+        f"{v}/{s}": {
+            "test_acc": [accs[v](s, e) for e in range(1, 25)],
+            "train_loss": [losses[v] / e for e in range(1, 25)],
+            "stages": {},
+        }
+        for s in seeds
+        for v in ("stock", "reuse")
+    }
+
+
+def test_accuracy_gap_long_report_windows_and_report_only(tmp_path, capsys):
+    """24 epochs: windows 6-12, 13-18, 19-24 against stock, seeds below it, median training
+    loss at each window's end, the epoch reaching stock's epoch-12 accuracy; --report-only
+    prints it from the saved JSON (its own seeds, variants and epochs)."""
+    assert accuracy_gap.windows(24) == [(6, 12), (13, 18), (19, 24)]
+    assert accuracy_gap.windows(20) == [(6, 12), (13, 18), (19, 20)]
+    # stock: 0.9 + e/1000; reuse 0.002 below on seed 0 and 0.001 above on seed 1 (epochs > 12)
+    results = _gap_results(
+        [0, 1],
+        {
+            "stock": lambda s, e: 0.9 + e / 1000,
+            "reuse": lambda s, e: 0.9 + e / 1000 + (-0.002 if s == 0 else (0.001 if e > 12 else -0.001)),
+        },
+        {"stock": 0.12, "reuse": 0.24},
+    )
+    text = accuracy_gap.long_report(results, [0, 1], ["stock", "reuse"], 24)
+    assert "| 6-12 | 0.9090 | 0.9075 | -0.15 pts | 2 of 2 |" in text
+    assert "| 13-18 | 0.9155 | 0.9150 | -0.05 pts | 1 of 2 |" in text
+    assert "| 24 | 0.005 | 0.01 |" in text  # median losses 0.12 / 24 and 0.24 / 24
+    # stock's epoch-12 accuracy 0.912: seed 0's reuse reaches it at epoch 14, seed 1's at 13
+    assert "| 0 | 0.9120 | 12 | 14 |" in text and "| 1 | 0.9120 | 12 | 13 |" in text
+    out = tmp_path / "gap.json"
+    saved_args = {"model": "cifarnet", "seeds": [0, 1], "variants": ["stock", "reuse"], "epochs": 24}
+    out.write_text(json.dumps({"args": {**saved_args, "layer": "conv2"}, "results": results}))
+    accuracy_gap.main(["--out", str(out), "--report-only", "--epochs", "12", "--seeds", "7"])
+    printed = capsys.readouterr().out
+    assert "--seeds 0 1 --variants stock reuse --epochs 24" in printed and "| 19-24 |" in printed
+
+
+def test_end_to_end_labels_runs_with_their_saved_arguments(tmp_path, capsys):
+    """--report-only: the header and summary.json's "args" are the runs' saved training flags
+    (those not at examples/train.py's defaults), not the command line's; the per-seed table
+    gives the epoch at which stock and reuse first reach the target."""
+    from benchmarks import end_to_end
+    from examples.train import build_parser
+
+    saved = {**vars(build_parser().parse_args([])), "reuse_epochs": 4, "max_error": 0.32, "norm_grad": "off"}
+    assert end_to_end.saved_flags(saved) == ["--reuse-epochs", "4"]
+    assert end_to_end.saved_flags({**saved, "no_progress": True, "seed": 3, "gone": 1}) == [
+        "--reuse-epochs",
+        "4",
+        "gone=1",
+    ]
+    stock = {"train_time": 9.0, "epochs": [{"time": t, "test_acc": a} for t, a in [(3, 0.90), (6, 0.98), (9, 0.97)]]}
+    reuse = {
+        "train_time": 8.0,
+        "switches": [],
+        "epochs": [{"time": t, "test_acc": a} for t, a in [(2, 0.9), (4, 0.96), (6, 0.965), (8, 0.975)]],
+    }
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "results.json").write_text(json.dumps({"args": saved, "stock": stock, "reuse": reuse}))
+    end_to_end.main(["--seeds", "0", "--out", str(tmp_path), "--report-only", "--", "--epochs", "99"])
+    printed = capsys.readouterr().out
+    assert "end-to-end: examples/train.py --reuse-epochs 4\n" in printed and "--epochs 99\n" not in printed
+    assert "| 0 | 0.9700 | 2 | 4 |" in printed  # stock reaches 0.97 at epoch 2, reuse at 4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["args"] == ["--reuse-epochs", "4"] and summary["rows"][0]["stock_epoch_to_target"] == 2
