@@ -533,7 +533,8 @@ def summarize(stock, reuse, gm, stage_acc) -> dict:
         "reuse_final_test_acc_at_stage": stage_acc,
         "reuse_time_to_stock_final_acc_s": reach,
         "stock_time_to_stock_final_acc_s": stock_reach,
-        "switches": len(reuse["switches"]),
+        "switches": len(reuse["switches"]),  # the controller's decisions, a walk's end included
+        "stage_changes": sum(sw["old"] != sw["new"] for sw in reuse["switches"]),
         "r_c_last": {n: v[-1] for n, v in r_c_seen.items()},
         "r_c_mean": {n: sum(v) / len(v) for n, v in r_c_seen.items()},
         "final_stages": {r.name: ("exact" if r.exact else f"L={r.L} H={r.H}") for r in gm.reuse_plan},
@@ -550,7 +551,8 @@ def summarize(stock, reuse, gm, stage_acc) -> dict:
         f"{'final test accuracy (final stage)':<{w}}{sa:>16.4f}{stage_acc:>20.4f}",
         f"{'time to stock final accuracy (s)':<{w}}{stock_reach:>16.1f}"
         f"{(f'{reach:.1f}' if reach else 'not reached'):>20}",
-        f"{'stage switches':<{w}}{'':>16}{len(reuse['switches']):>20}",
+        f"{'stage changes (walk ends)':<{w}}{'':>16}"
+        + f"{summary['stage_changes']} ({len(reuse['switches']) - summary['stage_changes']})".rjust(20),
         "per layer: r_c on training batches (mean over epochs while reusing / last) and final stage:",
     ]
     for r in gm.reuse_plan:
