@@ -201,9 +201,11 @@ def reuse_compile(
     gm._reuse_source = copy.deepcopy(gm.graph)
     gm.reuse_config = config
     gm.add_module("reuse_state", nn.Module())
+    # the layers' state (planes) where the model is: compiled on a GPU, it hashes there
+    device = next((t.device for t in target.parameters()), next(a.device for a in args if isinstance(a, torch.Tensor)))
     for row in rows:
         if row.rewritable:
-            state = _layer_state(row.name, config)
+            state = _layer_state(row.name, config).to(device)
             state.set_params(row.L, row.H)
             _register(gm, state_path(row.name), state)
     gm.reuse_plan = ReusePlan(rows, measure=_measure(gm))

@@ -200,17 +200,23 @@ def calibrate(
     fns = [_exact_fn(x, w, b, row, input_grad)]
     fns += [_stage_fn(x, w, b, row, p, centroid, input_grad, norm_grad) for p in planes]
     times = [[] for _ in fns]
+    # on CUDA the work is asynchronous: each timing waits for the device before and after
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.device.type == "cuda" else (lambda: None)
     for fn in fns:  # warm-up round
         fn()
+    sync()
     t0 = time.perf_counter()
     fns[0]()
+    sync()
     # short layers get more rounds (a few ms is within the machine's noise): at least
     # `repeats`, up to MAX_ROUNDS, about MIN_EXACT_S of exact's time in all
     rounds = max(repeats, min(MAX_ROUNDS, math.ceil(MIN_EXACT_S / max(time.perf_counter() - t0, 1e-6))))
     for _ in range(rounds):
         for i, fn in enumerate(fns):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[i].append(time.perf_counter() - t0)
     exact_ms = statistics.median(times[0]) * 1e3
     out = []

@@ -107,16 +107,16 @@ def save_checkpoint(path, gm, *, controller=None, optimizer=None, **extra) -> di
     return ckpt
 
 
-def _load(source) -> dict:
+def _load(source, map_location=None) -> dict:
     if _is_path(source):
-        return torch.load(source, weights_only=True)
+        return torch.load(source, weights_only=True, map_location=map_location)
     if not hasattr(source, "read"):
         raise TypeError(
             f"load_checkpoint: expected a file name, a binary file object or the checkpoint dict, "
             f"got {type(source).__name__}"
         )
     try:
-        return torch.load(source, weights_only=True)
+        return torch.load(source, weights_only=True, map_location=map_location)
     except EOFError:
         where = f" at position {source.tell()}" if hasattr(source, "tell") else ""
         raise ValueError(
@@ -129,7 +129,9 @@ def load_checkpoint(path_or_ckpt, gm, *, controller=None, optimizer=None) -> dic
     """Restore a checkpoint (a file name, a binary file object, or the dict itself) into a
     module compiled with the same config; returns the ``extra`` values given to
     :func:`save_checkpoint`."""
-    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else _load(path_or_ckpt)
+    # onto the module's device: a checkpoint saved on a GPU loads on a CPU-only machine, and
+    # its across-batch stores and planes land where the module runs
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else _load(path_or_ckpt, _device(gm))
     plan = _compiled(gm)
     saved = ReuseConfig(**ckpt["reuse"]["config"])
     if saved != gm.reuse_config:

@@ -640,8 +640,8 @@ def export_onnx(
         if custom or model.functions:
             raise OnnxExportError(f"export_onnx: {path} holds non-standard ops or functions: {custom}")
         session = ort_session(path, providers=["CPUExecutionProvider"])
-        got = session.run(None, {result.input_name: example_input.numpy()})
-        refs = [o.detach().numpy() for o in outputs]
+        got = session.run(None, {result.input_name: example_input.detach().cpu().numpy()})
+        refs = [o.detach().cpu().numpy() for o in outputs]
         result.max_abs_diff = max((float(np.abs(g - r).max()) for g, r in zip(got, refs) if r.size), default=0.0)
         result.scale = max((float(np.abs(r).max()) for r in refs if r.size), default=0.0)
     return result

@@ -58,6 +58,14 @@ class ClusterStore:
             self.cents = [centroids.new_empty(0, centroids.shape[-1]) for _ in range(nb)]
             self.outs = [yc.new_empty(0, yc.shape[-1]) for _ in range(nb)]
             self.used = [keys.new_empty(0) for _ in range(nb)]
+        if self.keys[0].device != keys.device or (self.cents[0].dtype, self.outs[0].dtype) != (
+            centroids.dtype,
+            yc.dtype,
+        ):  # the model moved (gm.cuda(), gm.double(), a checkpoint from another device)
+            self.keys = [k.to(keys.device) for k in self.keys]
+            self.used = [u.to(keys.device) for u in self.used]
+            self.cents = [c.to(device=centroids.device, dtype=centroids.dtype) for c in self.cents]
+            self.outs = [o.to(device=yc.device, dtype=yc.dtype) for o in self.outs]
         if training:
             self.step += 1
             if self.step - self.last_refresh >= self.refresh:

@@ -57,3 +57,41 @@ def test_compiled_model_trains_on_cuda(hashing):
     if hashing == "pca":
         h = gm.reuse_state.conv2.hasher
         assert h.fits == 3 and h.planes.is_cuda and torch.isfinite(h.planes).all()
+
+
+def test_compiled_on_cuda_keeps_its_state_there_and_checkpoints_cross_devices(tmp_path):
+    """Compiled from a CUDA model, the planes live on the GPU; the across-batch store follows
+    gm.cpu()/gm.cuda(); a checkpoint saved on the GPU loads into a CPU module and back."""
+    from reuse_compiler import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 28, 28)
+    cfg = ReuseConfig(scope="across-batch")
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=28).cuda(), x.cuda(), config=cfg)
+    assert gm.get_submodule("reuse_state.conv2.hasher").planes.is_cuda
+    gm(x.cuda())  # fills the store on the GPU
+    save_checkpoint(tmp_path / "gpu.pt", gm)
+    cpu = reuse_compile(cifarnet(in_channels=1, image_size=28), x, config=cfg)
+    load_checkpoint(tmp_path / "gpu.pt", cpu)
+    assert torch.isfinite(cpu(x)).all()
+    gm.cpu()
+    assert torch.isfinite(gm(x)).all()  # the store moved with the inputs
+    gm.cuda()
+    gm.eval()
+    assert torch.isfinite(gm(x.cuda())).all()
+
+
+def test_measured_policy_runs_on_cuda():
+    """The calibration (synchronised timings on a GPU) keeps only candidates it timed faster
+    than exact, ordered by time, and the compiled module trains a step."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 28, 28).cuda()
+    cfg = ReuseConfig(policy="measured")
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=28).cuda(), x, config=cfg)
+    for row in gm.reuse_plan:
+        if row.calibration is None or row.exact:
+            continue
+        kept = {(c["L"], c["H"]): c for c in row.calibration["candidates"]}
+        times = [kept[c]["ms"] for c in row.candidates]
+        assert times == sorted(times) and all(kept[c]["ratio"] <= cfg.max_time_ratio for c in row.candidates)
+    gm(x).sum().backward()

@@ -278,3 +278,20 @@ def test_wrong_channel_count_is_an_error_as_in_stock(conv, config, channels):
         gm(x)
     with pytest.raises(ValueError, match=r"4-D .*x\.unsqueeze"):
         gm(torch.randn(conv.in_channels, 8, 8))
+
+
+def test_across_batch_store_follows_the_module_to_another_dtype():
+    """The store's lists are no buffers: gm.double() after they filled must not break the next
+    forwards (the store moves to the inputs' device and dtype, as gm.cuda() needs)."""
+    torch.manual_seed(0)
+    gm = reuse_compile(
+        cifarnet(in_channels=1, image_size=28), torch.randn(8, 1, 28, 28), config=ReuseConfig(scope="across-batch")
+    )
+    gm(torch.randn(8, 1, 28, 28))
+    gm.double()
+    y = gm(torch.randn(8, 1, 28, 28, dtype=torch.float64))
+    assert y.dtype == torch.float64 and torch.isfinite(y).all()
+    store = gm.get_submodule("reuse_state.conv2.store").stores[0]
+    assert store.cents[0].dtype == torch.float64 and store.outs[0].dtype == torch.float64
+    gm.eval()
+    assert torch.isfinite(gm(torch.randn(8, 1, 28, 28, dtype=torch.float64))).all()
