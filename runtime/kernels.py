@@ -469,7 +469,11 @@ def member_norms_backward(
 
 
 def unit_rows(c: torch.Tensor, eps: float) -> torch.Tensor:
-    """c / max(||c||, eps) along the last dimension (F.normalize), one pass in C++."""
+    """c / max(||c||, eps) along the last dimension (F.normalize), one pass in C++. Half
+    precision is normalised in float32 (in float16, eps = 1e-12 is 0 and a zero row gave NaN)."""
+    ct = compute_dtype(c.dtype)
+    if ct != c.dtype:
+        return unit_rows(c.to(ct), eps).to(c.dtype)
     ext = _ext(c) if c.dtype in (torch.float32, torch.float64) else None
     if ext is not None and c.dim() and c.numel():
         return ext.unit_rows(c.contiguous(), eps)
@@ -483,7 +487,11 @@ def unit_rows_torch(c: torch.Tensor, eps: float) -> torch.Tensor:
 
 def unit_rows_backward(u: torch.Tensor, n: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     """Backward of :func:`unit_rows` from its output ``u`` and the rows' norms ``n`` (keepdim):
-    (g - u (u . g)) / max(n, eps), without the projection term where n < eps (as F.normalize)."""
+    (g - u (u . g)) / max(n, eps), without the projection term where n < eps (as F.normalize).
+    Half precision in float32, as :func:`unit_rows`."""
+    ct = compute_dtype(u.dtype)
+    if ct != u.dtype:
+        return unit_rows_backward(u.to(ct), n.to(ct), g.to(ct), eps).to(u.dtype)
     ext = _ext(u, n, g) if u.dtype in (torch.float32, torch.float64) and g.dtype == u.dtype else None
     if ext is not None and u.dim() and u.numel():
         return ext.unit_rows_backward(u.contiguous(), n.to(u.dtype).contiguous(), g.contiguous(), eps)

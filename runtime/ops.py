@@ -195,7 +195,8 @@ def _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, op, x=None, pa
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
     interior = _interior(xp, x, padding)
     centroids, inverse, counts = _cluster_ids(xp, ids, g, H, scope, interior)
-    if xp.dtype.is_floating_point and xp.numel() and not bool(torch.isfinite(centroids.sum())):
+    ct = kernels.compute_dtype(xp.dtype)  # a float16 table's sum would overflow in float16
+    if xp.dtype.is_floating_point and xp.numel() and not bool(torch.isfinite(centroids.sum(dtype=ct))):
         # A NaN or Inf sub-vector hashes like any other (a NaN one to id 0, the zero
         # vectors' id) and would make its cluster's centroid, so the output of every member
         # in every image of the batch, non-finite. Such sub-vectors get a cluster of their
@@ -414,7 +415,7 @@ def _(c):
 
 def _unit_rows_setup(ctx, inputs, output):
     (c,) = inputs
-    ctx.save_for_backward(output, c.norm(dim=-1, keepdim=True))
+    ctx.save_for_backward(output, c.norm(dim=-1, keepdim=True, dtype=kernels.compute_dtype(c.dtype)))
 
 
 def _unit_rows_backward(ctx, g):

@@ -76,7 +76,8 @@ class ClusterStore:
             # slots with a non-finite centroid or output (NaN/Inf inputs, see reuse.cluster)
             # neither read nor enter the store: their ids are not those of their members'
             # directions, and a stored NaN would reach every later batch
-            finite = torch.isfinite(centroids.sum(-1)) & torch.isfinite(yc.sum(-1))
+            f32 = torch.float64 if yc.dtype == torch.float64 else torch.float32  # no float16 overflow
+            finite = torch.isfinite(centroids.sum(-1, dtype=f32)) & torch.isfinite(yc.sum(-1, dtype=f32))
             for b in range(nb):
                 valid = (keys[b] >= 0) & finite[b]
                 k = keys[b][valid]

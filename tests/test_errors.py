@@ -155,6 +155,20 @@ def test_float64_and_bfloat16_models():
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in gm.parameters())
 
 
+@pytest.mark.parametrize("centroid", ["norm", "mean"])
+def test_float16_model_stays_finite(centroid):
+    """float16 (where F.normalize's eps = 1e-12 is 0 and zero centroids gave NaN): outputs
+    and gradients finite."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 28, 28)
+    model = cifarnet(in_channels=1, image_size=28)
+    gm = reuse_compile(model, x, config=ReuseConfig(centroid=centroid)).half()
+    y = gm(x.half())
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gm.parameters())
+
+
 def test_dtype_mismatch_is_a_clear_error(compiled):
     _, gm = compiled
     with pytest.raises(TypeError, match="dtype.*model.to"):
