@@ -162,17 +162,25 @@ def _shape(node) -> tuple[int, ...] | None:
 
 
 def find_convs(gm: fx.GraphModule, conv_paths=()) -> list[ConvSite]:
-    """Every nn.Conv2d module call and F.conv2d call, in graph order. ``conv_paths``: the
-    paths of the traced model's Conv2d modules (fx keeps only their parameters), after which
-    an F.conv2d on one's weight (a Conv2d subclass traced into) is named."""
+    """Every nn.Conv2d module call and F.conv2d call, in graph order, with unique row names.
+    ``conv_paths``: the paths of the traced model's Conv2d modules (fx keeps only their
+    parameters), after which an F.conv2d that runs inside one (a Conv2d subclass traced into)
+    is named."""
     modules = dict(gm.named_modules())
     conv_paths = set(conv_paths)
     sites, seen = [], {}
 
+    taken: set[str] = set()
+
     def row_name(path: str) -> str:  # a module called more than once: path, path:1, ...
         count = seen.get(path, 0)
+        name = path if count == 0 else f"{path}:{count}"
+        while name in taken:  # another site already has it (an F.conv2d node named like a module)
+            count += 1
+            name = f"{path}:{count}"
         seen[path] = count + 1
-        return path if count == 0 else f"{path}:{count}"
+        taken.add(name)
+        return name
 
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(modules.get(node.target), nn.Conv2d):
@@ -204,15 +212,11 @@ def find_convs(gm: fx.GraphModule, conv_paths=()) -> list[ConvSite]:
             if wshape is None:
                 continue
             dil = _pair(kw.get("dilation", 1))
-            # named after the Conv2d module it runs in (a subclass traced into), or whose weight
-            # it reads (a functional call on a conv's own weight), else after the node
+            # named after the Conv2d module it runs in (a subclass traced into), else after the node
             stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values() if v[0] in conv_paths]
-            owner = stack[-1] if stack else None
-            if owner is None and isinstance(w, fx.Node) and w.op == "get_attr" and w.target.endswith(".weight"):
-                owner = w.target.rsplit(".", 1)[0] if w.target.rsplit(".", 1)[0] in conv_paths else None
             sites.append(
                 ConvSite(
-                    name=node.name if owner is None else row_name(owner),
+                    name=row_name(stack[-1] if stack else node.name),
                     node=node.name,
                     kind="function",
                     in_shape=_shape(kw.get("input")),

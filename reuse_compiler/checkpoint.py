@@ -142,7 +142,11 @@ def load_checkpoint(path_or_ckpt, gm, *, controller=None, optimizer=None) -> dic
     stages = ckpt["reuse"]["stages"]
     missing = sorted(set(stages) - set(plan.names()))
     if missing:
-        raise ValueError(f"load_checkpoint: layers {missing} are not in this module's plan ({plan.names()})")
+        raise ValueError(
+            f"load_checkpoint: layers {missing} are not in this module's plan ({plan.names()}); compile the "
+            f"same model with the checkpoint's config (checkpoints from before session 17 named an F.conv2d "
+            f"inside a Conv2d subclass after its node, e.g. 'conv2d'; it is now named after its module)"
+        )
     rows = ckpt["reuse"].get("rows")
     if rows is None:  # a checkpoint from before candidate lists were saved
         _restore_rows(gm, _rows_of_old_checkpoint(plan, stages, saved.policy == "measured"), old=True)

@@ -309,3 +309,21 @@ def test_across_batch_store_follows_the_module_to_another_dtype():
     assert store.cents[0].dtype == torch.float64 and store.outs[0].dtype == torch.float64
     gm.eval()
     assert torch.isfinite(gm(torch.randn(8, 1, 28, 28, dtype=torch.float64))).all()
+
+
+def test_huge_finite_entries_are_not_taken_for_non_finite_ones():
+    """With a NaN in the batch, sub-vectors whose squared norm overflows (entries ~1e20) are
+    still finite: they keep their clusters, and their images' outputs are what they are
+    without the NaN (the mean centroid; the norm centroid's limit is in docs/architecture.md)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    gm = reuse_compile(nn.Sequential(conv), torch.randn(4, 3, 8, 8), config=ReuseConfig(centroid="mean"))
+    x = torch.randn(4, 3, 8, 8) * 1e20
+    bad = x.clone()
+    bad[3, 0, 5, 5] = float("nan")
+    with torch.no_grad():
+        y, y_bad = gm(x), gm(bad)
+    assert torch.isfinite(y).all()
+    assert (~torch.isfinite(y_bad)).flatten(1).any(1).tolist() == [False, False, False, True]
+    rel = (y_bad[:3].double() - y[:3].double()).norm() / y[:3].double().norm()
+    assert rel < 0.05  # the same clusters but for the NaN sub-vectors (0.009 here), none lumped with them

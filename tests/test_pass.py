@@ -499,3 +499,43 @@ def test_a_bad_example_batch_names_the_models_own_error():
     with pytest.raises(ValueError, match=r"failed: RuntimeError: Given groups=1.*to have 1 channels") as e:
         reuse_compile(cifarnet(in_channels=1, image_size=16), torch.randn(2, 3, 16, 16))
     assert "ShapeProp" not in str(e.value)
+
+
+class _SubClash(nn.Module):  # an F.conv2d node named 'conv2d', then a Conv2d subclass at attribute 'conv2d'
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.conv2d = _MyConv(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2d(F.conv2d(x, self.w, None, 1, 1))
+
+
+class _TiedOutside(nn.Module):  # an F.conv2d on the weight of a conv inside an excluded block
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
+
+    def forward(self, x):
+        return F.conv2d(self.block(self.stem(x)), self.block[0].weight, None, 1, 1)
+
+
+@pytest.mark.parametrize("model,config", [(_SubClash, ReuseConfig()), (_TiedOutside, ReuseConfig(exclude=["block"]))])
+def test_every_conv_gets_its_own_row(model, config):
+    """Row names never collide (a collision dropped a conv from the plan, and it ran exact)."""
+    x = torch.randn(2, 3, 8, 8)
+    gm = reuse_compile(model(), x, config=config)
+    names = [r.name for r in gm.reuse_plan]
+    assert len(names) == len(set(names))
+    traced = [r for r in gm.reuse_plan if r.node]  # rows of traced convs (not inside excluded modules)
+    assert len(traced) == 2 and all(not r.exact for r in traced)
+    assert not [n for n in gm.graph.nodes if n.target in (F.conv2d, torch.conv2d)]  # all rewritten
+
+
+def test_the_input_check_survives_dead_code_elimination():
+    gm = reuse_compile(_Shared(), torch.randn(2, 4, 8, 8))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    with pytest.raises(ValueError, match="to have 4 channels"):
+        gm(torch.randn(2, 5, 8, 8))
