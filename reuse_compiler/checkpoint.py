@@ -151,6 +151,12 @@ def load_checkpoint(path_or_ckpt, gm, *, controller=None, optimizer=None) -> dic
     if rows is None:  # a checkpoint from before candidate lists were saved
         _restore_rows(gm, _rows_of_old_checkpoint(plan, stages, saved.policy == "measured"), old=True)
         _warn_off_list(plan, stages)
+        if saved.scope == "input":
+            log.warning(
+                "load_checkpoint: the checkpoint holds no candidate lists (saved by an older version), and with "
+                "scope 'input' Policy 2 now takes N from one image (session 17): the saved stages are restored, "
+                "but an AdaptiveReuse walk continues along this version's lists, which may differ"
+            )
     else:
         _restore_rows(gm, rows)
     load_stage_dict(gm, stages)  # stages first: a new (L, H) empties the stores

@@ -340,3 +340,18 @@ def test_paper_policy_checkpoint_unchanged(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="reuse_compiler"):
         load_checkpoint(tmp_path / "c.pt", fresh)
     assert not caplog.text and _rows(fresh) == _rows(gm)
+
+
+def test_old_input_scope_checkpoint_warns_of_the_new_policy_2(tmp_path, caplog):
+    """Policy 2's N per image for scope "input" changed the candidate lists: an old checkpoint
+    (no lists) loads its stages and says the walk may differ."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 16, 16)
+    cfg = ReuseConfig(scope="input")
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=16, width=0.25), x, config=cfg)
+    ckpt = save_checkpoint(tmp_path / "c.pt", gm)
+    del ckpt["reuse"]["rows"]
+    fresh = reuse_compile(cifarnet(in_channels=1, image_size=16, width=0.25), x, config=cfg)
+    with caplog.at_level(logging.WARNING, logger="reuse_compiler"):
+        load_checkpoint(ckpt, fresh)
+    assert "Policy 2 now takes N from one image" in caplog.text
