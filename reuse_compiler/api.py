@@ -170,8 +170,6 @@ def reuse_compile(
     sites = find_convs(gm, [n for n, m in target.named_modules() if isinstance(m, nn.Conv2d)])
     rows = [_plan_row(site, i == 0, config) for i, site in enumerate(sites)]
     for name in _excluded_convs(target, config.exclude):
-        if any(r.name == name for r in rows):  # cannot happen with fx's node names; never two rows
-            continue
         rows.append(
             LayerPlan(
                 name=name,

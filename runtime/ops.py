@@ -207,12 +207,11 @@ def _cluster(xp, ids, kernel_size, stride, dilation, L, H, scope, op, x=None, pa
         # in every image of the batch, non-finite. Such sub-vectors get a cluster of their
         # own (id 2^H, past every hash id): only the outputs they feed are non-finite, as
         # with F.conv2d. The check is one sum of the small centroid table (30 us at conv2;
-        # isfinite().all() takes 0.7 ms); the rare case pays a second clustering.
-        # a sub-vector is bad if an entry is: the norms of the 0/1 indicator of non-finite
+        # isfinite().all() takes 0.7 ms); the rare case pays a second clustering. A
+        # sub-vector is bad if an entry is: the norms of the 0/1 indicator of non-finite
         # entries (the norms of xp itself overflow for finite entries above ~1e19, and a
-        # table of huge finite entries can overflow the check's sum: then none is bad)
-        bad_entries = (~torch.isfinite(xp)).to(kernels.compute_dtype(xp.dtype))
-        bad = (kernels.member_norms(bad_entries, g) > 0).view_as(ids)
+        # table of huge finite entries can overflow the check's sum: then none is bad).
+        bad = (kernels.member_norms((~torch.isfinite(xp)).to(ct), g) > 0).view_as(ids)
         ids = torch.where(bad, torch.full_like(ids, 1 << H), ids)
         centroids, inverse, counts = _cluster_ids(xp, ids, g, H + 1, scope, interior)
     return centroids, inverse, counts

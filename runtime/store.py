@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import compute_dtype
+
 __all__ = ["ClusterStore"]
 
 
@@ -76,8 +78,8 @@ class ClusterStore:
             # slots with a non-finite centroid or output (NaN/Inf inputs, see reuse.cluster)
             # neither read nor enter the store: their ids are not those of their members'
             # directions, and a stored NaN would reach every later batch
-            f32 = torch.float64 if yc.dtype == torch.float64 else torch.float32  # no float16 overflow
-            finite = torch.isfinite(centroids.sum(-1, dtype=f32)) & torch.isfinite(yc.sum(-1, dtype=f32))
+            ct = compute_dtype(yc.dtype)  # summed in float32 for half types: no float16 overflow
+            finite = torch.isfinite(centroids.sum(-1, dtype=ct)) & torch.isfinite(yc.sum(-1, dtype=ct))
             for b in range(nb):
                 valid = (keys[b] >= 0) & finite[b]
                 k = keys[b][valid]

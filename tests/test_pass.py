@@ -239,21 +239,22 @@ def test_unsupported_convs_stay_exact_with_reason():
         set_stage(gm, "0", exact=False)
 
 
+class _Shared(nn.Module):  # one conv module called twice
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
+
+
 def test_functional_conv_rows_and_shared_module():
     gm = reuse_compile(functional_net(), torch.randn(2, 3, 16, 16))
     rows = list(gm.reuse_plan)
     assert [r.stride for r in rows] == [(2, 2), (1, 1)] and [r.bias for r in rows] == [False, True]
     assert rows[1].dilation == (2, 2)
 
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(torch.relu(self.conv(x)))
-
-    gm = reuse_compile(Shared(), torch.randn(2, 4, 8, 8))
+    gm = reuse_compile(_Shared(), torch.randn(2, 4, 8, 8))
     assert gm.reuse_plan.names() == ["conv", "conv:1"]
     gm(torch.randn(2, 4, 8, 8)).sum().backward()
 
@@ -418,23 +419,14 @@ def test_whole_module_pickles_and_goes_on_training(tmp_path, hashing):
     torch.testing.assert_close(gm3(x), gm2(x), rtol=0, atol=0)
 
 
-class _Shared(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c = nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.c(x)))
-
-
 def test_a_module_called_twice_is_configured_by_its_name():
-    """exclude / L / H given for module ``c`` apply to both of its calls (rows c, c:1); a
-    value for ``c:1`` itself wins over the module's."""
+    """exclude / L / H given for module ``conv`` apply to both of its calls (rows conv,
+    conv:1); a value for ``conv:1`` itself wins over the module's."""
     x = torch.randn(2, 4, 8, 8)
-    gm = reuse_compile(_Shared(), x, config=ReuseConfig(exclude=["c"]))
-    assert [(r.name, r.exact) for r in gm.reuse_plan] == [("c", True), ("c:1", True)]
-    gm = reuse_compile(_Shared(), x, config=ReuseConfig(L={"c": 3}, H={"c": 4, "c:1": 5}))
-    assert [(r.name, r.L, r.H) for r in gm.reuse_plan] == [("c", 3, 4), ("c:1", 3, 5)]
+    gm = reuse_compile(_Shared(), x, config=ReuseConfig(exclude=["conv"]))
+    assert [(r.name, r.exact) for r in gm.reuse_plan] == [("conv", True), ("conv:1", True)]
+    gm = reuse_compile(_Shared(), x, config=ReuseConfig(L={"conv": 3}, H={"conv": 4, "conv:1": 5}))
+    assert [(r.name, r.L, r.H) for r in gm.reuse_plan] == [("conv", 3, 4), ("conv:1", 3, 5)]
 
 
 class _MyConv(nn.Conv2d):
