@@ -94,10 +94,11 @@ def fit_planes(rows: torch.Tensor, H: int, fallback: torch.Tensor, seed: int = 0
     when fewer than H directions exist. Deterministic for given rows."""
     L = rows.shape[1]
     q = min(L, H + 8)
-    finite = torch.isfinite(rows).all(1)
-    if not bool(finite.all()):  # a NaN/Inf input at a refit would give NaN planes: every id 0
-        rows = rows[finite]
-    big = float(rows.abs().amax()) if rows.numel() else 0.0
+    lo, hi = _extremes(rows)
+    if not _finite(lo, hi):  # a NaN/Inf input at a refit would give NaN planes: every id 0
+        rows = rows[torch.isfinite(rows).all(1)]
+        lo, hi = _extremes(rows)
+    big = max(-lo, hi)  # rows.abs().amax(), from the same pass
     if big > torch.finfo(rows.dtype).max ** 0.5 / 1e4:  # products would overflow; the
         rows = rows / big  # directions and signs do not depend on the scale
     dirs = _directions(rows, q, seed) if rows.shape[0] else rows.new_zeros(L, 0)
@@ -111,6 +112,26 @@ def fit_planes(rows: torch.Tensor, H: int, fallback: torch.Tensor, seed: int = 0
     if order.shape[1] < H:
         order = torch.cat([order, fallback.to(order)[:, order.shape[1] : H]], 1)
     return largest_entry_positive(order / order.norm(dim=0, keepdim=True).clamp_min(1e-12)).contiguous()
+
+
+def _extremes(t: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of ``t`` in one pass, (0, 0) if empty; NaN if ``t`` holds one. A finiteness
+    test as ``isfinite(t).all()`` gives, 25x faster on conv2's input (0.18 against 4.6 ms),
+    which a refit (every ``hash_refresh`` steps) made twice."""
+    if not t.numel():
+        return 0.0, 0.0
+    lo, hi = torch.aminmax(t)
+    return float(lo), float(hi)
+
+
+def _finite(lo: float, hi: float) -> bool:
+    return abs(lo) < float("inf") and abs(hi) < float("inf")  # False for NaN too
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (:func:`_extremes`: NaN and +-Inf show in the
+    extremes)."""
+    return _finite(*_extremes(t))
 
 
 def largest_entry_positive(d: torch.Tensor) -> torch.Tensor:
@@ -208,7 +229,7 @@ class LayerHash(nn.Module):
 
     @torch.no_grad()
     def _fit(self, xp, kernel_size, stride, dilation, collective: bool) -> torch.Tensor:
-        if bool(torch.isfinite(xp).all()):
+        if all_finite(xp):
             planes = fit_to_input(xp, kernel_size, stride, dilation, self.planes, seed=self.fits)
         else:  # a diverged input: keep the planes (a stock convolution would not stop either)
             planes = self.planes.clone()

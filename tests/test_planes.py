@@ -287,3 +287,19 @@ def test_fit_planes_ignores_non_finite_rows_and_scale():
     huge = fit_planes(rows * 1e25, 6, fallback)
     assert torch.isfinite(huge).all()
     torch.testing.assert_close(huge, fit_planes(rows * 1e25 / (rows * 1e25).abs().max(), 6, fallback))
+
+
+def test_all_finite_agrees_with_isfinite():
+    """The refit's finiteness test (one min/max pass) answers as ``isfinite(t).all()`` for
+    NaN, +Inf and -Inf anywhere, on strided views and on empty tensors."""
+    from reuse_compiler.runtime.planes import all_finite
+
+    x = torch.relu(torch.randn(4, 6, 6, 8))
+    cases = [x, x[:, ::2], x.new_zeros(0, 8), x.double()]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for idx in ((0, 0, 0, 0), (3, 5, 5, 7), (2, 2, 3, 1)):
+            y = x.clone()
+            y[idx] = bad
+            cases += [y, y[:, ::2]]
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t.shape
