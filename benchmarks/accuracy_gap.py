@@ -26,6 +26,11 @@ controller: the main job's controller keeps its first stage on CifarNet anyway).
   (zero sub-vectors keep id 0), refitted with the planes (warm-started). At the same table
   size it lowers conv2's output error about as much as 3 more hash bits; only layers on the
   chunk path (one pixel's channel chunk, as the main job's conv2) use it.
+- ``dither:E``: ``reuse`` with the fitted planes turned by a fresh random rotation of their
+  own span at every training forward (an experiment, session 18; :func:`dithered`): the
+  cells move from step to step, so the quantisation error changes every step instead of
+  staying fixed between refits. E = 0: a uniformly random rotation; E > 0: orth(I + E * G),
+  G Gaussian, a smaller turn.
 
 Accuracy is the test accuracy of the trained weights in the stock model (exact
 convolutions), after every epoch. The figure of merit is its mean over the second half of
@@ -40,6 +45,7 @@ slower by construction). Deterministic: a variant's curves repeat exactly.
 
     python benchmarks/accuracy_gap.py --seeds 7 1 5 2 --variants stock reuse fwd bwd
     python benchmarks/accuracy_gap.py --seeds 7 1 5 --variants stage:64:9 stage:64:10
+    python benchmarks/accuracy_gap.py --seeds 7 1 5 2 0 3 4 6 8 --variants dither:0 dither:0.3
     python benchmarks/accuracy_gap.py --model alexnet --epochs 4 --variants stock reuse --norm-grad on
     python benchmarks/accuracy_gap.py --model alexnet --epochs 4 --variants stock reuse --freeze features.0 features.3
     python benchmarks/accuracy_gap.py --out runs/gap_s16/long24.json --report-only
@@ -175,6 +181,31 @@ def vector_quantised(iters: int = 10, first_iters: int = 15):
         _planes.fit_planes, _kernels._hash_rows = fit0, hash0
 
 
+@contextlib.contextmanager
+def dithered(eps: float, seed: int):
+    """While active, every training forward of a fitted hash hashes with its planes turned by
+    a fresh random rotation Q of their own span (planes @ Q; Q = orth(I + eps * G), G Gaussian
+    H x H; eps <= 0: a uniformly random rotation), so that the cells move from step to step
+    (the ``dither:E`` variant, session 18)."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    fwd0 = _planes.LayerHash.forward
+
+    def forward(self, xp, kernel_size, stride, dilation, group: int = 0):
+        p = fwd0(self, xp, kernel_size, stride, dilation, group)
+        if not self.training or self.hashing != "pca":
+            return p
+        H = p.shape[1]
+        g = torch.randn(H, H, generator=gen, dtype=torch.float64)
+        q = torch.linalg.qr(g if eps <= 0 else torch.eye(H, dtype=torch.float64) + eps * g)[0]
+        return (p.double() @ q).to(p.dtype).contiguous()
+
+    _planes.LayerHash.forward = forward
+    try:
+        yield
+    finally:
+        _planes.LayerHash.forward = fwd0
+
+
 def build(variant: str, base, example, args, seed: int):
     if variant == "stock":
         return copy.deepcopy(base)
@@ -211,6 +242,9 @@ def build(variant: str, base, example, args, seed: int):
 
 
 def run(variant: str, seed: int, args) -> dict:
+    if variant.startswith("dither:"):
+        with dithered(float(variant.split(":")[1]), seed):
+            return run("reuse", seed, args)
     if variant == "vq":
         with vector_quantised() as vq:
             out = run("reuse", seed, args)
@@ -253,6 +287,13 @@ def run(variant: str, seed: int, args) -> dict:
         ev.load_state_dict({k: v for k, v in model.state_dict().items() if k in base.state_dict()})
         accs.append(evaluate(ev, x_te, y_te)[1])
     return {"train_loss": losses, "test_acc": accs, "stages": stages}
+
+
+def _is_number(s: str) -> bool:
+    try:
+        return float(s) == float(s) and abs(float(s)) != float("inf")
+    except ValueError:
+        return False
 
 
 REF_EPOCH = 12  # the main job's epochs (examples/train.py --epochs)
@@ -404,12 +445,13 @@ def main(argv=None):
         ok = (
             v in ("stock", "reuse", "fwd", "bwd", "sumscale", "stunit", "vq")
             or (parts[0] == "stage" and len(parts) == 3 and all(p.isdigit() for p in parts[1:]))
+            or (parts[0] == "dither" and len(parts) == 2 and _is_number(parts[1]))
             or (parts[0] in ("refresh", "warmup") and len(parts) == 2 and parts[1].isdigit() and int(parts[1]) >= 1)
         )
         if not ok:
             ap.error(
-                f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale, stunit, vq, stage:L:H, refresh:N or "
-                "warmup:S (N, S >= 1)"
+                f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale, stunit, vq, stage:L:H, refresh:N, "
+                "warmup:S (N, S >= 1) or dither:E (E a number)"
             )
     logging.getLogger("reuse_compiler").setLevel(logging.ERROR)
     results = {}

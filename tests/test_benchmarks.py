@@ -93,7 +93,7 @@ def test_unit_norm_constant_changes_only_the_input_gradient():
 
 def test_variant_names_are_checked_before_training():
     """A malformed variant is refused by name before any training starts."""
-    for bad in ("refresh:0", "refresh:x", "warmup:0", "warmup:", "stage:64", "nope"):
+    for bad in ("refresh:0", "refresh:x", "warmup:0", "warmup:", "stage:64", "dither:x", "dither:nan", "nope"):
         with pytest.raises(SystemExit):
             accuracy_gap.main(["--seeds", "0", "--variants", "stock", bad])
 
@@ -153,6 +153,37 @@ def test_vq_hashes_the_chunk_path_of_a_compiled_model():
     assert torch.isfinite(y).all()
     grad = dict(gm.named_parameters())["conv2.weight"].grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_dither_turns_the_training_planes_within_their_span():
+    """``dither:E``: each training forward of a fitted hash returns its planes turned by a new
+    rotation of their own span (same subspace, orthonormal, other cells); eval forwards and
+    the module's own planes are untouched, and leaving the context restores the hash."""
+    from reuse_compiler.runtime import planes
+
+    torch.manual_seed(0)
+    base = cifarnet(in_channels=1, image_size=12, width=0.125)
+    x = torch.rand(4, 1, 12, 12)
+    config = ReuseConfig(L={"conv2": 8}, H={"conv2": 3}, hashing="pca", centroid="norm", norm_grad=False)
+    gm = reuse_compile(copy.deepcopy(base), x, config=config)
+    lh = next(m for m in gm.modules() if isinstance(m, planes.LayerHash) and m.hashing == "pca")
+    xp = torch.relu(torch.randn(4, 10, 10, 8))
+    forward0 = planes.LayerHash.forward
+    lh.train()
+    fitted = lh(xp, (5, 5), (1, 1), (1, 1)).clone()
+    for eps in (0.0, 0.3):
+        with accuracy_gap.dithered(eps, seed=0):
+            a, b = (lh(xp, (5, 5), (1, 1), (1, 1)).clone() for _ in range(2))
+            lh.eval()
+            torch.testing.assert_close(lh(xp, (5, 5), (1, 1), (1, 1)), fitted)
+            lh.train()
+        for p in (a, b):
+            torch.testing.assert_close(p.T @ p, torch.eye(3), atol=1e-5, rtol=0)
+            proj = fitted @ (fitted.T @ p)  # the same span: projecting onto the fit changes nothing
+            torch.testing.assert_close(proj, p, atol=1e-5, rtol=0)
+        assert not torch.allclose(a, b) and not torch.allclose(a, fitted)
+        torch.testing.assert_close(lh.planes, fitted)
+    assert planes.LayerHash.forward is forward0
 
 
 def test_peak_memory_leaves_out_what_existed_before_the_call():
