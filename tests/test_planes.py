@@ -295,11 +295,11 @@ def test_all_finite_agrees_with_isfinite():
     from reuse_compiler.runtime.planes import all_finite
 
     x = torch.relu(torch.randn(4, 6, 6, 8))
-    cases = [x, x[:, ::2], x.new_zeros(0, 8), x.double()]
+    cases = [x, x[:, ::2], x.new_zeros(0, 8), x.double(), x.half(), x.bfloat16()]
     for bad in (float("nan"), float("inf"), float("-inf")):
         for idx in ((0, 0, 0, 0), (3, 5, 5, 7), (2, 2, 3, 1)):
             y = x.clone()
             y[idx] = bad
-            cases += [y, y[:, ::2]]
+            cases += [y, y[:, ::2], y.bfloat16()]
     for t in cases:
         assert all_finite(t) == bool(torch.isfinite(t).all()), t.shape
