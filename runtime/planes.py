@@ -34,7 +34,15 @@ from torch import nn
 from .dist import group as distributed_group
 from .geometry import Geometry
 
-__all__ = ["HASHINGS", "LayerHash", "fit_planes", "fit_to_input", "largest_entry_positive", "sample_subvectors"]
+__all__ = [
+    "HASHINGS",
+    "LayerHash",
+    "all_finite",
+    "fit_planes",
+    "fit_to_input",
+    "largest_entry_positive",
+    "sample_subvectors",
+]
 
 HASHINGS = ("random", "pca")
 MAX_IMAGES = 16
