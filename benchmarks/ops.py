@@ -51,17 +51,20 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def time_round_robin(fns: dict, repeats: int) -> dict:
-    """Call each of ``fns`` (name -> callable) once (warm-up), then ``repeats`` rounds that
-    call each once, in order. Returns name -> ms per call, one value per round."""
+def time_round_robin(fns: dict, repeats: int, n: int = 1, warmup: int = 1) -> dict:
+    """Call each of ``fns`` (name -> callable) ``warmup`` times, then ``repeats`` rounds that
+    call each ``n`` times, in order. Returns name -> ms per call, one value per round. (The
+    benchmarks' one interleaving loop: ``step.time_interleaved`` is this with two warm-ups.)"""
     for fn in fns.values():
-        fn()
+        for _ in range(warmup):
+            fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - t0) / n * 1e3)
     return times
 
 

@@ -36,7 +36,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.layers import machine, machine_phase, memory_peaks  # noqa: E402
+from benchmarks.ops import time_round_robin  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
 
@@ -57,18 +57,8 @@ def stages(gm) -> str:
 def time_interleaved(steps: dict, repeats: int, n: int, warmup: int = 2) -> dict:
     """Call each of ``steps`` (name -> callable) ``warmup`` times (Adam's state, the kernels'
     first calls), then time them round-robin: ``repeats`` rounds of ``n`` calls each. Returns
-    name -> ms per call, one value per round."""
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            times[name].append((time.perf_counter() - t0) / n * 1e3)
-    return times
+    name -> ms per call, one value per round (``benchmarks.ops.time_round_robin``)."""
+    return time_round_robin(steps, repeats, n, warmup)
 
 
 def make_step(model, x, y, adam: str = "foreach"):
