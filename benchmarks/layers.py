@@ -270,12 +270,12 @@ def bench_layer(name, spec, args, device):
     rows = []
     base_f = statistics.median(times["stock fp32"][0])
     base_fb = statistics.median(times["stock fp32"][1])
-    base_saved = saved_bytes(variants["stock fp32"][1])
-    base_peak = peak_bytes(variants["stock fp32"][1], device)
-    for key, fns in variants.items():
+    # each variant's memory once (outside the timed rounds); stock's is every ratio's base
+    memory = {key: (saved_bytes(fns[1]), *memory_peaks(fns[1], device)) for key, fns in variants.items()}
+    base_saved, base_peak, _ = memory["stock fp32"]
+    for key in variants:
         tf, tfb = statistics.median(times[key][0]), statistics.median(times[key][1])
-        saved = saved_bytes(fns[1])
-        peak, peak_pre = memory_peaks(fns[1], device)
+        saved, peak, peak_pre = memory[key]
         rows.append(
             {
                 "layer": name,
