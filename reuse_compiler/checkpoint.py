@@ -65,10 +65,12 @@ def row_dict(gm) -> dict:
     """Each layer's candidate list and why it cannot run with reuse (None if it can), with
     its (L, H): ``{name: {"candidates": [[L, H], ...], "reason", "L", "H"}}``. The walk of
     :class:`AdaptiveReuse` is a position in the list (``LayerPlan.stage``)."""
-    return {
-        r.name: {"candidates": [list(c) for c in r.candidates], "reason": r.reason, "L": r.L, "H": r.H}
-        for r in _compiled(gm).rows()
-    }
+    return {r.name: _row_entry(r, r.reason) for r in _compiled(gm).rows()}
+
+
+def _row_entry(r, reason) -> dict:
+    """One row of :func:`row_dict`."""
+    return {"candidates": [list(c) for c in r.candidates], "reason": reason, "L": r.L, "H": r.H}
 
 
 def _is_path(path) -> bool:
@@ -140,14 +142,14 @@ def load_checkpoint(path_or_ckpt, gm, *, controller=None, optimizer=None) -> dic
             f"compile the fresh model with reuse_compile(model, x, config=ReuseConfig(**ckpt['reuse']['config']))"
         )
     stages = ckpt["reuse"]["stages"]
-    missing = sorted(set(stages) - set(plan.names()))
+    rows = ckpt["reuse"].get("rows")
+    missing = sorted((set(stages) | set(rows or ())) - set(plan.names()))
     if missing:
         raise ValueError(
             f"load_checkpoint: layers {missing} are not in this module's plan ({plan.names()}); compile the "
             f"same model with the checkpoint's config (checkpoints from before session 17 named an F.conv2d "
             f"inside a Conv2d subclass after its node, e.g. 'conv2d'; it is now named after its module)"
         )
-    rows = ckpt["reuse"].get("rows")
     if rows is None:  # a checkpoint from before candidate lists were saved
         _restore_rows(gm, _rows_of_old_checkpoint(plan, stages, saved.policy == "measured"), old=True)
         _warn_off_list(plan, stages)
@@ -186,7 +188,7 @@ def _rows_of_old_checkpoint(plan, stages: dict, measured: bool) -> dict:
             reason = "measured policy: kept exact in the checkpoint"
         else:
             reason = r.reason
-        rows[r.name] = {"candidates": [list(c) for c in r.candidates], "reason": reason, "L": r.L, "H": r.H}
+        rows[r.name] = _row_entry(r, reason)
     return rows
 
 
@@ -214,11 +216,7 @@ def _restore_rows(gm, rows: dict, old: bool = False) -> None:
     differs from the saving one's (the same config and model give the same plan otherwise);
     the ops run any stage, so the checkpoint's lists are kept and the run continues as it was.
     ``old``: a checkpoint without candidate lists (``rows`` from :func:`_rows_of_old_checkpoint`)."""
-    plan = _compiled(gm)
-    by_name = {r.name: r for r in plan.rows()}
-    missing = sorted(set(rows) - set(by_name))
-    if missing:
-        raise ValueError(f"load_checkpoint: layers {missing} are not in this module's plan ({plan.names()})")
+    by_name = {r.name: r for r in _compiled(gm).rows()}  # every name of rows is one (load_checkpoint checks)
     changed = []
     for name, saved in rows.items():
         row = by_name[name]

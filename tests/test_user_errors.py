@@ -355,3 +355,22 @@ def test_old_input_scope_checkpoint_warns_of_the_new_policy_2(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="reuse_compiler"):
         load_checkpoint(ckpt, fresh)
     assert "Policy 2 now takes N from one image" in caplog.text
+
+
+def test_checkpoint_rows_unknown_here_are_refused_by_name(tmp_path):
+    """A checkpoint row this module's plan lacks (a layer renamed, or another model), in
+    its stages or only in its candidate lists (a layer that ran exact), is refused by name
+    before anything is loaded."""
+    gm = _tiny()
+    ckpt = save_checkpoint(tmp_path / "c.pt", gm)
+    rows = ckpt["reuse"]["rows"]
+    rows["conv9"] = {**rows["conv2"], "reason": "excluded by ReuseConfig.exclude"}  # an exact row only
+    fresh = _tiny()
+    before = {k: v.clone() for k, v in fresh.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=r"layers \['conv9'\] are not in this module's plan"):
+        load_checkpoint(ckpt, fresh)
+    ckpt["reuse"]["stages"]["conv8"] = ckpt["reuse"]["stages"]["conv2"]
+    with pytest.raises(ValueError, match=r"layers \['conv8', 'conv9'\] are not in this module's plan"):
+        load_checkpoint(ckpt, fresh)
+    after = fresh.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
