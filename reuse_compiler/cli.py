@@ -269,21 +269,26 @@ def _export(args) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What a command raises for bad input (a wrong layer name, L > K, a model fx cannot
-    trace, an example shape the model rejects, an unwritable file): reported as one
-    ``error:`` line. Anything else is a bug and keeps its traceback."""
+def _package_errors() -> tuple[type[BaseException], ...]:
+    """The package's own error types (imported late: export pulls in the ONNX tooling)."""
     from reuse_compiler.passes.analysis import ReuseTraceError
 
     from .export import OnnxExportError
 
-    return (ValueError, TypeError, KeyError, OSError, ImportError, ReuseTraceError, OnnxExportError)
+    return (ReuseTraceError, OnnxExportError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a command raises for bad input (a wrong layer name, L > K, a model fx cannot
+    trace, an example shape the model rejects, an unwritable file): reported as one
+    ``error:`` line. Anything else is a bug and keeps its traceback."""
+    return (ValueError, TypeError, KeyError, OSError, ImportError, *_package_errors())
 
 
 def _message(e: BaseException) -> str:
     if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
         return e.args[0]  # str(KeyError) is the repr of its message
-    if isinstance(e, (ValueError, KeyError)) or type(e).__name__ in ("ReuseTraceError", "OnnxExportError"):
+    if isinstance(e, (ValueError, KeyError, *_package_errors())):
         return str(e)  # the package's own messages name the thing and the way on
     return f"{type(e).__name__}: {e}"
 
