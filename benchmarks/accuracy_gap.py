@@ -58,6 +58,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -291,7 +292,7 @@ def run(variant: str, seed: int, args) -> dict:
 
 def _is_number(s: str) -> bool:
     try:
-        return float(s) == float(s) and abs(float(s)) != float("inf")
+        return math.isfinite(float(s))
     except ValueError:
         return False
 
