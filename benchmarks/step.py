@@ -28,6 +28,11 @@ batch; what this benchmark printed as its peak before).
 
     python benchmarks/step.py
     python benchmarks/step.py --repeats 9 --steps 4
+    python benchmarks/step.py --device cuda --malloc default   # on a GPU (benchmarks/gpu_check.sh)
+
+With ``--device cuda`` each timed step ends with a device synchronisation, the stages are
+the ones the measured policy times on that device, and one more variant forces the CPU main
+job's stages (conv1 exact, conv2 L=64 H=8) to show what reuse costs there when it runs.
 """
 
 from __future__ import annotations
@@ -61,14 +66,17 @@ def time_interleaved(steps: dict, repeats: int, n: int, warmup: int = 2) -> dict
     return time_round_robin(steps, repeats, n, warmup)
 
 
-def make_step(model, x, y, adam: str = "foreach"):
-    """One training step of the main job (its Adam, ``examples.train.make_adam``)."""
+def make_step(model, x, y, adam: str = "foreach", sync: bool = False):
+    """One training step of the main job (its Adam, ``examples.train.make_adam``); with
+    ``sync`` it waits for the device at its end (so a timed step is the step's whole work)."""
     opt = make_adam(model.parameters(), 1e-3, adam)
 
     def step():
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        if sync:
+            torch.cuda.synchronize()
 
     step.optimizer = opt  # for clearing the gradients before a measured step
     return step
@@ -80,13 +88,17 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="steps per timed round")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--malloc", default="tuned", choices=["tuned", "default"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
     malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
     torch.manual_seed(0)
     (x_tr, y_tr), _ = load_digits(0.2, 0)
-    x = x_tr[: args.batch_size].contiguous(memory_format=torch.channels_last)
-    y = y_tr[: args.batch_size]
-    base = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
+    x = x_tr[: args.batch_size].to(dev).contiguous(memory_format=torch.channels_last)
+    y = y_tr[: args.batch_size].to(dev)
+    base = MODELS["cifarnet"]().to(dev, memory_format=torch.channels_last)
 
     models = {"stock fp32": copy.deepcopy(base)}
     configs = (
@@ -107,19 +119,24 @@ def main(argv=None):
             exact = copy.deepcopy(gm)
             set_stage(exact, exact=True)
             models[f"{name}, every layer exact"] = exact
+    if dev == "cuda":  # the CPU main job's stages, forced (the measured policy may keep none there)
+        gm = reuse_compile(copy.deepcopy(base), x, config=ReuseConfig(hashing="pca", norm_grad=False))
+        set_stage(gm, exact=True)
+        set_stage(gm, "conv2", L=64, H=8, exact=False)
+        models[f"reuse (fitted planes, norms constant), forced: {stages(gm)}"] = gm
 
     phase_before = machine_phase()
-    steps = {name: make_step(m, x, y) for name, m in models.items()}
+    steps = {name: make_step(m, x, y, sync=dev == "cuda") for name, m in models.items()}
     times = time_interleaved(steps, args.repeats, args.steps)
     peaks, peaks_pre = {}, {}
     for name, fn in steps.items():
         fn.optimizer.zero_grad(set_to_none=True)  # the previous step's gradients: not part of "before"
-        peaks[name], peaks_pre[name] = memory_peaks(fn, "cpu")
+        peaks[name], peaks_pre[name] = memory_peaks(fn, dev)
 
     base_ms = statistics.median(times["stock fp32"])
     print(
         f"# training step of examples/train.py's CifarNet (batch {args.batch_size}, channels-last, Adam) on "
-        f"{machine('cpu')}; malloc {malloc}; medians of {args.repeats} interleaved rounds of {args.steps} steps"
+        f"{machine(dev)}; malloc {malloc}; medians of {args.repeats} interleaved rounds of {args.steps} steps"
     )
     print(f"# machine phase (benchmarks/layers.py machine_phase): {phase_before} before, {machine_phase()} after")
     print(
