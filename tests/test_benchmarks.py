@@ -298,3 +298,18 @@ def test_end_to_end_labels_runs_with_their_saved_arguments(tmp_path, capsys):
     assert "| 0 | 0.9700 | 2 | 4 |" in printed  # stock reaches 0.97 at epoch 2, reuse at 4
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["args"] == ["--reuse-epochs", "4"] and summary["rows"][0]["stock_epoch_to_target"] == 2
+
+
+def test_gpu_profile_times_stock_and_each_stage_per_batch(capsys):
+    """gpu_profile.py's table (run on the CPU here; the profiler columns are GPU-only): one row
+    per batch and variant, stock's ratio 1, the reuse stages timed on the same input."""
+    from benchmarks import gpu_profile
+
+    gpu_profile.main(["--device", "cpu", "--batches", "2,3", "--stages", "64,8;1600,8", "--repeats", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [[c.strip() for c in r] for r in rows if r[0].strip().isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [
+        (b, v) for b in ("2", "3") for v in ("stock fp32", "reuse L=64,H=8", "reuse L=1600,H=8")
+    ]
+    assert all(float(r[3]) == 1.0 for r in rows if r[1] == "stock fp32")
+    assert all(float(r[2]) > 0 for r in rows)
