@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import fx, nn
@@ -208,9 +209,29 @@ def reuse_compile(
             state = _layer_state(row.name, config).to(device)
             state.set_params(row.L, row.H)
             _register(gm, state_path(row.name), state)
+    _warn_paper_policy_on_gpu(device, rows, config)
     gm.reuse_plan = ReusePlan(rows, measure=_measure(gm))
     _keep_on_deepcopy(gm)
     return rebuild(gm)
+
+
+def _warn_paper_policy_on_gpu(device: torch.device, rows, config: ReuseConfig) -> None:
+    """The runtime's CUDA path is plain PyTorch ops: on one H200 every stage measured was
+    6-67x slower than cuDNN (docs/performance.md, "On a GPU"), and the paper's FLOP model
+    cannot see that, so a model compiled there with ``policy="paper"`` that reuses a layer
+    gets a warning that names the way on (the measured policy, which keeps exact there)."""
+    reused = [r.name for r in rows if r.rewritable and not r.exact]
+    if device.type != "cuda" or config.policy != "paper" or not reused:
+        return
+    warnings.warn(
+        f"reuse_compile: compiled on {device} with policy='paper', which reuses {', '.join(reused)} by the FLOP "
+        "model; on a GPU the reuse kernels are plain PyTorch ops and were measured 6-67x slower than cuDNN per "
+        "layer (one H200, docs/performance.md). Use ReuseConfig(policy='measured') to keep only the stages "
+        "timed faster than the exact convolution on this device (on that GPU: none, so training runs at "
+        "stock speed).",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 _REUSE_ATTRS = ("_reuse_source", "reuse_config", "reuse_plan")

@@ -44,6 +44,8 @@ def test_compiled_model_trains_on_cuda(hashing):
     y = torch.randint(0, 10, (8,))
     cfg = ReuseConfig(hashing=hashing, hash_refresh=2)  # pca: fits on the GPU at steps 1, 3, 5
     gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg).cuda()
+    with pytest.warns(UserWarning, match="policy='measured'"):  # compiled on the GPU with the paper's policy
+        reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25).cuda(), x.cuda(), config=cfg)
     opt = torch.optim.SGD(gm.parameters(), lr=0.05)
     losses = []
     for _ in range(5):

@@ -531,3 +531,23 @@ def test_the_input_check_survives_dead_code_elimination():
     gm.recompile()
     with pytest.raises(ValueError, match="to have 4 channels"):
         gm(torch.randn(2, 5, 8, 8))
+
+
+def test_paper_policy_on_a_gpu_warns_with_the_way_on():
+    """Compiled on CUDA with the paper's FLOP model and a reused layer: a warning naming the
+    layers and the measured policy; none on the CPU, with the measured policy, or all exact."""
+    from reuse_compiler.api import _warn_paper_policy_on_gpu
+
+    x = torch.randn(8, 1, 28, 28)
+    rows = reuse_compile(cifarnet(in_channels=1, image_size=28), x).reuse_plan.rows()
+    cuda = torch.device("cuda", 0)
+    with pytest.warns(UserWarning, match=r"reuses conv1, conv2 .*ReuseConfig\(policy='measured'\)"):
+        _warn_paper_policy_on_gpu(cuda, rows, ReuseConfig())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_paper_policy_on_gpu(torch.device("cpu"), rows, ReuseConfig())
+        _warn_paper_policy_on_gpu(cuda, rows, ReuseConfig(policy="measured"))
+        exact = reuse_compile(cifarnet(in_channels=1, image_size=28), x, config=ReuseConfig(exclude=["conv1", "conv2"]))
+        _warn_paper_policy_on_gpu(cuda, exact.reuse_plan.rows(), ReuseConfig())
