@@ -1,6 +1,7 @@
 """Where the reuse chain's time goes on a GPU, for CifarNet's conv2 shape: (1) stock cuDNN
-vs reuse forward+backward as the batch grows (an overhead-bound chain keeps its wall time
-while stock's grows), GPU busy time against wall time; (2) a torch.profiler table of one
+vs reuse forward+backward as the batch grows, with the GPU's busy time against the wall time
+(a chain bound by launches and host waits would keep its wall time as the batch grows, one
+bound by its kernels grows with it); (2) a torch.profiler table of one
 reuse forward+backward (the ops by self CUDA time and by self CPU time, and the host syncs).
 
     python benchmarks/gpu_profile.py                 # on a GPU machine (benchmarks/gpu_check.sh)
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.ops import time_round_robin  # noqa: E402
 from reuse_compiler.runtime.ops import reuse_conv2d  # noqa: E402
 from reuse_compiler.runtime.reference import lsh_planes  # noqa: E402
 
@@ -48,20 +49,6 @@ def step(x, w, b, planes=None):
         y.backward(torch.ones_like(y))
 
     return run
-
-
-def timed(fns: dict, repeats: int, sync) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def profiled(fn):
@@ -92,7 +79,7 @@ def main(argv=None):
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if dev == "cuda" else None
     stages = [tuple(int(v) for v in s.split(",")) for s in args.stages.split(";")]
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"# gpu_profile on {name}, torch {torch.__version__}; CifarNet conv2 shape, medians of {args.repeats}")
@@ -103,7 +90,7 @@ def main(argv=None):
         fns = {"stock fp32": step(x, w, b)}
         for L, H in stages:
             fns[f"reuse L={L},H={H}"] = step(x, w, b, lsh_planes(L, H, seed=1).to(dev))
-        ms = timed(fns, args.repeats, sync)
+        ms = {k: statistics.median(v) for k, v in time_round_robin(fns, args.repeats, sync=sync).items()}
         for key, t in ms.items():
             busy = gpu_busy_ms(profiled(fns[key])) if dev == "cuda" else float("nan")
             print(f"| {batch} | {key} | {t:.2f} | {t / ms['stock fp32']:.2f} | {busy:.2f} | {busy / t:.2f} |")

@@ -34,7 +34,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from torch.profiler._memory_profiler import Action
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reuse_compiler  # noqa: E402,F401
-from benchmarks.ops import median_ms  # noqa: E402
+from benchmarks.ops import median_ms, time_round_robin  # noqa: E402
 from examples.train import tune_malloc  # noqa: E402
 from reuse_compiler import policies  # noqa: E402
 from reuse_compiler.runtime import extension, ops  # noqa: E402
@@ -254,19 +253,12 @@ def bench_layer(name, spec, args, device):
     y_bf16 = stock(False, True)().float()
     info["stock bf16 autocast"] = {"rel_error": ((y_bf16 - y_exact).norm() / y_exact.norm()).item()}
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {key: ([], []) for key in variants}
-    for fns in variants.values():  # warm-up (and JIT/extension loading)
-        for fn in fns:
-            fn()
-    for _ in range(args.repeats):  # interleaved: every variant once per round
-        for key, fns in variants.items():
-            for phase, fn in enumerate(fns):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[key][phase].append(time.perf_counter() - t0)
+    # interleaved: every variant's forward, then its forward+backward, once per round, after
+    # one warm-up call of each (JIT/extension loading); seconds per call
+    flat = {(key, phase): fn for key, fns in variants.items() for phase, fn in enumerate(fns)}
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    rounds = time_round_robin(flat, args.repeats, sync=sync)
+    times = {key: tuple([ms / 1e3 for ms in rounds[(key, phase)]] for phase in (0, 1)) for key in variants}
     rows = []
     base_f = statistics.median(times["stock fp32"][0])
     base_fb = statistics.median(times["stock fp32"][1])

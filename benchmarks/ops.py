@@ -51,19 +51,23 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def time_round_robin(fns: dict, repeats: int, n: int = 1, warmup: int = 1) -> dict:
+def time_round_robin(fns: dict, repeats: int, n: int = 1, warmup: int = 1, sync=None) -> dict:
     """Call each of ``fns`` (name -> callable) ``warmup`` times, then ``repeats`` rounds that
     call each ``n`` times, in order. Returns name -> ms per call, one value per round. (The
-    benchmarks' one interleaving loop: ``step.time_interleaved`` is this with two warm-ups.)"""
+    benchmarks' one interleaving loop: ``step.time_interleaved`` is this with two warm-ups.)
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before and after each timed span."""
+    sync = sync or (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
+            sync()
             times[name].append((time.perf_counter() - t0) / n * 1e3)
     return times
 
