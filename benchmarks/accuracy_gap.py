@@ -26,6 +26,9 @@ controller: the main job's controller keeps its first stage on CifarNet anyway).
   (zero sub-vectors keep id 0), refitted with the planes (warm-started). At the same table
   size it lowers conv2's output error about as much as 3 more hash bits; only layers on the
   chunk path (one pixel's channel chunk, as the main job's conv2) use it.
+- ``tail:E``: ``reuse`` for the first E epochs, then every reused layer exact (an
+  experiment, session 19): whether a few exact epochs at the end lift the reuse run to stock's
+  accuracy sooner than more reuse epochs do (the time is estimated from the epochs' costs).
 - ``dither:E``: ``reuse`` with the fitted planes turned by a fresh random rotation of their
   own span at every training forward (an experiment, session 18; :func:`dithered`): the
   cells move from step to step, so the quantisation error changes every step instead of
@@ -273,8 +276,13 @@ def run(variant: str, seed: int, args) -> dict:
     warm_layers = [r.name for r in model.reuse_plan if not r.exact] if warm else []
     for name in warm_layers:  # warmup:S: exact until step S (set_stage keeps parameters and Adam's state)
         set_stage(model, name, exact=True)
+    tail = int(variant.split(":")[1]) if variant.startswith("tail:") else None
     losses, accs, steps = [], [], 0
-    for _ in range(args.epochs):
+    for epoch in range(args.epochs):
+        if epoch == tail:  # tail:E: exact from epoch E+1 on
+            for r in model.reuse_plan:
+                if not r.exact:
+                    set_stage(model, r.name, exact=True)
         perm = torch.randperm(len(x_tr), generator=order)
         model.train()
         total = 0.0
@@ -447,12 +455,17 @@ def main(argv=None):
             v in ("stock", "reuse", "fwd", "bwd", "sumscale", "stunit", "vq")
             or (parts[0] == "stage" and len(parts) == 3 and all(p.isdigit() for p in parts[1:]))
             or (parts[0] == "dither" and len(parts) == 2 and _is_number(parts[1]))
-            or (parts[0] in ("refresh", "warmup") and len(parts) == 2 and parts[1].isdigit() and int(parts[1]) >= 1)
+            or (
+                parts[0] in ("refresh", "warmup", "tail")
+                and len(parts) == 2
+                and parts[1].isdigit()
+                and int(parts[1]) >= 1
+            )
         )
         if not ok:
             ap.error(
                 f"unknown variant {v!r}: stock, reuse, fwd, bwd, sumscale, stunit, vq, stage:L:H, refresh:N, "
-                "warmup:S (N, S >= 1) or dither:E (E a number)"
+                "warmup:S, tail:E (N, S, E >= 1) or dither:E (E a number)"
             )
     logging.getLogger("reuse_compiler").setLevel(logging.ERROR)
     results = {}

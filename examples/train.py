@@ -179,6 +179,7 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
     ctl = controller_factory(model) if controller_factory else None
     steps_per_epoch = len(x_tr) // args.batch_size
     rec = {"name": name, "epochs": [], "switches": [], "train_time": 0.0}
+    stepping = True  # the controller steps (until --exact-after)
     from tqdm import tqdm
 
     bar = tqdm(
@@ -198,7 +199,7 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
         t0 = time.perf_counter()
         for loss in train_steps(model, opt, x_tr, y_tr, perm, args.batch_size):
             epoch_loss += loss
-            if ctl is not None:  # r_c of this training batch (evaluation passes overwrite the plan's)
+            if ctl is not None and stepping:  # r_c of this training batch (evaluation passes overwrite the plan's)
                 for r in model.reuse_plan:
                     if r.r_c is not None and not r.exact:
                         r_c_seen.setdefault(r.name, []).append(r.r_c)
@@ -213,6 +214,17 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
                     )
             bar.update(1)
         rec["train_time"] += time.perf_counter() - t0
+        if ctl is not None and stepping and epoch == getattr(args, "exact_after", 0):
+            stepping = False  # --exact-after: every reused layer exact from here on, the controller stopped
+            t1 = time.perf_counter()  # the graph's rebuild counts as training time
+            for r in model.reuse_plan:
+                if r.rewritable and not r.exact:
+                    old = f"L={r.L} H={r.H}" + (" CR" if r.cluster_reuse else "")
+                    set_stage(model, r.name, exact=True)
+                    h = {"step": epoch * steps_per_epoch, "layer": r.name, "old": old, "new": "exact"}
+                    rec["switches"].append({**h, "rule": "exact-after", "time": rec["train_time"], "epoch": epoch})
+                    bar.write(f"  [{name}] after epoch {epoch}: {r.name} {old} -> exact (--exact-after)")
+            rec["train_time"] += time.perf_counter() - t1
         if ctl is not None:
             test_loss, test_acc = evaluate_exact(model, x_te, y_te)
             stage_acc = evaluate(model, x_te, y_te)[1]
@@ -300,6 +312,15 @@ def build_parser():
         default="none",
         help="when a layer's walk ends: keep its last reuse stage (none, the default: with fitted planes "
         "its epochs learn like stock's) or run the exact convolution from then on",
+    )
+    p.add_argument(
+        "--exact-after",
+        type=int,
+        default=0,
+        metavar="E",
+        help="the reuse run's reused layers go exact after its epoch E, and the controller stops (0: never); "
+        "a few exact epochs at the end lift its accuracy to stock's where more reuse epochs do not "
+        "(docs/performance.md, session 19)",
     )
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument(
@@ -400,6 +421,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.reuse_epochs < 0:
         parser.error("--epochs must be >= 1 and --reuse-epochs >= 0 (0: as many as --epochs)")
+    if args.exact_after < 0:
+        parser.error("--exact-after must be >= 0 (the reuse run's epochs before its layers go exact; 0: never)")
     if args.max_error is None:
         args.max_error = DEFAULT_MAX_ERROR if args.policy == "measured" else 0
     if args.max_error < 0 or (args.max_error > 0 and args.policy != "measured"):

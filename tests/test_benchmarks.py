@@ -93,7 +93,18 @@ def test_unit_norm_constant_changes_only_the_input_gradient():
 
 def test_variant_names_are_checked_before_training():
     """A malformed variant is refused by name before any training starts."""
-    for bad in ("refresh:0", "refresh:x", "warmup:0", "warmup:", "stage:64", "dither:x", "dither:nan", "nope"):
+    for bad in (
+        "refresh:0",
+        "refresh:x",
+        "warmup:0",
+        "warmup:",
+        "tail:0",
+        "tail:",
+        "stage:64",
+        "dither:x",
+        "dither:nan",
+        "nope",
+    ):
         with pytest.raises(SystemExit):
             accuracy_gap.main(["--seeds", "0", "--variants", "stock", bad])
 

@@ -261,3 +261,38 @@ def test_main_job_adam_foreach_equals_for_loop():
     assert all(torch.equal(p, q) for p, q in zip(params["a"], params["b"]))
     with pytest.raises(ValueError, match="Adam implementation 'sgd'"):
         make_adam(params["a"], 1e-2, "sgd")
+
+
+def test_exact_after_turns_the_reused_layers_exact_and_stops_the_controller():
+    """examples/train.py --exact-after E: after the reuse run's epoch E every reused layer is
+    exact (switches recorded with rule "exact-after"), and the controller is no longer
+    stepped (no r_c gathered, its history unchanged)."""
+    import argparse
+
+    from examples.train import train_run
+    from reuse_compiler import AdaptiveReuse, ReuseConfig, reuse_compile
+    from reuse_compiler.models import cifarnet
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(96, 1, 12, 12, generator=g)
+    y = torch.randint(0, 10, (96,), generator=g)
+    data = ((x[:64], y[:64]), (x[64:], y[64:]))
+    torch.manual_seed(0)
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=12, width=0.125), x[:16], config=ReuseConfig(L=4, H=4))
+    reused = [r.name for r in gm.reuse_plan if r.rewritable and not r.exact]
+    assert reused
+    args = argparse.Namespace(epochs=3, seed=0, batch_size=16, lr=1e-3, adam="foreach", no_progress=True, exact_after=1)
+    seen = []
+
+    def controller(m):
+        ctl = AdaptiveReuse(m, "fixed", patience=0)
+        step = ctl.step
+        ctl.step = lambda loss: (seen.append(loss), step(loss))[1]
+        return ctl
+
+    rec = train_run("reuse", gm, data, args, controller)
+    assert len(seen) == 4  # epoch 1's four steps only
+    assert [(s["layer"], s["rule"], s["epoch"]) for s in rec["switches"]] == [(n, "exact-after", 1) for n in reused]
+    assert all(r.exact for r in gm.reuse_plan if r.rewritable)
+    assert rec["epochs"][0]["r_c"] and not rec["epochs"][1]["r_c"]
+    assert set(rec["epochs"][2]["stages"].values()) == {"exact"}
