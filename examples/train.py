@@ -421,8 +421,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.reuse_epochs < 0:
         parser.error("--epochs must be >= 1 and --reuse-epochs >= 0 (0: as many as --epochs)")
-    if args.exact_after < 0:
-        parser.error("--exact-after must be >= 0 (the reuse run's epochs before its layers go exact; 0: never)")
+    reuse_epochs = args.reuse_epochs or args.epochs
+    if args.exact_after < 0 or (args.exact_after and args.exact_after >= reuse_epochs):
+        parser.error(
+            f"--exact-after must be >= 0 (0: never) and below the reuse run's epochs "
+            f"({reuse_epochs}; --reuse-epochs gives it more), got {args.exact_after}"
+        )
     if args.max_error is None:
         args.max_error = DEFAULT_MAX_ERROR if args.policy == "measured" else 0
     if args.max_error < 0 or (args.max_error > 0 and args.policy != "measured"):
@@ -488,7 +492,6 @@ def main(argv=None):
         )
 
     name = f"reuse-{args.strategy}"
-    reuse_epochs = args.reuse_epochs or args.epochs
     if args.schedule == "interleaved":
         log.info("\ntraining stock and reuse interleaved, epoch by epoch (--schedule sequential: one after the other)")
         recs = interleave(

@@ -296,3 +296,16 @@ def test_exact_after_turns_the_reused_layers_exact_and_stops_the_controller():
     assert all(r.exact for r in gm.reuse_plan if r.rewritable)
     assert rec["epochs"][0]["r_c"] and not rec["epochs"][1]["r_c"]
     assert set(rec["epochs"][2]["stages"].values()) == {"exact"}
+
+
+@pytest.mark.parametrize(
+    "argv", [["--exact-after", "-1"], ["--exact-after", "12"], ["--exact-after", "16", "--reuse-epochs", "16"]]
+)
+def test_exact_after_outside_the_reuse_run_is_refused(argv, capsys):
+    """--exact-after must fall inside the reuse run (below its epochs), and is refused by name
+    before anything is loaded or trained."""
+    from examples.train import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "--exact-after must be >= 0" in capsys.readouterr().err
