@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.accuracy_gap import first_epoch  # noqa: E402
 from benchmarks.layers import machine_phase  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, auto_norm_grad, build_parser  # noqa: E402
 from examples.train import main as train_main  # noqa: E402
@@ -68,8 +69,9 @@ def saved_flags(saved: dict) -> list[str]:
 
 
 def epoch_to(rec: dict, target: float) -> int | None:
-    """The first epoch (counted from 1) whose test accuracy >= target."""
-    return next((i for i, e in enumerate(rec["epochs"], 1) if e["test_acc"] >= target - 1e-9), None)
+    """The first epoch (counted from 1) whose test accuracy >= target (a run's record;
+    ``accuracy_gap.first_epoch`` on its curve)."""
+    return first_epoch([e["test_acc"] for e in rec["epochs"]], target)
 
 
 def time_to(rec: dict, target: float) -> float | None:
