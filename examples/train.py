@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 import reuse_compiler  # noqa: E402
 from reuse_compiler import AdaptiveReuse, ReuseConfig, reuse_compile, set_stage  # noqa: E402
+from reuse_compiler.controller import _fmt, _stage_of  # noqa: E402
 from reuse_compiler.models import alexnet, cifarnet, vgg19  # noqa: E402
 
 log = logging.getLogger("train")
@@ -168,6 +169,11 @@ def train_steps(model, opt, x, y, perm, batch_size: int):
         yield loss.item()
 
 
+def stage_text(row) -> str:
+    """A layer's stage as the controller's switches name it ("exact", "L=64 H=8", "... CR")."""
+    return _fmt(_stage_of(row))
+
+
 def train_epochs(name, model, data, args, controller_factory=None, epochs=None, position=0):
     """:func:`train_run` as a generator: yields the run's record after every epoch (the same
     dict, growing), so that runs can be interleaved (:func:`interleave`)."""
@@ -219,7 +225,7 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
             t1 = time.perf_counter()  # the graph's rebuild counts as training time
             for r in model.reuse_plan:
                 if r.rewritable and not r.exact:
-                    old = f"L={r.L} H={r.H}" + (" CR" if r.cluster_reuse else "")
+                    old = stage_text(r)
                     set_stage(model, r.name, exact=True)
                     h = {"step": epoch * steps_per_epoch, "layer": r.name, "old": old, "new": "exact"}
                     rec["switches"].append({**h, "rule": "exact-after", "time": rec["train_time"], "epoch": epoch})
@@ -240,10 +246,7 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
             "test_acc_at_stage": stage_acc,
         }
         if ctl is not None:
-            row["stages"] = {
-                r.name: ("exact" if r.exact else f"L={r.L} H={r.H}" + (" CR" if r.cluster_reuse else ""))
-                for r in model.reuse_plan
-            }
+            row["stages"] = {r.name: stage_text(r) for r in model.reuse_plan}
             # mean over the epoch's training batches that ran with reuse
             row["r_c"] = {name: sum(v) / len(v) for name, v in r_c_seen.items()}
         rec["epochs"].append(row)
