@@ -220,17 +220,6 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
                     )
             bar.update(1)
         rec["train_time"] += time.perf_counter() - t0
-        if ctl is not None and stepping and epoch == getattr(args, "exact_after", 0):
-            stepping = False  # --exact-after: every reused layer exact from here on, the controller stopped
-            t1 = time.perf_counter()  # the graph's rebuild counts as training time
-            for r in model.reuse_plan:
-                if r.rewritable and not r.exact:
-                    old = stage_text(r)
-                    set_stage(model, r.name, exact=True)
-                    h = {"step": epoch * steps_per_epoch, "layer": r.name, "old": old, "new": "exact"}
-                    rec["switches"].append({**h, "rule": "exact-after", "time": rec["train_time"], "epoch": epoch})
-                    bar.write(f"  [{name}] after epoch {epoch}: {r.name} {old} -> exact (--exact-after)")
-            rec["train_time"] += time.perf_counter() - t1
         if ctl is not None:
             test_loss, test_acc = evaluate_exact(model, x_te, y_te)
             stage_acc = evaluate(model, x_te, y_te)[1]
@@ -257,6 +246,17 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
             + (f" (at stage {stage_acc:.4f})" if ctl else "")
             + f"  time {rec['train_time']:.1f}s"
         )
+        if ctl is not None and stepping and epoch == getattr(args, "exact_after", 0):
+            stepping = False  # --exact-after: every reused layer exact from the next epoch, the controller stopped
+            t1 = time.perf_counter()  # the graph's rebuild counts as training time
+            for r in model.reuse_plan:
+                if r.rewritable and not r.exact:
+                    old = stage_text(r)
+                    set_stage(model, r.name, exact=True)
+                    h = {"step": epoch * steps_per_epoch, "layer": r.name, "old": old, "new": "exact"}
+                    rec["switches"].append({**h, "rule": "exact-after", "time": rec["train_time"], "epoch": epoch})
+                    bar.write(f"  [{name}] after epoch {epoch}: {r.name} {old} -> exact (--exact-after)")
+            rec["train_time"] += time.perf_counter() - t1
         if epoch == epochs:  # complete before the last yield
             if ctl is not None:
                 rec["final_plan"] = model.reuse_plan.to_dict()

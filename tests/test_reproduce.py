@@ -295,6 +295,7 @@ def test_exact_after_turns_the_reused_layers_exact_and_stops_the_controller():
     assert [(s["layer"], s["rule"], s["epoch"]) for s in rec["switches"]] == [(n, "exact-after", 1) for n in reused]
     assert all(r.exact for r in gm.reuse_plan if r.rewritable)
     assert rec["epochs"][0]["r_c"] and not rec["epochs"][1]["r_c"]
+    assert all(rec["epochs"][0]["stages"][n] != "exact" for n in reused)  # epoch 1 trained with reuse
     assert set(rec["epochs"][2]["stages"].values()) == {"exact"}
 
 
