@@ -254,27 +254,25 @@ def bench_layer(name, spec, args, device):
     info["stock bf16 autocast"] = {"rel_error": ((y_bf16 - y_exact).norm() / y_exact.norm()).item()}
 
     # interleaved: every variant's forward, then its forward+backward, once per round, after
-    # one warm-up call of each (JIT/extension loading); seconds per call
+    # one warm-up call of each (JIT/extension loading); median ms per (variant, phase)
     flat = {(key, phase): fn for key, fns in variants.items() for phase, fn in enumerate(fns)}
     sync = torch.cuda.synchronize if device == "cuda" else None
-    rounds = time_round_robin(flat, args.repeats, sync=sync)
-    times = {key: tuple([ms / 1e3 for ms in rounds[(key, phase)]] for phase in (0, 1)) for key in variants}
+    ms = {k: statistics.median(v) for k, v in time_round_robin(flat, args.repeats, sync=sync).items()}
     rows = []
-    base_f = statistics.median(times["stock fp32"][0])
-    base_fb = statistics.median(times["stock fp32"][1])
+    base_f, base_fb = ms[("stock fp32", 0)], ms[("stock fp32", 1)]
     # each variant's memory once (outside the timed rounds); stock's is every ratio's base
     memory = {key: (saved_bytes(fns[1]), *memory_peaks(fns[1], device)) for key, fns in variants.items()}
     base_saved, base_peak, _ = memory["stock fp32"]
     for key in variants:
-        tf, tfb = statistics.median(times[key][0]), statistics.median(times[key][1])
+        tf, tfb = ms[(key, 0)], ms[(key, 1)]
         saved, peak, peak_pre = memory[key]
         rows.append(
             {
                 "layer": name,
                 "variant": key,
-                "fwd_ms": tf * 1e3,
+                "fwd_ms": tf,
                 "fwd_ratio": tf / base_f,
-                "fwdbwd_ms": tfb * 1e3,
+                "fwdbwd_ms": tfb,
                 "fwdbwd_ratio": tfb / base_fb,
                 "saved_MB": saved / 2**20,
                 "saved_ratio": saved / base_saved,
