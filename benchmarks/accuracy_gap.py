@@ -15,7 +15,9 @@ controller: the main job's controller keeps its first stage on CifarNet anyway).
   a cluster's outputs sum to those of its members' mean (as the paper's mean centroid);
 - ``stunit``: the norm centroid's unit centroids with the centroid norm a constant of the
   backward (the input gradient is not projected off the centroid's direction);
-- ``stage:L:H``: ``reuse`` with ``--layer`` fixed at (L, H);
+- ``stage:L:H``: ``reuse`` with ``--layer`` fixed at (L, H), reused even where the measured
+  policy keeps it exact (then compiled with the paper's policy, the other layers pinned at
+  their measured stages);
 - ``refresh:N``: ``reuse`` with the hash planes refitted every N training steps (the main
   job's default: 20);
 - ``warmup:S``: ``reuse`` with the reused layers exact for the first S training steps (an
@@ -231,6 +233,22 @@ def build(variant: str, base, example, args, seed: int):
         **LH,
     )
     gm = reuse_compile(copy.deepcopy(base), example, config=config)
+    row = gm.reuse_plan[args.layer] if LH else None
+    if row is not None and row.exact:
+        # the measured policy keeps --layer exact (no candidate faster, or none within max_error):
+        # compile again with the paper's policy, every other layer pinned at the measured stage
+        pinned = {r.name: (r.L, r.H) for r in gm.reuse_plan if not r.exact}
+        pinned[args.layer] = (LH["L"][args.layer], LH["H"][args.layer])
+        config.policy = "paper"
+        config.L = {k: v[0] for k, v in pinned.items()}
+        config.H = {k: v[1] for k, v in pinned.items()}
+        gm = reuse_compile(copy.deepcopy(base), example, config=config)
+        for r in gm.reuse_plan:
+            if r.rewritable and r.name not in pinned:
+                set_stage(gm, r.name, exact=True)
+        row = gm.reuse_plan[args.layer]
+        if row.exact:
+            raise SystemExit(f"{variant}: layer {args.layer!r} cannot run with reuse: {row.reason}")
     # every chain (one per rewritten conv, one per group of a grouped one), by its reconstruct node
     bases = [n.name.removesuffix("_y") for n in gm.graph.nodes if n.target is torch.ops.reuse.reconstruct.default]
     for b in bases:

@@ -119,6 +119,26 @@ def test_refresh_variant_sets_the_refit_interval():
     assert accuracy_gap.build("reuse", base, x, args, 0).reuse_config.hash_refresh == 20
 
 
+_ARGS = dict(centroid="norm", norm_grad="off", exclude=[])  # accuracy_gap.build's arguments
+
+
+def test_stage_variant_reuses_the_layer_even_where_the_measured_policy_keeps_it_exact():
+    """``stage:L:H`` runs ``--layer`` at (L, H), also a layer the measured policy keeps exact
+    (session 20: conv1); the other layers keep the stages of the ``reuse`` variant."""
+    torch.manual_seed(0)
+    base = cifarnet(in_channels=1, image_size=12, width=0.125)
+    x = torch.rand(4, 1, 12, 12)
+
+    def stages(gm):
+        return {r.name: None if r.exact else (r.L, r.H) for r in gm.reuse_plan}
+
+    reuse = stages(accuracy_gap.build("reuse", base, x, argparse.Namespace(**_ARGS, layer="conv2"), 0))
+    for layer, (L, H) in (("conv1", (25, 10)), ("conv2", (8, 5))):
+        args = argparse.Namespace(**_ARGS, layer=layer)
+        got = stages(accuracy_gap.build(f"stage:{L}:{H}", base, x, args, 0))
+        assert got == {**reuse, layer: (L, H)}
+
+
 def test_vector_quantised_ids_are_nearest_codewords_and_zero_keeps_id_0():
     """``vq``: a fit returns H orthonormal directions and a codebook of 2^H - 1 centroids; a
     non-zero sub-vector's id is 1 + its nearest codeword (in the projection of its unit
@@ -324,3 +344,17 @@ def test_gpu_profile_times_stock_and_each_stage_per_batch(capsys):
     ]
     assert all(float(r[3]) == 1.0 for r in rows if r[1] == "stock fp32")
     assert all(float(r[2]) > 0 for r in rows)
+
+
+def test_timeline_segments_add_up_to_the_step(capsys):
+    """timeline.py: every segment of both steps is timed, and with one timed step the segments
+    add up to the step (the marks are contiguous); one table row per segment."""
+    from benchmarks import timeline
+
+    ms = timeline.main(["--repeats", "1", "--steps", "1", "--warmup", "1", "--batch-size", "8"])
+    for name in ("stock", "reuse"):
+        seg = [ms[name][m] for m, _ in timeline.SEGMENTS]
+        assert all(t > 0 for t in seg)
+        assert sum(seg) == pytest.approx(ms[name]["step"], rel=1e-6)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(timeline.SEGMENTS) + 1  # header, segments, step
