@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -239,9 +240,13 @@ def build(variant: str, base, example, args, seed: int):
         # compile again with the paper's policy, every other layer pinned at the measured stage
         pinned = {r.name: (r.L, r.H) for r in gm.reuse_plan if not r.exact}
         pinned[args.layer] = (LH["L"][args.layer], LH["H"][args.layer])
-        config.policy = "paper"
-        config.L = {k: v[0] for k, v in pinned.items()}
-        config.H = {k: v[1] for k, v in pinned.items()}
+        config = dataclasses.replace(
+            config,
+            policy="paper",
+            max_error=None,  # the measured policy's filter; the stages are given
+            L={k: v[0] for k, v in pinned.items()},
+            H={k: v[1] for k, v in pinned.items()},
+        )
         gm = reuse_compile(copy.deepcopy(base), example, config=config)
         for r in gm.reuse_plan:
             if r.rewritable and r.name not in pinned:
