@@ -72,6 +72,11 @@ def check_input(x: torch.Tensor, in_channels: int, layer: str) -> None:
             f"reuse: layer {layer!r} expected input{list(x.shape)} to have {in_channels} channels "
             f"(its in_channels), but got {x.shape[1]} channels instead"
         )
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"reuse: layer {layer!r} expected a floating-point input, got {x.dtype}; convert it to the "
+            f"model's dtype (x.float() for a float32 model), as F.conv2d requires"
+        )
 
 
 @check_input.register_fake

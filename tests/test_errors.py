@@ -292,6 +292,8 @@ def test_wrong_channel_count_is_an_error_as_in_stock(conv, config, channels):
         gm(x)
     with pytest.raises(ValueError, match=r"4-D .*x\.unsqueeze"):
         gm(torch.randn(conv.in_channels, 8, 8))
+    with pytest.raises(TypeError, match=r"layer '0' expected a floating-point input, got torch.int64.*x\.float\(\)"):
+        gm(torch.randint(0, 5, (4, conv.in_channels, 8, 8)))  # stock: a RuntimeError on the dtype as well
 
 
 def test_across_batch_store_follows_the_module_to_another_dtype():
