@@ -302,10 +302,8 @@ def run(variant: str, seed: int, args) -> dict:
     tail = int(variant.split(":")[1]) if variant.startswith("tail:") else None
     losses, accs, steps = [], [], 0
     for epoch in range(args.epochs):
-        if epoch == tail:  # tail:E: exact from epoch E+1 on
-            for r in model.reuse_plan:
-                if not r.exact:
-                    set_stage(model, r.name, exact=True)
+        if epoch == tail:  # tail:E: exact from epoch E+1 on (every layer, one rebuild)
+            set_stage(model, exact=True)
         perm = torch.randperm(len(x_tr), generator=order)
         model.train()
         total = 0.0

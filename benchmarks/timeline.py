@@ -43,6 +43,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.layers import machine, machine_phase  # noqa: E402
+from benchmarks.ops import time_round_robin  # noqa: E402
+from benchmarks.step import stages  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
 
@@ -140,29 +142,23 @@ def main(argv=None):
     config = ReuseConfig(
         policy="measured", l_values="extended", hashing="pca", max_error=args.max_error, norm_grad=False
     )
-    runs, marks, stage = {}, {}, {}
+    runs, marks = {}, {}
     for name in ("stock", "reuse"):
         model = copy.deepcopy(base)
         conv2 = _Conv2(model.conv2)
         if name == "reuse":
             conv2 = reuse_compile(conv2, conv2_input, config=config, inplace=True)
-            row = conv2.reuse_plan["conv2"]
-            stage[name] = "exact" if row.exact else f"L={row.L} H={row.H}"
+            stage = stages(conv2)
         marks[name] = {}
         runs[name] = make_timed_step(model, conv2, x, y, marks[name])
     phase = machine_phase()
-    for step in runs.values():
-        for _ in range(args.warmup):
-            step()
-    for _ in range(args.repeats):
-        for step in runs.values():
-            for _ in range(args.steps):
-                step()
+    # the benchmarks' interleaving loop; its per-round spans are not used: the steps' marks are
+    time_round_robin(runs, args.repeats, args.steps, args.warmup)
     ms = {name: segment_ms(marks[name], args.warmup) for name in runs}
     s, r = ms["stock"], ms["reuse"]
     print(
         f"# training step of examples/train.py's CifarNet (batch {args.batch_size}, channels-last, foreach Adam), "
-        f"segments timed without a profiler, on {machine('cpu')}; reuse: conv2 at {stage['reuse']}, conv1 exact"
+        f"segments timed without a profiler, on {machine('cpu')}; reuse: {stage}, conv1 exact"
     )
     print(
         f"# medians over {args.repeats} interleaved rounds of {args.steps} steps; machine phase "
