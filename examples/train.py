@@ -249,13 +249,13 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
         if ctl is not None and stepping and epoch == getattr(args, "exact_after", 0):
             stepping = False  # --exact-after: every reused layer exact from the next epoch, the controller stopped
             t1 = time.perf_counter()  # the graph's rebuild counts as training time
-            for r in model.reuse_plan:
-                if r.rewritable and not r.exact:
-                    old = stage_text(r)
-                    set_stage(model, r.name, exact=True)
-                    h = {"step": epoch * steps_per_epoch, "layer": r.name, "old": old, "new": "exact"}
-                    rec["switches"].append({**h, "rule": "exact-after", "time": rec["train_time"], "epoch": epoch})
-                    bar.write(f"  [{name}] after epoch {epoch}: {r.name} {old} -> exact (--exact-after)")
+            olds = {r.name: stage_text(r) for r in model.reuse_plan if r.rewritable and not r.exact}
+            if olds:
+                set_stage(model, exact=True)  # every layer in one call: one rebuild of the graph
+            for layer, old in olds.items():
+                h = {"step": epoch * steps_per_epoch, "layer": layer, "old": old, "new": "exact"}
+                rec["switches"].append({**h, "rule": "exact-after", "time": rec["train_time"], "epoch": epoch})
+                bar.write(f"  [{name}] after epoch {epoch}: {layer} {old} -> exact (--exact-after)")
             rec["train_time"] += time.perf_counter() - t1
         if epoch == epochs:  # complete before the last yield
             if ctl is not None:
