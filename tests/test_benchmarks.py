@@ -358,3 +358,22 @@ def test_timeline_segments_add_up_to_the_step(capsys):
         assert sum(seg) == pytest.approx(ms[name]["step"], rel=1e-6)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(timeline.SEGMENTS) + 1  # header, segments, step
+
+
+def test_chain_ops_times_the_chain_ops_and_kernels(capsys):
+    """chain_ops.py: the op table has the chain's custom ops, each called once per step (the
+    backward's through the tensor hooks), and none of the stock layers' ops (no convolution,
+    no pooling); with the C++ kernels on, the kernel table has the reconstruction both ways."""
+    from benchmarks import chain_ops
+    from reuse_compiler.runtime import extension
+
+    out = chain_ops.main(["--steps", "2", "--warmup", "1", "--batch-size", "32", "--limit", "0"])
+    ops = {name: calls for name, _, calls in out["ops"]}
+    for op in ("reconstruct", "reconstruct_grad", "cluster", "lsh_hash", "im2col", "centroid_gemm"):
+        assert ops[f"reuse.{op}.default"] == 1
+    assert not any("convolution" in name or "max_pool" in name or "addmm" in name for name in ops)
+    if extension.get() is not None:
+        kernels = {name: calls for name, _, calls in out["kernels"]}
+        assert kernels["reconstruct"] == 1 and kernels["reconstruct_backward"] == 1
+    assert out["step_ms"] > 0
+    assert "| call | ms per step | calls per step |" in capsys.readouterr().out
