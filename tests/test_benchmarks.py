@@ -4,7 +4,8 @@ chain's output values with the exact convolution's gradients, ``bwd`` the conver
 changes only the input gradient; ``vq``'s ids are nearest codewords. The benchmarks'
 measurements and reports: peak memory leaves out what existed before the call, ops.py
 times round-robin, accuracy_gap's long-run report and report-only mode, end_to_end's
-labels from the runs' saved arguments."""
+labels from the runs' saved arguments, timeline's segments and chain_ops' op and kernel
+tables."""
 
 import argparse
 import copy
