@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.layers import machine, machine_phase  # noqa: E402
 from benchmarks.step import stages  # noqa: E402
-from benchmarks.timeline import _Conv2  # noqa: E402
-from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tune_malloc  # noqa: E402
-from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
+from benchmarks.timeline import _Conv2, main_job_conv2  # noqa: E402
+from examples.train import make_adam  # noqa: E402
+from reuse_compiler import reuse_compile  # noqa: E402
 from reuse_compiler.runtime import extension  # noqa: E402
 
 
@@ -135,17 +135,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--limit", type=int, default=25, help="rows of the op table (0: all)")
     args = ap.parse_args(argv)
-    tune_malloc()
-    torch.manual_seed(0)
-    (x_tr, y_tr), _ = load_digits(0.2, 0)
-    x = x_tr[: args.batch_size].contiguous(memory_format=torch.channels_last)
-    y = y_tr[: args.batch_size]
-    model = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        conv2_input = F.relu(model.pool1(model.conv1(x)))
-    config = ReuseConfig(
-        policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False
-    )
+    x, y, model, conv2_input, config = main_job_conv2(args.batch_size)
     conv2 = reuse_compile(_Conv2(copy.deepcopy(model.conv2)), conv2_input, config=config, inplace=True)
     phase = machine_phase()
     print(

@@ -76,6 +76,24 @@ class _Conv2(nn.Module):
         return self.conv2(x)
 
 
+def main_job_conv2(batch_size: int, max_error: float = DEFAULT_MAX_ERROR):
+    """The main job's first batch and model, for a step with conv2 compiled alone (glibc malloc
+    tuned, seed 0): ``(x, y, model, conv2_input, config)``, with ``x`` the digits in channels-last
+    memory, ``model`` a fresh CifarNet in channels-last, ``conv2_input`` conv1's pooled ReLU
+    output for ``reuse_compile`` and ``config`` the main job's reuse config (measured policy,
+    extended L values, norm centroid, fitted planes, norms constant in the backward)."""
+    tune_malloc()
+    torch.manual_seed(0)
+    (x_tr, y_tr), _ = load_digits(0.2, 0)
+    x = x_tr[:batch_size].contiguous(memory_format=torch.channels_last)
+    y = y_tr[:batch_size]
+    model = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv2_input = F.relu(model.pool1(model.conv1(x)))
+    config = ReuseConfig(policy="measured", l_values="extended", hashing="pca", max_error=max_error, norm_grad=False)
+    return x, y, model, conv2_input, config
+
+
 def make_timed_step(model, conv2, x, y, marks: dict):
     """One training step of ``model`` (CifarNet, ``pool_first``) with ``conv2`` in place of its
     conv2, appending ``time.perf_counter()`` to ``marks[name]`` at every segment boundary."""
@@ -131,17 +149,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR, help="the reuse config's max_error")
     args = ap.parse_args(argv)
-    tune_malloc()
-    torch.manual_seed(0)
-    (x_tr, y_tr), _ = load_digits(0.2, 0)
-    x = x_tr[: args.batch_size].contiguous(memory_format=torch.channels_last)
-    y = y_tr[: args.batch_size]
-    base = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        conv2_input = F.relu(base.pool1(base.conv1(x)))
-    config = ReuseConfig(
-        policy="measured", l_values="extended", hashing="pca", max_error=args.max_error, norm_grad=False
-    )
+    x, y, base, conv2_input, config = main_job_conv2(args.batch_size, args.max_error)
     runs, marks = {}, {}
     for name in ("stock", "reuse"):
         model = copy.deepcopy(base)
