@@ -16,6 +16,7 @@ import operator
 import torch
 from torch import fx
 
+from ..runtime import kernels
 from .analysis import conv_operands
 
 __all__ = ["emit_reuse_conv", "rebuild", "rewritten_graph", "state_path"]
@@ -63,12 +64,15 @@ def emit_reuse_conv(
         planes.name = f"{base}_planes"
     else:
         planes = graph.get_attr(state_path(row.name) + ".hasher.planes")
+    fused = centroid == "norm" and norm_grad
+    C = row.in_channels // row.groups
+    if record and not fused and not row.cluster_reuse and kernels.use_pixel_chain(C, row.L, s, scope):
+        return _emit_pixel_chain(graph, x, weight, bias, row, base, group, xp, planes, centroid)
     ids = _node(graph, _ops.lsh_hash.default, (xp, planes, k, s, d), f"{base}_ids")
     # x too: with a channels-last x the backward writes x's gradient directly (reuse.cluster)
     # and the norms' backward keeps x, not the padded xp; with the norm centroid one op
     # returns the norms too, so the input's two gradients share one buffer (reuse.cluster_norms)
     # (norm_grad=False: the norms are constants of the backward, from the detached input)
-    fused = centroid == "norm" and norm_grad
     op = _ops.cluster_norms.default if fused else _ops.cluster.default
     cl = _node(graph, op, (xp, ids, k, s, d, row.L, row.H, scope, x, list(row.padding)), f"{base}_cluster")
     centroids = _node(graph, operator.getitem, (cl, 0), f"{base}_centroids")
@@ -90,6 +94,33 @@ def emit_reuse_conv(
     y = _node(graph, _ops.reconstruct.default, args, f"{base}_y")
     if record:
         graph.call_module(state_path(row.name), (counts, group))
+    return y
+
+
+def _emit_pixel_chain(graph, x, weight, bias, row, base, group, xp, planes, centroid) -> fx.Node:
+    """The per-pixel chain (runtime/kernels.py): where each sub-vector is one whole pixel, the
+    ids, the inverse index and the member norms are kept per pixel (``lsh_hash(per_pixel=True)``,
+    ``cluster_pixels``, ``member_norms(per_pixel=True)``, ``reconstruct`` with the slot map);
+    the same values as the generic chain, without its (sub-matrices x rows) tensors. The norms
+    are constants of the backward (the fused ``cluster_norms`` stays generic)."""
+    k, s, d = list(row.kernel_size), list(row.stride), list(row.dilation)
+    ids = _node(graph, _ops.lsh_hash.default, (xp, planes, k, s, d, True), f"{base}_ids")
+    args = (xp, ids, k, s, d, row.L, row.H, x, list(row.padding))
+    cl = _node(graph, _ops.cluster_pixels.default, args, f"{base}_cluster")
+    centroids = _node(graph, operator.getitem, (cl, 0), f"{base}_centroids")
+    ranks = _node(graph, operator.getitem, (cl, 1), f"{base}_ranks")
+    slot_map = _node(graph, operator.getitem, (cl, 2), f"{base}_slot_map")
+    counts = _node(graph, operator.getitem, (cl, 3), f"{base}_counts")
+    scales = None
+    if centroid == "norm":
+        centroids = _node(graph, _ops.unit_rows.default, (centroids,), f"{base}_unit_centroids")
+        xp_const = _node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const")
+        norm_args = (xp_const, k, s, d, row.L, None, None, True)
+        scales = _node(graph, _ops.member_norms.default, norm_args, f"{base}_norms")
+    yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
+    window = [k[0], k[1], d[0], d[1]]
+    y = _node(graph, _ops.reconstruct.default, (yc, ranks, bias, scales, slot_map, window), f"{base}_y")
+    graph.call_module(state_path(row.name), (counts, group))
     return y
 
 

@@ -525,3 +525,209 @@ def pad_nhwc_torch(nhwc: torch.Tensor, t: int, b: int, left: int, r: int) -> tor
     xp[:, t : t + H, left + W :].zero_()
     xp[:, t : t + H, left : left + W].copy_(nhwc)
     return xp
+
+
+# --------------------------------------------------------------------------- the per-pixel chain
+#
+# Where every sub-vector is one whole pixel (L = C, the "chunk" kind), the stride is 1 and the
+# scope "batch", block b is kernel tap b and every block hashes a pixel to the same id. The
+# per-pixel chain (ops.cluster_pixels; docs/design.md) keeps per pixel what the generic chain
+# keeps per (block, row): the ids (Nb, Hp, Wp), each pixel's key rank ``ranks`` (the rank of
+# its id among the ids of the pixels any block covers; -1 where no block covers it), a per-block
+# map ``slot_map`` (nb, G) from key rank to slot (-1: the block has no such pixel), and the
+# member norms. Row n's slot in block b is ``slot_map[b, ranks[pixel of (b, n)]]``, the generic
+# chain's ``inverse[b, n]`` (:func:`pixel_inverse`); the C++ kernels sum what their generic
+# twins sum, in the same order, and the plain-PyTorch fallbacks form the generic tensors and
+# call the generic functions, so both chains give the same bits.
+
+
+# Whether the rewrite (and ops.reuse_conv2d) emit the per-pixel chain where it fits; tests and
+# A/B benchmarks set it to False to run the generic chain instead (the same values).
+PIXEL_CHAIN = True
+
+
+def pixel_chain_fits(C: int, L: int, stride) -> bool:
+    """Whether a layer's stage can run the per-pixel chain (one pixel per sub-vector, stride
+    1; the caller checks the scope)."""
+    return L == C and tuple(int(v) for v in stride) == (1, 1)
+
+
+def use_pixel_chain(C: int, L: int, stride, scope: str) -> bool:
+    """Whether to emit the per-pixel chain for a layer: it fits, the scope is "batch",
+    :data:`PIXEL_CHAIN` is on and the C++ kernels are there (elsewhere, e.g. on a GPU, its
+    plain-PyTorch fallbacks form the generic chain's tensors anyway; they are tested, not
+    chosen)."""
+    return PIXEL_CHAIN and scope == "batch" and pixel_chain_fits(C, L, stride) and extension.get() is not None
+
+
+def pixel_geometry(ranks_shape, window) -> Geometry:
+    """The geometry of a per-pixel chain's maps: ``ranks_shape`` (Nb, Hp, Wp) and ``window``
+    = (kh, kw, dh, dw); the channel count does not matter to the maps (C = L = 1)."""
+    Nb, Hp, Wp = (int(v) for v in ranks_shape)
+    kh, kw, dh, dw = (int(v) for v in window)
+    return Geometry.of((Nb, Hp, Wp, 1), (kh, kw), (1, 1), (dh, dw), 1)
+
+
+def check_pixel_geometry(g: Geometry, op: str) -> None:
+    if not (g.kind == "chunk" and g.L == g.C and (g.sh, g.sw) == (1, 1)):
+        raise ValueError(
+            f"{op}: the per-pixel chain needs sub-vectors of one whole pixel (L = C = {g.C}, got L = {g.L}) "
+            f"and stride 1 (got {(g.sh, g.sw)}); use the generic chain (per_pixel=False, reuse.cluster)"
+        )
+
+
+def _taps(t4: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """(nb, Nb, Oh, Ow): every tap's view of a per-pixel (Nb, Hp, Wp) tensor, stacked."""
+    return torch.stack([g.tap_view(t4.unsqueeze(-1), t).squeeze(-1) for t in range(g.kh * g.kw)])
+
+
+def hash_pixel_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """Eq. 4 once per pixel, (Nb, Hp, Wp) int64: the ids :func:`hash_ids` gathers into its
+    blocks (the same computation)."""
+    check_pixel_geometry(g, "reuse.lsh_hash(per_pixel=True)")
+    ct = compute_dtype(xp.dtype)
+    planes = planes.to(device=xp.device, dtype=ct)
+    if xp.numel() == 0:
+        return torch.zeros(g.Nb, g.Hp, g.Wp, dtype=torch.int64, device=xp.device)
+    return _hash_rows(xp.reshape(g.Nb * g.Hp * g.Wp, g.C).to(ct), planes).view(g.Nb, g.Hp, g.Wp)
+
+
+def _covered(g: Geometry, device) -> torch.Tensor:
+    """(Hp, Wp) bool: the pixels some block (kernel tap) reads."""
+    oh, ow = g.out_hw
+    rows = torch.zeros(g.Hp, dtype=torch.bool, device=device)
+    cols = torch.zeros(g.Wp, dtype=torch.bool, device=device)
+    for i in range(g.kh):
+        rows[i * g.dh : i * g.dh + oh] = True
+    for j in range(g.kw):
+        cols[j * g.dw : j * g.dw + ow] = True
+    return rows[:, None] & cols[None, :]
+
+
+def pixel_compact(ids: torch.Tensor, g: Geometry):
+    """:func:`compact` of the per-pixel chain: per-pixel ids (Nb, Hp, Wp) -> (ranks (Nb, Hp, Wp)
+    int32, slot_map (nb, G) int32, counts (nb, Cmax) int64), the generic chain's slots and counts
+    (slots rank a block's ids ascending)."""
+    ext = _ext(ids)
+    if ext is not None and ids.numel() and g.N:
+        return tuple(ext.pixel_compact(ids.contiguous(), g.vector()))
+    nb, dev = g.kh * g.kw, ids.device
+    cov = _covered(g, dev)
+    vals = ids[:, cov]
+    if bool((vals < 0).any()):
+        raise RuntimeError("pixel_compact: cluster ids must be non-negative")
+    uniq = torch.unique(vals)
+    G = uniq.numel()
+    ranks = torch.full(ids.shape, -1, dtype=torch.int32, device=dev)
+    ranks[:, cov] = torch.searchsorted(uniq, vals).to(torch.int32)
+    taps = _taps(ranks, g).reshape(nb, -1).long()
+    base = torch.arange(nb, device=dev)[:, None] * G
+    cnt = torch.bincount((taps + base).view(-1), minlength=nb * G).view(nb, G) if G else taps.new_zeros(nb, 0)
+    present = cnt > 0
+    slots = present.cumsum(1) - 1
+    slot_map = torch.where(present, slots, torch.full_like(slots, -1)).to(torch.int32)
+    cmax = int(present.sum(1).max()) if nb and G else 0
+    counts = torch.zeros(nb, cmax, dtype=torch.int64, device=dev)
+    block = torch.arange(nb, device=dev)[:, None].expand(nb, G)
+    counts[block[present], slots[present]] = cnt[present]
+    return ranks, slot_map, counts
+
+
+def pixel_inverse(ranks: torch.Tensor, slot_map: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """The generic chain's ``inverse`` (nb, Nb, Oh, Ow) int32 of a per-pixel chain's maps."""
+    oh, ow = g.out_hw
+    nb = slot_map.shape[0]
+    ext = _ext(ranks, slot_map)
+    if ext is not None and g.N and slot_map.numel():
+        return ext.pixel_inverse(ranks.contiguous(), slot_map.contiguous(), g.vector()).view(nb, g.Nb, oh, ow)
+    taps = _taps(ranks, g).long()
+    if slot_map.shape[1] == 0:
+        return taps.to(torch.int32)
+    return torch.stack([slot_map[t][taps[t].clamp(min=0)] for t in range(nb)])
+
+
+def pixel_rows(t: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """A per-pixel (Nb, Hp, Wp) tensor read into the generic chain's (nb, Nb, Oh, Ow) layout."""
+    return _taps(t, g).contiguous()
+
+
+def pixel_norms(xp: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """||pixel|| (Nb, Hp, Wp) in the compute dtype: :func:`member_norms` of the per-pixel chain
+    (the C++ kernel computes each pixel's norm as member_norms does)."""
+    check_pixel_geometry(g, "reuse.member_norms(per_pixel=True)")
+    x = xp.to(compute_dtype(xp.dtype))
+    ext = _ext(x)
+    if ext is not None and x.numel():
+        return ext.pixel_norms(x.contiguous())
+    return x.norm(dim=-1)
+
+
+def pixel_centroid_means(xp, ranks, slot_map, counts, g: Geometry, interior=None) -> torch.Tensor:
+    """:func:`centroid_means` of the per-pixel chain (the chunk path's tables, where the
+    generic chain takes them; else the generic kernels on :func:`pixel_inverse`)."""
+    x = xp.to(compute_dtype(xp.dtype))
+    ext = _ext(x, ranks, slot_map)
+    if ext is not None and g.N and slot_map.numel() and CHUNK_PATH != "never":
+        out = ext.pixel_centroid_means(
+            x.contiguous(),
+            ranks.contiguous(),
+            slot_map.contiguous(),
+            counts.contiguous(),
+            g.vector(),
+            g.pieces_tensor(),
+            _CHUNK_MODES[CHUNK_PATH],
+            *(interior or (0, 0, -1, -1)),
+        )
+        if out is not None:
+            return out
+    return centroid_means(xp, pixel_inverse(ranks, slot_map, g), counts, g, None, interior)
+
+
+def pixel_centroid_means_backward(dcent, ranks, slot_map, counts, g: Geometry, dtype, interior=None) -> torch.Tensor:
+    """:func:`centroid_means_backward` of the per-pixel chain."""
+    ext = _ext(dcent, ranks, slot_map)
+    if ext is not None and g.N and slot_map.numel() and CHUNK_PATH != "never":
+        out = ext.pixel_centroid_means_backward(
+            dcent.contiguous(),
+            ranks.contiguous(),
+            slot_map.contiguous(),
+            counts.contiguous(),
+            g.vector(),
+            g.pieces_tensor(),
+            _CHUNK_MODES[CHUNK_PATH],
+            *(interior or (0, 0, -1, -1)),
+        )
+        if out is not None:
+            return out.to(dtype)
+    return centroid_means_backward(dcent, pixel_inverse(ranks, slot_map, g), counts, g, dtype, None, interior)
+
+
+def pixel_reconstruct_rows(yc, ranks, slot_map, g: Geometry, bias=None, scales=None) -> torch.Tensor:
+    """:func:`reconstruct_rows` of the per-pixel chain (``scales`` per pixel, (Nb, Hp, Wp))."""
+    ext = _ext(yc, ranks, slot_map, bias, scales)
+    if ext is not None and g.N and yc.numel():
+        return ext.pixel_reconstruct(
+            yc.contiguous(), ranks.contiguous(), slot_map.contiguous(), bias, scales, g.vector()
+        )
+    rows = None if scales is None else pixel_rows(scales, g)
+    return reconstruct_rows(yc, pixel_inverse(ranks, slot_map, g), bias, rows)
+
+
+def pixel_reconstruct_rows_backward(dy_rows, ranks, slot_map, g: Geometry, dyc, scales=None) -> torch.Tensor:
+    """:func:`reconstruct_rows_backward` of the per-pixel chain, into the zeroed ``dyc``."""
+    ext = _ext(dy_rows, ranks, slot_map, scales)
+    if ext is not None and g.N and dyc.numel():
+        out = ext.pixel_reconstruct_backward(
+            dy_rows.contiguous(), ranks.contiguous(), slot_map.contiguous(), dyc.shape[1], scales, g.vector()
+        )
+        return out.to(dyc.dtype)
+    rows = None if scales is None else pixel_rows(scales, g)
+    return reconstruct_rows_backward(dy_rows, pixel_inverse(ranks, slot_map, g), dyc, rows)
+
+
+def fold_taps(rows: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """The adjoint of :func:`pixel_rows`: (nb, Nb, Oh, Ow) summed into its pixels, (Nb, Hp, Wp)."""
+    out = rows.new_zeros(g.Nb, g.Hp, g.Wp)
+    for t in range(rows.shape[0]):
+        g.tap_view(out.unsqueeze(-1), t).squeeze(-1).add_(rows[t])
+    return out

@@ -36,6 +36,8 @@ __all__ = [
     "lsh_hash",
     "cluster",
     "cluster_norms",
+    "cluster_pixels",
+    "cluster_pixels_grad",
     "unit_rows",
     "unit_rows_grad",
     "centroid_gemm",
@@ -149,11 +151,22 @@ im2col.register_autograd(_im2col_backward, setup_context=_im2col_setup)
 
 @torch.library.custom_op("reuse::lsh_hash", mutates_args=())
 def lsh_hash(
-    xp: torch.Tensor, planes: torch.Tensor, kernel_size: list[int], stride: list[int], dilation: list[int]
+    xp: torch.Tensor,
+    planes: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    per_pixel: bool = False,
 ) -> torch.Tensor:
     """Eq. 4 on every sub-vector: bit k of a sub-vector's id is ``planes[:, k] . v > 0``.
-    L and H are ``planes.shape``; one hash family serves every sub-matrix and batch."""
+    L and H are ``planes.shape``; one hash family serves every sub-matrix and batch.
+
+    With ``per_pixel`` (the per-pixel chain, sub-vectors of one whole pixel, L = C, stride 1)
+    the ids are returned once per padded pixel, (Nb, Hp, Wp): the id of sub-vector (b, n) is
+    that of the pixel it is."""
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, planes.shape[0])
+    if per_pixel:
+        return kernels.hash_pixel_ids(xp, planes, g)
     return kernels.hash_ids(xp, planes, g)
 
 
@@ -167,8 +180,20 @@ def _per_member_shape(xp_shape, kernel_size, stride, dilation, L) -> tuple:
 
 
 @lsh_hash.register_fake
-def _(xp, planes, kernel_size, stride, dilation):
+def _(xp, planes, kernel_size, stride, dilation, per_pixel=False):
+    if per_pixel:
+        _check_pixel_args(xp.shape, stride, planes.shape[0], "reuse.lsh_hash(per_pixel=True)")
+        return xp.new_empty(xp.shape[:3], dtype=torch.int64)
     return xp.new_empty(_per_member_shape(xp.shape, kernel_size, stride, dilation, planes.shape[0]), dtype=torch.int64)
+
+
+def _check_pixel_args(xp_shape, stride, L, op):
+    """The per-pixel chain's condition, on (symbolic) sizes: L = C, stride 1."""
+    if not kernels.pixel_chain_fits(xp_shape[3], L, stride):
+        raise ValueError(
+            f"{op}: the per-pixel chain needs sub-vectors of one whole pixel (L = C = {xp_shape[3]}, got "
+            f"L = {L}) and stride 1 (got {tuple(stride)}); use the generic chain (reuse.cluster)"
+        )
 
 
 # --------------------------------------------------------------------------- cluster
@@ -406,6 +431,127 @@ def _(g_centroids, inverse, counts, xp_shape, kernel_size, stride, padding, dila
     return g_centroids.new_empty_strided(*_out_geometry(Nb, C, H, W))
 
 
+# --------------------------------------------------------------------------- cluster_pixels
+
+
+@torch.library.custom_op("reuse::cluster_pixels", mutates_args=())
+def cluster_pixels(
+    xp: torch.Tensor,
+    ids: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    L: int,
+    H: int,
+    x: torch.Tensor | None = None,
+    padding: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cluster`` ("batch" scope) for the per-pixel chain: sub-vectors of one whole pixel
+    (L = C), stride 1, so sub-matrix b is kernel tap b and every sub-matrix hashes a pixel
+    alike. ``ids`` are the per-pixel ids of ``lsh_hash(per_pixel=True)``, (Nb, Hp, Wp).
+
+    Returns ``(centroids, ranks, slot_map, counts)``: centroids and counts as ``cluster``
+    returns them (the same values), and its inverse index factorised: ``ranks`` (Nb, Hp, Wp)
+    int32, each pixel's key rank (the rank of its id among the ids of the pixels any tap reads;
+    -1 for a pixel none reads), and ``slot_map`` (nb, G) int32, each sub-matrix's slot of a key
+    rank (-1 where it has no such pixel). Row n's slot in sub-matrix b is
+    ``slot_map[b, ranks[pixel of (b, n)]]`` (``kernels.pixel_inverse`` forms cluster's inverse).
+    The chain never writes the (nb, N) ids, inverse or norms: 2.5-5 MB each at CifarNet's conv2.
+    ``x`` and ``padding`` as for ``cluster``."""
+    g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+    kernels.check_pixel_geometry(g, "reuse.cluster_pixels")
+    if tuple(ids.shape) != tuple(xp.shape[:3]):
+        raise ValueError(
+            f"reuse.cluster_pixels: ids must be the per-pixel ids (Nb, Hp, Wp) = {tuple(xp.shape[:3])} of "
+            f"lsh_hash(per_pixel=True), got {tuple(ids.shape)}"
+        )
+    interior = _interior(xp, x, padding)
+    out = _cluster_pixel_ids(xp, ids, g, interior)
+    ct = kernels.compute_dtype(xp.dtype)
+    if xp.dtype.is_floating_point and xp.numel() and not bool(torch.isfinite(out[0].sum(dtype=ct))):
+        # as cluster: pixels with a NaN or Inf entry get a cluster of their own (id 2^H)
+        bad = ~torch.isfinite(xp).all(-1)
+        out = _cluster_pixel_ids(xp, torch.where(bad, torch.full_like(ids, 1 << H), ids), g, interior)
+    return out
+
+
+def _cluster_pixel_ids(xp, ids, g, interior):
+    ranks, slot_map, counts = kernels.pixel_compact(ids, g)
+    centroids = kernels.pixel_centroid_means(xp, ranks, slot_map, counts, g, interior).to(xp.dtype)
+    return centroids, ranks, slot_map, counts
+
+
+@cluster_pixels.register_fake
+def _(xp, ids, kernel_size, stride, dilation, L, H, x=None, padding=None):
+    _check_pixel_args(xp.shape, stride, L, "reuse.cluster_pixels")
+    ctx = torch.library.get_ctx()
+    cmax, G = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    nb = kernel_size[0] * kernel_size[1]
+    return (
+        xp.new_empty(nb, cmax, L),
+        torch.empty_like(ids, dtype=torch.int32),
+        ids.new_empty(nb, G, dtype=torch.int32),
+        ids.new_empty(nb, cmax),
+    )
+
+
+def _cluster_pixels_setup(ctx, inputs, output):
+    xp, ids, kernel_size, stride, dilation, L, _, x, padding = inputs
+    _, ranks, slot_map, counts = output
+    ctx.to_input = _to_input(x, padding)
+    ctx.padding = padding
+    ctx.save_for_backward(ranks, slot_map, counts)
+    ctx.mark_non_differentiable(ranks, slot_map, counts)
+    ctx.set_materialize_grads(False)
+    ctx.args = (list(xp.shape), kernel_size, stride, dilation)
+    ctx.dtype = xp.dtype
+
+
+def _cluster_pixels_backward(ctx, g_centroids, _g_ranks, _g_map, _g_counts):
+    ranks, slot_map, counts = ctx.saved_tensors
+    grad = None
+    if g_centroids is not None and (ctx.needs_input_grad[7] if ctx.to_input else ctx.needs_input_grad[0]):
+        pad = ctx.padding if ctx.to_input else None
+        grad = cluster_pixels_grad(g_centroids, ranks, slot_map, counts, *ctx.args, pad).to(ctx.dtype)
+    none = (None,) * 6
+    return (None, *none, grad, None) if ctx.to_input else (grad, *none, None, None)
+
+
+cluster_pixels.register_autograd(_cluster_pixels_backward, setup_context=_cluster_pixels_setup)
+
+
+@torch.library.custom_op("reuse::cluster_pixels_grad", mutates_args=())
+def cluster_pixels_grad(
+    g_centroids: torch.Tensor,
+    ranks: torch.Tensor,
+    slot_map: torch.Tensor,
+    counts: torch.Tensor,
+    xp_shape: list[int],
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    padding: list[int] | None = None,
+) -> torch.Tensor:
+    """Backward of ``cluster_pixels`` (``cluster_grad``'s Eq. 13-18 from the per-pixel maps):
+    the gradient of ``xp``, or with ``padding`` that of the unpadded input (Nb, C, H, W) in
+    channels-last memory, as ``cluster_input_grad``."""
+    g = _padded_geometry(xp_shape, kernel_size, stride, dilation, g_centroids.shape[-1])
+    interior = None
+    if padding is not None:
+        top, bottom, left, right = (int(v) for v in padding)
+        interior = (top, left, g.Hp - top - bottom, g.Wp - left - right)
+    return kernels.pixel_centroid_means_backward(g_centroids, ranks, slot_map, counts, g, g_centroids.dtype, interior)
+
+
+@cluster_pixels_grad.register_fake
+def _(g_centroids, ranks, slot_map, counts, xp_shape, kernel_size, stride, dilation, padding=None):
+    if padding is None:
+        return g_centroids.new_empty(xp_shape)
+    Nb, Hp, Wp, C = (int(v) for v in xp_shape)
+    H, W = Hp - padding[0] - padding[1], Wp - padding[2] - padding[3]
+    return g_centroids.new_empty_strided(*_out_geometry(Nb, C, H, W))
+
+
 # --------------------------------------------------------------------------- unit_rows
 
 UNIT_EPS = 1e-12  # F.normalize's default
@@ -507,11 +653,27 @@ centroid_gemm.register_autograd(_gemm_backward, setup_context=_gemm_setup)
 
 @torch.library.custom_op("reuse::reconstruct", mutates_args=())
 def reconstruct(
-    yc: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None = None
+    yc: torch.Tensor,
+    inverse: torch.Tensor,
+    bias: torch.Tensor | None,
+    scales: torch.Tensor | None = None,
+    slot_map: torch.Tensor | None = None,
+    window: list[int] | None = None,
 ) -> torch.Tensor:
     """y = sum_b y_c,b[inverse_b] + bias, as (Nb, M, Oh, Ow) in channels-last memory. With
     ``scales`` (nb, Nb, Oh, Ow) each member's term is multiplied by its scale (the
-    norm-preserving centroid: a member's norm times its cluster's unit centroid output)."""
+    norm-preserving centroid: a member's norm times its cluster's unit centroid output).
+
+    The per-pixel chain (``reuse.cluster_pixels``) gives the inverse index factorised:
+    ``inverse`` is then the pixels' key ranks (Nb, Hp, Wp), ``slot_map`` (nb, G) each block's
+    slot of a key rank, ``window`` = (kh, kw, dh, dw) the kernel, and ``scales`` per pixel
+    (Nb, Hp, Wp); row n's slot in block b is ``slot_map[b, inverse[pixel of (b, n)]]``."""
+    if slot_map is not None:
+        g = _pixel_maps_geometry(inverse, slot_map, window, "reuse.reconstruct")
+        rows = kernels.pixel_reconstruct_rows(yc, inverse, slot_map, g, bias, scales)
+        oh, ow = g.out_hw
+        size, stride = _out_geometry(g.Nb, yc.shape[-1], oh, ow)
+        return rows.new_empty(0).set_(rows.untyped_storage(), rows.storage_offset(), size, stride)
     nb, Nb, oh, ow = inverse.shape
     rows = kernels.reconstruct_rows(yc, inverse, bias, scales)
     # The (N, M) rows are the output in channels-last memory. Re-wrap the storage as a
@@ -526,26 +688,45 @@ def _out_geometry(Nb, M, oh, ow):
     return (Nb, M, oh, ow), (oh * ow * M, 1, ow * M, M)
 
 
+def _pixel_maps_geometry(ranks, slot_map, window, op):
+    if window is None or len(window) != 4:
+        raise ValueError(f"{op}: with slot_map (the per-pixel chain) give window = [kh, kw, dh, dw]")
+    if ranks.dim() != 3 or slot_map.dim() != 2 or slot_map.shape[0] != window[0] * window[1]:
+        raise ValueError(
+            f"{op}: the per-pixel chain's inverse is the key ranks (Nb, Hp, Wp) and slot_map (kh * kw, G); got "
+            f"{tuple(ranks.shape)} and {tuple(slot_map.shape)} for window {list(window)}"
+        )
+    return kernels.pixel_geometry(ranks.shape, window)
+
+
 @reconstruct.register_fake
-def _(yc, inverse, bias, scales=None):
+def _(yc, inverse, bias, scales=None, slot_map=None, window=None):
+    if slot_map is not None:
+        kh, kw, dh, dw = window
+        Nb, Hp, Wp = inverse.shape
+        oh, ow = conv_out_size(Hp, kh, 1, dh), conv_out_size(Wp, kw, 1, dw)
+        return yc.new_empty_strided(*_out_geometry(Nb, yc.shape[-1], oh, ow))
     nb, Nb, oh, ow = inverse.shape
     return yc.new_empty_strided(*_out_geometry(Nb, yc.shape[-1], oh, ow))
 
 
 def _reconstruct_setup(ctx, inputs, output):
-    yc, inverse, bias, scales = inputs
+    yc, inverse, bias, scales, slot_map, window = inputs
     ctx.has_scales = scales is not None
     # y_c is needed only for the scales' gradient: a first layer's norms (of the model's input)
     # need none, and keeping y_c there would only raise the backward's peak.
     keep_yc = ctx.has_scales and ctx.needs_input_grad[3]
-    ctx.save_for_backward(inverse, scales, yc if keep_yc else None)
+    ctx.save_for_backward(inverse, scales, yc if keep_yc else None, slot_map)
+    ctx.window = window
     ctx.cmax = yc.shape[1]
     ctx.yc_dtype = yc.dtype
     ctx.has_bias = bias is not None
 
 
 def _reconstruct_backward(ctx, g_y):
-    inverse, scales, yc = ctx.saved_tensors
+    inverse, scales, yc, slot_map = ctx.saved_tensors
+    if slot_map is not None:
+        return _pixel_reconstruct_backward(ctx, g_y, inverse, scales, yc, slot_map)
     d_yc = d_bias = d_scales = None
     both = ctx.has_scales and ctx.needs_input_grad[0] and ctx.needs_input_grad[3]
     if both:  # one pass for the two (the norm centroid's backward)
@@ -557,7 +738,21 @@ def _reconstruct_backward(ctx, g_y):
         d_bias = g_y.sum((0, 2, 3))
     if ctx.has_scales and ctx.needs_input_grad[3] and not both:
         d_scales = reconstruct_scales_grad(g_y, yc, inverse).to(scales.dtype)
-    return d_yc, None, d_bias, d_scales
+    return d_yc, None, d_bias, d_scales, None, None
+
+
+def _pixel_reconstruct_backward(ctx, g_y, ranks, scales, yc, slot_map):
+    """The backward of the per-pixel chain's reconstruct. The scales' gradient (not needed where
+    the rewrite emits this chain: its norms are constants) goes through the generic op on the
+    formed inverse, then is summed into the pixels."""
+    d_yc = d_bias = d_scales = None
+    if ctx.needs_input_grad[0]:
+        d_yc = reconstruct_grad(g_y, ranks, ctx.cmax, scales, slot_map, ctx.window).to(ctx.yc_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        d_bias = g_y.sum((0, 2, 3))
+    if ctx.has_scales and ctx.needs_input_grad[3]:
+        d_scales = reconstruct_scales_grad(g_y, yc, ranks, slot_map, ctx.window).to(scales.dtype)
+    return d_yc, None, d_bias, d_scales, None, None
 
 
 reconstruct.register_autograd(_reconstruct_backward, setup_context=_reconstruct_setup)
@@ -565,32 +760,56 @@ reconstruct.register_autograd(_reconstruct_backward, setup_context=_reconstruct_
 
 @torch.library.custom_op("reuse::reconstruct_grad", mutates_args=())
 def reconstruct_grad(
-    g_y: torch.Tensor, inverse: torch.Tensor, cmax: int, scales: torch.Tensor | None = None
+    g_y: torch.Tensor,
+    inverse: torch.Tensor,
+    cmax: int,
+    scales: torch.Tensor | None = None,
+    slot_map: torch.Tensor | None = None,
+    window: list[int] | None = None,
 ) -> torch.Tensor:
     """Backward of ``reconstruct`` w.r.t. ``y_c``: dy_c,s (Eq. 8), the output gradient summed
     over each cluster's members (weighted by their scales), (nb, Cmax, M). Its own op so the
-    backward stays traceable."""
+    backward stays traceable. ``slot_map`` and ``window``: the per-pixel chain, as in
+    ``reconstruct``."""
     M = g_y.shape[1]
     rows = g_y.permute(0, 2, 3, 1).reshape(-1, M)
+    if slot_map is not None:
+        g = _pixel_maps_geometry(inverse, slot_map, window, "reuse.reconstruct_grad")
+        dyc = rows.new_zeros(slot_map.shape[0], cmax, M)
+        return kernels.pixel_reconstruct_rows_backward(rows, inverse, slot_map, g, dyc, scales)
     return kernels.reconstruct_rows_backward(rows, inverse, rows.new_zeros(inverse.shape[0], cmax, M), scales)
 
 
 @reconstruct_grad.register_fake
-def _(g_y, inverse, cmax, scales=None):
-    return g_y.new_empty(inverse.shape[0], cmax, g_y.shape[1])
+def _(g_y, inverse, cmax, scales=None, slot_map=None, window=None):
+    nb = slot_map.shape[0] if slot_map is not None else inverse.shape[0]
+    return g_y.new_empty(nb, cmax, g_y.shape[1])
 
 
 @torch.library.custom_op("reuse::reconstruct_scales_grad", mutates_args=())
-def reconstruct_scales_grad(g_y: torch.Tensor, yc: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+def reconstruct_scales_grad(
+    g_y: torch.Tensor,
+    yc: torch.Tensor,
+    inverse: torch.Tensor,
+    slot_map: torch.Tensor | None = None,
+    window: list[int] | None = None,
+) -> torch.Tensor:
     """Backward of ``reconstruct`` w.r.t. ``scales``: each member's output gradient dotted
-    with its cluster's output, (nb, Nb, Oh, Ow)."""
+    with its cluster's output, (nb, Nb, Oh, Ow). With ``slot_map`` and ``window`` (the
+    per-pixel chain, as in ``reconstruct``), the gradient of the per-pixel scales, (Nb, Hp, Wp):
+    the members' terms summed into their pixels."""
     M = g_y.shape[1]
     rows = g_y.permute(0, 2, 3, 1).reshape(-1, M).to(yc.dtype)
+    if slot_map is not None:
+        g = _pixel_maps_geometry(inverse, slot_map, window, "reuse.reconstruct_scales_grad")
+        inv = kernels.pixel_inverse(inverse, slot_map, g)
+        d_rows = kernels.reconstruct_scales_backward(rows, yc, inv.reshape(inv.shape[0], -1)).view(inv.shape)
+        return kernels.fold_taps(d_rows, g)
     return kernels.reconstruct_scales_backward(rows, yc, inverse).view(inverse.shape)
 
 
 @reconstruct_scales_grad.register_fake
-def _(g_y, yc, inverse):
+def _(g_y, yc, inverse, slot_map=None, window=None):
     return yc.new_empty(inverse.shape)
 
 
@@ -623,15 +842,22 @@ def member_norms(
     L: int,
     x: torch.Tensor | None = None,
     padding: list[int] | None = None,
+    per_pixel: bool = False,
 ) -> torch.Tensor:
     """||x_{n,b}||, the norm of every sub-vector, (nb, Nb, Oh, Ow): the per-member scales of
-    the norm-preserving centroid (``ReuseConfig(centroid="norm")``).
+    the norm-preserving centroid (``ReuseConfig(centroid="norm")``). With ``per_pixel`` (the
+    per-pixel chain: L = C, stride 1), the norm of every padded pixel, (Nb, Hp, Wp), which is
+    the norm of every sub-vector that is that pixel (the same values); its gradient goes to
+    ``xp``.
 
     The rewrite also passes the convolution's input ``x`` with ``xp = im2col(x, ..., padding)``:
     if ``x`` is channels-last, the backward keeps ``x`` instead of the padded ``xp`` and returns
     the gradient for ``x`` directly (none for ``xp``): the norms are a function of ``x``, and
     the padded copy is neither kept nor given a padded gradient. Otherwise the gradient goes
     to ``xp`` as without ``x``."""
+    if per_pixel:
+        g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+        return kernels.pixel_norms(xp, g).to(xp.dtype)
     return _member_norms(xp, kernel_size, stride, dilation, L)
 
 
@@ -643,13 +869,17 @@ def _member_norms(xp, kernel_size, stride, dilation, L) -> torch.Tensor:
 
 
 @member_norms.register_fake
-def _(xp, kernel_size, stride, dilation, L, x=None, padding=None):
+def _(xp, kernel_size, stride, dilation, L, x=None, padding=None, per_pixel=False):
+    if per_pixel:
+        _check_pixel_args(xp.shape, stride, L, "reuse.member_norms(per_pixel=True)")
+        return xp.new_empty(xp.shape[:3])
     return xp.new_empty(_per_member_shape(xp.shape, kernel_size, stride, dilation, L))
 
 
 def _norms_setup(ctx, inputs, output):
-    xp, kernel_size, stride, dilation, L, x, padding = inputs
-    ctx.from_input = _to_input(x, padding)  # the same rule as cluster's backward
+    xp, kernel_size, stride, dilation, L, x, padding, per_pixel = inputs
+    ctx.per_pixel = per_pixel
+    ctx.from_input = not per_pixel and _to_input(x, padding)  # the same rule as cluster's backward
     ctx.save_for_backward(x if ctx.from_input else xp, output)
     ctx.args = (kernel_size, stride, dilation, L)
     ctx.padding = padding
@@ -657,11 +887,15 @@ def _norms_setup(ctx, inputs, output):
 
 def _norms_backward(ctx, g_norms):
     src, norms = ctx.saved_tensors
+    none = (None,) * 7
+    if ctx.per_pixel:  # d ||p|| / dp = p / ||p|| (0 for a zero pixel), per pixel
+        f = torch.where(norms > 0, g_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
+        return (src * f.unsqueeze(-1).to(src.dtype), *none)
     if ctx.from_input:
         k, s, d, L = ctx.args
         dx = member_norms_input_grad(g_norms, norms, src, k, s, ctx.padding, d, L)
-        return None, None, None, None, None, dx, None
-    return member_norms_grad(g_norms, norms, src, *ctx.args), None, None, None, None, None, None
+        return None, None, None, None, None, dx, None, None
+    return (member_norms_grad(g_norms, norms, src, *ctx.args), *none)
 
 
 member_norms.register_autograd(_norms_backward, setup_context=_norms_setup)
@@ -811,6 +1045,7 @@ def reuse_conv2d(
     centroid: str = "norm",
     keep_parts: bool = True,
     norm_grad: bool = True,
+    per_pixel: bool | None = None,
 ):
     """The chain the rewrite emits for one convolution (one group), called eagerly:
     ``padding`` is (top, bottom, left, right), ``planes`` (L, H). Returns ``(y, parts)`` with
@@ -818,15 +1053,23 @@ def reuse_conv2d(
     with ``keep_parts=False`` only ``counts``, and every intermediate is dropped after its
     last use, as in the rewritten graph's code (for memory measurements). With the norm
     centroid and ``norm_grad=False`` the member norms are constants of the backward
-    (``ReuseConfig.norm_grad``): ``cluster`` and a ``member_norms`` of the detached input."""
+    (``ReuseConfig.norm_grad``): ``cluster`` and a ``member_norms`` of the detached input.
+
+    ``per_pixel``: the per-pixel chain (``cluster_pixels``; None: where the rewrite would emit
+    it, ``kernels.use_pixel_chain``); its parts hold ``ranks`` and ``slot_map`` and, with
+    ``keep_parts``, the generic ``ids`` and ``inverse`` formed from them."""
     k, s, p, d = list(kernel_size), list(stride), list(padding), list(dilation)
     L, H = planes.shape
+    fused = centroid == "norm" and norm_grad
+    if per_pixel is None:
+        per_pixel = not fused and kernels.use_pixel_chain(x.shape[1], L, s, scope)
+    if per_pixel:
+        return _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts)
     parts = {}
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d)
     # as the rewrite emits it (passes/conv_rewrite.py): the fused op when the norms need a
     # gradient, else cluster and the norms of the detached input
-    fused = centroid == "norm" and norm_grad
     if fused:
         cent, inverse, counts, norms = cluster_norms(xp, ids, k, s, d, L, H, scope, x, p)
     else:
@@ -841,5 +1084,28 @@ def reuse_conv2d(
     y = reconstruct(yc, inverse, bias, norms)
     if keep_parts:
         parts.update(inverse=inverse, yc=yc)
+    parts["counts"] = counts
+    return y, parts
+
+
+def _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts):
+    """:func:`reuse_conv2d`'s per-pixel chain, as the rewrite emits it."""
+    L, H = planes.shape
+    xp = im2col(x, k, s, p, d)
+    ids = lsh_hash(xp, planes, k, s, d, True)
+    cent, ranks, slot_map, counts = cluster_pixels(xp, ids, k, s, d, L, H, x, p)
+    norms = member_norms(xp.detach(), k, s, d, L, None, None, True) if centroid == "norm" else None
+    used = unit_rows(cent) if centroid == "norm" else cent
+    parts = {}
+    if keep_parts:
+        g = _padded_geometry(xp.shape, k, s, d, L)
+        parts.update(xp=xp, ids=kernels.pixel_rows(ids, g), centroids=cent, ranks=ranks, slot_map=slot_map)
+        parts["inverse"] = kernels.pixel_inverse(ranks, slot_map, g)
+    del xp, ids, cent
+    yc = centroid_gemm(used, weight)
+    del used
+    y = reconstruct(yc, ranks, bias, norms, slot_map, [k[0], k[1], d[0], d[1]])
+    if keep_parts:
+        parts["yc"] = yc
     parts["counts"] = counts
     return y, parts

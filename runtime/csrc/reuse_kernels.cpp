@@ -314,12 +314,11 @@ void axis_intervals(int64_t Pn, int64_t k, int64_t d, int64_t O, int64_t r0, int
   }
 }
 
-// The plan's geometry and the global key ranks; returns false if the tables would cost
-// more than the per-row kernels (mode 0) or the layout does not apply.
-// With in.H >= 0, only the input's pixels (the interior of the padded frame) are planned for:
-// the rest is zero padding.
-bool chunk_plan(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, int64_t nb, int64_t cmax,
-                const int64_t* keys, const int64_t* cnt, int64_t mode, const Interior& in) {
+// The plan's geometry: the layout check and the row / column intervals. With in.H >= 0, only
+// the input's pixels (the interior of the padded frame) are planned for: the rest is zero
+// padding.
+bool chunk_geometry(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, int64_t nb, int64_t mode,
+                    const Interior& in) {
   if (mode == 2 || !chunk_layout(g, pieces, nb)) return false;
   cp.nq = g.C / g.L;
   const bool whole = in.H < 0;
@@ -328,6 +327,20 @@ bool chunk_plan(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, i
   const int64_t split = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), h1 - h0));
   axis_intervals(g.Hp, g.kh, g.dh, g.Oh, h0, h1, split, cp.rint, cp.ri0, cp.ri1, cp.ilo, cp.ihi, cp.nh);
   axis_intervals(g.Wp, g.kw, g.dw, g.Ow, w0, w1, 1, cp.cint, cp.ci0, cp.ci1, cp.jlo, cp.jhi, cp.nw);
+  return true;
+}
+
+// Mode 0 takes the chunk path only when its tables cost less than the per-row kernels.
+bool chunk_affordable(const ChunkPlan& cp, const Geo& g, int64_t mode) {
+  const int64_t table = cp.nq * std::max((cp.nh + 1) * (cp.nw + 1), (g.kh + 1) * (g.kw + 1)) * cp.G * g.L;
+  return !(mode == 0 && (4 * table > g.N() * g.kh * g.kw * g.C || table > (int64_t(1) << 26)));
+}
+
+// The plan's geometry and the global key ranks of the slots' keys; returns false if the
+// tables would cost more than the per-row kernels (mode 0) or the layout does not apply.
+bool chunk_plan(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, int64_t nb, int64_t cmax,
+                const int64_t* keys, const int64_t* cnt, int64_t mode, const Interior& in) {
+  if (!chunk_geometry(cp, g, pieces, nb, mode, in)) return false;
   int64_t kmax = -1;
   for (int64_t i = 0; i < nb * cmax; ++i) kmax = std::max(kmax, keys[i]);
   cp.gmap.assign(nb * cmax, -1);
@@ -362,9 +375,7 @@ bool chunk_plan(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, i
           cp.gmap[b * cmax + s] = std::lower_bound(u.begin(), u.end(), keys[b * cmax + s]) - u.begin();
     }
   }
-  const int64_t table = cp.nq * std::max((cp.nh + 1) * (cp.nw + 1), (g.kh + 1) * (g.kw + 1)) * cp.G * g.L;
-  if (mode == 0 && (4 * table > g.N() * g.kh * g.kw * g.C || table > (int64_t(1) << 26))) return false;
-  return true;
+  return chunk_affordable(cp, g, mode);
 }
 
 // U[p, q]: the key rank of pixel p's chunk q, read from one block that covers it (all agree:
@@ -777,27 +788,30 @@ inline void transpose_tile(const int32_t* V, const T* W, int32_t* vt, T* wt, int
 
 // y[n] = bias + sum_b w[b, n] * yc[b, inverse[b, n]] (w = 1 without scales): (N, M); each
 // thread owns a range of rows.
-template <typename T>
-void reconstruct_impl(const T* Y, const int32_t* V, const T* bias, const T* W, T* out, int64_t nb, int64_t cmax,
-                      int64_t N, int64_t M) {
+// fill(vt, wt, g0, gn, n0, nt) writes the tile's slots (and scales, when `scaled`) in (row,
+// block) order: transpose_tile for a per-(block, row) inverse, pixel lookups for the per-pixel
+// chain (pixel_reconstruct); the sums are the same either way.
+template <typename T, typename Fill>
+void reconstruct_tiles(const T* Y, Fill fill, bool scaled, const T* bias, T* out, int64_t nb, int64_t cmax, int64_t N,
+                       int64_t M) {
   using VT = typename Vec<T>::type;
   constexpr int64_t VW = Vec<T>::W, CW = NV * VW;
   const int64_t GB = block_group(nb, cmax * M * (int64_t)sizeof(T), kTableBudget);
   at::parallel_for(0, N, kRowTile, [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> vt(kRowTile * GB);
-    std::vector<T> wt(W ? kRowTile * GB : 0);
+    std::vector<T> wt(scaled ? kRowTile * GB : 0);
     for (int64_t g0 = 0; g0 < nb; g0 += GB) {
       const int64_t gn = std::min(GB, nb - g0);
       for (int64_t n0 = r0; n0 < r1; n0 += kRowTile) {
         const int64_t nt = std::min(kRowTile, r1 - n0);
-        transpose_tile(V, W, vt.data(), wt.data(), N, g0, gn, n0, nt);
+        fill(vt.data(), wt.data(), g0, gn, n0, nt);
         const T* Yg = Y + g0 * cmax * M;
         for (int64_t c0 = 0; c0 < M; c0 += CW) {
           const int64_t cw = std::min(CW, M - c0);
           for (int64_t i = 0; i < nt; ++i) {
             T* d = out + (n0 + i) * M + c0;
             const int32_t* vi = vt.data() + i * gn;
-            const T* wi = W ? wt.data() + i * gn : nullptr;
+            const T* wi = scaled ? wt.data() + i * gn : nullptr;
             if (cw == CW) {
               VT a[NV];
               for (int64_t v = 0; v < NV; ++v)
@@ -827,6 +841,15 @@ void reconstruct_impl(const T* Y, const int32_t* V, const T* bias, const T* W, T
       }
     }
   });
+}
+
+template <typename T>
+void reconstruct_impl(const T* Y, const int32_t* V, const T* bias, const T* W, T* out, int64_t nb, int64_t cmax,
+                      int64_t N, int64_t M) {
+  auto fill = [&](int32_t* vt, T* wt, int64_t g0, int64_t gn, int64_t n0, int64_t nt) {
+    transpose_tile(V, W, vt, wt, N, g0, gn, n0, nt);
+  };
+  reconstruct_tiles(Y, fill, W != nullptr, bias, out, nb, cmax, N, M);
 }
 
 torch::Tensor reconstruct(torch::Tensor yc, torch::Tensor inverse, c10::optional<torch::Tensor> bias,
@@ -904,9 +927,11 @@ inline void add_row_w(T* __restrict d, const T* __restrict s, const T* W, int64_
 // tile: 1.6-3x slower at L = 8 and L = 25 (tables of 155-570 KB).
 constexpr int64_t kScatterBudget = 256 << 10;
 
+constexpr int64_t kScatterTile = 512;  // rows per tile of for_block_tiles
+
 template <typename Fn>
 void for_block_tiles(int64_t nb, int64_t N, int64_t table_bytes, Fn fn) {
-  constexpr int64_t TILE = 512;
+  constexpr int64_t TILE = kScatterTile;
   const int64_t GB = block_group(nb, table_bytes, kScatterBudget);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t g0 = b0; g0 < b1; g0 += GB) {
@@ -1056,6 +1081,20 @@ int64_t unit_len(const Geo& g, const std::vector<Piece>& pieces) {
   return std::max<int64_t>(u, 1);
 }
 
+// Per unit of U entries, its sum of squares (or, with root, its norm): one pass over X.
+template <typename T>
+void unit_squares(const T* X, T* sq, int64_t units, int64_t U, bool root) {
+  at::parallel_for(0, units, 1024, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* src = X + i * U;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < U; ++k) acc += src[k] * src[k];
+      sq[i] = root ? std::sqrt(acc) : acc;
+    }
+  });
+}
+
 // ||x_{n,b}|| of every member sub-vector: (nb, N). The units' sums of squares once (P*C),
 // then per (block, row) a sum over its units (N*K/U). Threads own ranges of output rows.
 template <typename T>
@@ -1066,15 +1105,7 @@ void member_norms_impl(const T* X, T* O, const Geo& g, const std::vector<Piece>&
   bool single = (int64_t)pieces.size() == nb;
   for (const auto& q : pieces) single = single && q.len == U;
   std::vector<T> sq(g.P() * upp);
-  at::parallel_for(0, g.P() * upp, 1024, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const T* src = X + i * U;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < U; ++k) acc += src[k] * src[k];
-      sq[i] = single ? std::sqrt(acc) : acc;
-    }
-  });
+  unit_squares(X, sq.data(), g.P() * upp, U, single);
   std::vector<int64_t> off(pieces.size()), len(pieces.size());  // per piece, in units
   for (size_t p = 0; p < pieces.size(); ++p) {
     off[p] = g.tap_offset(pieces[p].t) * upp + pieces[p].c0 / U;
@@ -1454,6 +1485,389 @@ torch::Tensor unit_rows_backward(torch::Tensor u, torch::Tensor n, torch::Tensor
   return d;
 }
 
+// ---------------------------------------------------------------------------------------
+// The per-pixel chain (chunk blocks with L = C, stride 1, "batch" scope; ops.py): block b is
+// tap b, every block hashes a pixel to the same id, so the chain keeps per pixel what the
+// generic chain keeps per (block, row): the ids (Nb, Hp, Wp), each pixel's key rank `ranks`
+// (the rank of its id among the ids of the pixels any block covers, ascending; -1 for a pixel
+// no block covers), a per-block map slot_map (nb, G) from key rank to slot (-1 where the block
+// has no such pixel), and the member norms. Row n's slot in block b is then
+// slot_map[b, ranks[a(n) + off(b)]], the generic chain's inverse[b, n], and every kernel
+// below sums what its generic twin sums, in the same order: the results are the same bits.
+
+namespace {
+
+Geo pixel_geo(const std::vector<int64_t>& geo, const char* what) {
+  const Geo g = make_geo(geo);
+  TORCH_CHECK(g.sh == 1 && g.sw == 1 && g.L == g.C && g.L > 0, what,
+              ": the per-pixel chain needs stride 1 and sub-vectors of one pixel (L = C)");
+  return g;
+}
+
+void check_pixel_maps(const Geo& g, const torch::Tensor& ranks, const torch::Tensor& slot_map, const char* what) {
+  check_cpu_contig(ranks, "ranks");
+  check_cpu_contig(slot_map, "slot_map");
+  TORCH_CHECK(ranks.scalar_type() == torch::kInt32 && slot_map.scalar_type() == torch::kInt32, what,
+              ": ranks and slot_map must be int32");
+  TORCH_CHECK(ranks.numel() == g.P() && slot_map.dim() == 2 && slot_map.size(0) == g.kh * g.kw, what,
+              ": ranks must be (Nb, Hp, Wp) and slot_map (taps, G)");
+}
+
+// The chunk plan of the per-pixel chain: the generic plan's geometry and cost rule, its
+// global ranks read off slot_map (the same ranks: both rank the ids the blocks hold), and
+// U = ranks inside the planned intervals.
+bool pixel_plan(ChunkPlan& cp, const Geo& g, const std::vector<Piece>& pieces, const int32_t* R, const int32_t* SM,
+                int64_t G, int64_t cmax, int64_t mode, const Interior& in) {
+  const int64_t nb = g.kh * g.kw;
+  if (!chunk_geometry(cp, g, pieces, nb, mode, in)) return false;
+  cp.G = G;
+  cp.gmap.assign(nb * cmax, -1);
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t r = 0; r < G; ++r)
+      if (SM[b * G + r] >= 0) cp.gmap[b * cmax + SM[b * G + r]] = r;
+  if (!chunk_affordable(cp, g, mode)) return false;
+  cp.U.assign(g.P(), -1);
+  at::parallel_for(0, g.Nb * g.Hp, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t ri = cp.rint[row % g.Hp];
+      if (ri < 0 || cp.ihi[ri] <= cp.ilo[ri]) continue;
+      for (int64_t wp = 0; wp < g.Wp; ++wp) {
+        const int64_t ci = cp.cint[wp];
+        if (ci < 0 || cp.jhi[ci] <= cp.jlo[ci]) continue;
+        cp.U[row * g.Wp + wp] = R[row * g.Wp + wp];
+      }
+    }
+  });
+  return true;
+}
+
+// v[i] = sm[r[i]] for i < len: a run of slots looked up through consecutive pixels (restrict:
+// vectorised, one gather per 16 lanes).
+inline void gather_run(int32_t* __restrict v, const int32_t* __restrict sm, const int32_t* __restrict r,
+                       int64_t len) {
+  for (int64_t i = 0; i < len; ++i) v[i] = sm[r[i]];
+}
+
+// Anchors a(n) of consecutive rows without divisions: start at row n, then advance().
+struct RowWalk {
+  const Geo& g;
+  int64_t img, oh, ow;
+  RowWalk(const Geo& g_, int64_t n) : g(g_) {
+    ow = n % g.Ow;
+    const int64_t r = n / g.Ow;
+    oh = r % g.Oh;
+    img = r / g.Oh;
+  }
+  int64_t anchor() const { return (img * g.Hp + oh) * g.Wp + ow; }  // stride 1
+  int64_t left() const { return g.Ow - ow; }                        // rows to the end of this output row
+  void advance(int64_t len) {  // len <= left()
+    if ((ow += len) == g.Ow) {
+      ow = 0;
+      if (++oh == g.Oh) {
+        oh = 0;
+        ++img;
+      }
+    }
+  }
+};
+
+// fn(i, p, len) for the rows [n0, n0 + nt) of the tile in runs along one output row: rows
+// i .. i + len of the tile read pixels p .. p + len (plus the tap's offset).
+template <typename Fn>
+inline void for_row_runs(const Geo& g, int64_t n0, int64_t nt, Fn fn) {
+  RowWalk rw(g, n0);
+  for (int64_t i = 0; i < nt;) {
+    const int64_t len = std::min(nt - i, rw.left());
+    fn(i, rw.anchor(), len);
+    rw.advance(len);
+    i += len;
+  }
+}
+
+std::vector<int64_t> tap_offsets(const Geo& g) {
+  std::vector<int64_t> off(g.kh * g.kw);
+  for (int64_t t = 0; t < g.kh * g.kw; ++t) off[t] = g.tap_offset(t);
+  return off;
+}
+
+// The covered positions of one axis: tap i covers [i*d, i*d + O).
+std::vector<char> covered_axis(int64_t Pn, int64_t k, int64_t d, int64_t O) {
+  std::vector<char> c(Pn, 0);
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t v = i * d; v < std::min(Pn, i * d + O); ++v) c[v] = 1;
+  return c;
+}
+
+}  // namespace
+
+// ids (Nb, Hp, Wp) int64 -> (ranks (Nb, Hp, Wp) int32, slot_map (nb, G) int32, counts (nb,
+// Cmax) int64): compact's slots and counts for the blocks of the per-pixel chain.
+std::vector<torch::Tensor> pixel_compact(torch::Tensor ids, std::vector<int64_t> geo) {
+  check_cpu_contig(ids, "ids");
+  const Geo g = pixel_geo(geo, "pixel_compact");
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.numel() == g.P(), "pixel_compact: ids must be int64 (Nb, Hp, Wp)");
+  const int64_t nb = g.kh * g.kw;
+  const int64_t* I = ids.data_ptr<int64_t>();
+  const auto crow = covered_axis(g.Hp, g.kh, g.dh, g.Oh), ccol = covered_axis(g.Wp, g.kw, g.dw, g.Ow);
+  // fn(p) for every covered pixel p, image by image, row by row
+  auto for_covered = [&](auto fn) {
+    for (int64_t row = 0; row < g.Nb * g.Hp; ++row)
+      if (crow[row % g.Hp])
+        for (int64_t wp = 0, p = row * g.Wp; wp < g.Wp; ++wp, ++p)
+          if (ccol[wp]) fn(p);
+  };
+  int64_t kmax = -1, kmin = 0;
+  for_covered([&](int64_t p) {
+    kmax = std::max(kmax, I[p]);
+    kmin = std::min(kmin, I[p]);
+  });
+  TORCH_CHECK(kmin >= 0, "pixel_compact: cluster ids must be non-negative");
+  auto ranks = torch::full({g.Nb, g.Hp, g.Wp}, -1, ids.options().dtype(torch::kInt32));
+  int32_t* R = ranks.data_ptr<int32_t>();
+  int64_t G = 0;
+  if (kmax < (int64_t(1) << 22)) {  // small ids: rank them with a table
+    std::vector<int32_t> rank(kmax + 1, 0);
+    for_covered([&](int64_t p) { rank[I[p]] = 1; });
+    for (auto& v : rank) v = v ? G++ : -1;
+    for_covered([&](int64_t p) { R[p] = rank[I[p]]; });
+  } else {
+    std::vector<int64_t> u;
+    for_covered([&](int64_t p) { u.push_back(I[p]); });
+    std::sort(u.begin(), u.end());
+    u.erase(std::unique(u.begin(), u.end()), u.end());
+    G = u.size();
+    for_covered([&](int64_t p) { R[p] = std::lower_bound(u.begin(), u.end(), I[p]) - u.begin(); });
+  }
+  // members per (block, key rank): a block's members are the pixels of its tap's window
+  std::vector<int64_t> cnt(nb * G, 0);
+  const int64_t A = g.Hp, B = g.Wp;
+  if ((A + 1) * (B + 1) * G <= (int64_t(1) << 22)) {  // per (row, column, key), summed over the
+    std::vector<int64_t> grid((A + 1) * (B + 1) * G, 0);  // images, then 2D prefix sums
+    for (int64_t row = 0; row < g.Nb * A; ++row) {
+      int64_t* cell = grid.data() + ((row % A + 1) * (B + 1) + 1) * G;
+      const int32_t* r = R + row * B;
+      for (int64_t wp = 0; wp < B; ++wp)
+        if (r[wp] >= 0) cell[wp * G + r[wp]]++;
+    }
+    prefix2d(grid.data(), 1, A, B, G);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t a0 = (b / g.kw) * g.dh, a1 = a0 + g.Oh, c0 = (b % g.kw) * g.dw, c1 = c0 + g.Ow;
+      const int64_t* p11 = grid.data() + (a1 * (B + 1) + c1) * G;
+      const int64_t* p01 = grid.data() + (a0 * (B + 1) + c1) * G;
+      const int64_t* p10 = grid.data() + (a1 * (B + 1) + c0) * G;
+      const int64_t* p00 = grid.data() + (a0 * (B + 1) + c0) * G;
+      for (int64_t r = 0; r < G; ++r) cnt[b * G + r] = p11[r] - p01[r] - p10[r] + p00[r];
+    }
+  } else {  // many keys: count each block's window
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t* c = cnt.data() + b * G;
+        for (int64_t bb = 0; bb < g.Nb; ++bb)
+          for (int64_t oh = 0; oh < g.Oh; ++oh) {
+            const int32_t* r = R + (bb * g.Hp + oh) * g.Wp + g.tap_offset(b);
+            for (int64_t ow = 0; ow < g.Ow; ++ow) c[r[ow]]++;
+          }
+      }
+    });
+  }
+  auto slot_map = torch::full({nb, G}, -1, ids.options().dtype(torch::kInt32));
+  int32_t* SM = slot_map.data_ptr<int32_t>();
+  int64_t cmax = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t s = 0;
+    for (int64_t r = 0; r < G; ++r)
+      if (cnt[b * G + r] > 0) SM[b * G + r] = s++;
+    cmax = std::max<int64_t>(cmax, s);
+  }
+  auto counts = torch::zeros({nb, cmax}, ids.options());
+  int64_t* C = counts.data_ptr<int64_t>();
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t r = 0; r < G; ++r)
+      if (SM[b * G + r] >= 0) C[b * cmax + SM[b * G + r]] = cnt[b * G + r];
+  return {ranks, slot_map, counts};
+}
+
+// The generic chain's inverse (nb, N) int32 of the per-pixel chain's ranks and slot_map.
+torch::Tensor pixel_inverse(torch::Tensor ranks, torch::Tensor slot_map, std::vector<int64_t> geo) {
+  const Geo g = pixel_geo(geo, "pixel_inverse");
+  check_pixel_maps(g, ranks, slot_map, "pixel_inverse");
+  const int64_t nb = slot_map.size(0), G = slot_map.size(1), N = g.N(), rows = g.Nb * g.Oh;
+  auto inverse = torch::empty({nb, N}, ranks.options());
+  const int32_t* R = ranks.data_ptr<int32_t>();
+  const int32_t* SM = slot_map.data_ptr<int32_t>();
+  int32_t* V = inverse.data_ptr<int32_t>();
+  at::parallel_for(0, nb * g.Nb, 1, [&](int64_t i0, int64_t i1) {  // (block, image) pairs
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / g.Nb, bb = i % g.Nb;
+      const int32_t* src = R + bb * g.Hp * g.Wp + g.tap_offset(b);
+      const int32_t* sm = SM + b * G;
+      int32_t* dst = V + b * N + bb * rows / g.Nb * g.Ow;
+      for (int64_t oh = 0; oh < g.Oh; ++oh) gather_run(dst + oh * g.Ow, sm, src + oh * g.Wp, g.Ow);
+    }
+  });
+  return inverse;
+}
+
+// ||pixel||, (Nb, Hp, Wp): the member norms of the per-pixel chain (member_norms' per-unit
+// norms, the same pass).
+torch::Tensor pixel_norms(torch::Tensor xp) {
+  check_cpu_contig(xp, "xp");
+  TORCH_CHECK(xp.dim() == 4, "pixel_norms: xp must be (Nb, Hp, Wp, C)");
+  auto out = torch::empty({xp.size(0), xp.size(1), xp.size(2)}, xp.options());
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "pixel_norms", [&] {
+    unit_squares<scalar_t>(xp.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out.numel(), xp.size(3), true);
+  });
+  return out;
+}
+
+// centroid_means (chunk path) from the per-pixel maps; None where the generic chain would
+// take the per-row kernels (the caller then forms the inverse and takes them too).
+c10::optional<torch::Tensor> pixel_centroid_means(torch::Tensor xp, torch::Tensor ranks, torch::Tensor slot_map,
+                                                  torch::Tensor counts, std::vector<int64_t> geo, torch::Tensor pieces_t,
+                                                  int64_t mode, int64_t pt, int64_t pl, int64_t H, int64_t W) {
+  check_cpu_contig(xp, "xp");
+  check_cpu_contig(counts, "counts");
+  const Geo g = pixel_geo(geo, "pixel_centroid_means");
+  check_pixel_maps(g, ranks, slot_map, "pixel_centroid_means");
+  const auto pieces = read_pieces(pieces_t);
+  const int64_t nb = slot_map.size(0), cmax = counts.size(1);
+  const Interior in{pt, pl, H, W};
+  ChunkPlan cp;
+  if (!pixel_plan(cp, g, pieces, ranks.data_ptr<int32_t>(), slot_map.data_ptr<int32_t>(), slot_map.size(1), cmax,
+                  mode, in))
+    return c10::nullopt;
+  auto S = torch::empty({nb, cmax, g.L}, xp.options());
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "pixel_centroid_means", [&] {
+    chunk_means_impl<scalar_t>(xp.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), S.data_ptr<scalar_t>(), g, cp, nb,
+                               cmax);
+  });
+  return S;
+}
+
+// centroid_means_backward (chunk path) from the per-pixel maps; None as above.
+c10::optional<torch::Tensor> pixel_centroid_means_backward(torch::Tensor g_cent, torch::Tensor ranks,
+                                                           torch::Tensor slot_map, torch::Tensor counts,
+                                                           std::vector<int64_t> geo, torch::Tensor pieces_t,
+                                                           int64_t mode, int64_t pt, int64_t pl, int64_t H, int64_t W) {
+  check_cpu_contig(g_cent, "g_cent");
+  check_cpu_contig(counts, "counts");
+  const Geo g = pixel_geo(geo, "pixel_centroid_means_backward");
+  check_pixel_maps(g, ranks, slot_map, "pixel_centroid_means_backward");
+  const auto pieces = read_pieces(pieces_t);
+  const int64_t nb = slot_map.size(0), cmax = g_cent.size(1);
+  const Interior in{pt, pl, H, W};
+  TORCH_CHECK(in.H < 0 || (in.pt >= 0 && in.pl >= 0 && in.W >= 0 && in.pt + in.H <= g.Hp && in.pl + in.W <= g.Wp),
+              "pixel_centroid_means_backward: the input must lie inside the padded frame");
+  ChunkPlan cp;
+  if (!pixel_plan(cp, g, pieces, ranks.data_ptr<int32_t>(), slot_map.data_ptr<int32_t>(), slot_map.size(1), cmax,
+                  mode, in))
+    return c10::nullopt;
+  auto D = in.H < 0 ? torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options())
+                    : torch::empty({g.Nb, g.C, in.H, in.W}, g_cent.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(g_cent.scalar_type(), "pixel_centroid_means_backward", [&] {
+    chunk_means_backward_impl<scalar_t>(g_cent.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), D.data_ptr<scalar_t>(),
+                                        g, cp, nb, cmax, in);
+  });
+  return D;
+}
+
+// reconstruct from the per-pixel maps and (optional) per-pixel scales: the tiles' slots and
+// scales are looked up through each row's pixels instead of read from (nb, N) tensors.
+torch::Tensor pixel_reconstruct(torch::Tensor yc, torch::Tensor ranks, torch::Tensor slot_map,
+                                c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scales,
+                                std::vector<int64_t> geo) {
+  check_cpu_contig(yc, "yc");
+  const Geo g = pixel_geo(geo, "pixel_reconstruct");
+  check_pixel_maps(g, ranks, slot_map, "pixel_reconstruct");
+  const int64_t nb = yc.size(0), cmax = yc.size(1), M = yc.size(2), N = g.N(), G = slot_map.size(1);
+  TORCH_CHECK(nb == slot_map.size(0), "pixel_reconstruct: one table per tap");
+  auto out = torch::empty({N, M}, yc.options());
+  torch::Tensor b, w;
+  if (bias.has_value()) b = bias->to(yc.scalar_type()).contiguous();
+  if (scales.has_value()) {
+    w = scales->to(yc.scalar_type()).contiguous();
+    TORCH_CHECK(w.numel() == g.P(), "pixel_reconstruct: scales must be (Nb, Hp, Wp)");
+  }
+  const int32_t* R = ranks.data_ptr<int32_t>();
+  const int32_t* SM = slot_map.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "pixel_reconstruct", [&] {
+    const scalar_t* Wp = scales.has_value() ? w.data_ptr<scalar_t>() : nullptr;
+    const auto off = tap_offsets(g);
+    auto fill = [&](int32_t* vt, scalar_t* wt, int64_t g0, int64_t gn, int64_t n0, int64_t nt) {
+      for_row_runs(g, n0, nt, [&](int64_t i0, int64_t a, int64_t len) {
+        for (int64_t bl = 0; bl < gn; ++bl) {
+          const int64_t p = a + off[g0 + bl];
+          const int32_t* r = R + p;
+          const int32_t* sm = SM + (g0 + bl) * G;
+          int32_t* v = vt + i0 * gn + bl;
+          for (int64_t i = 0; i < len; ++i) v[i * gn] = sm[r[i]];
+          if (Wp) {
+            const scalar_t* wr = Wp + p;
+            scalar_t* wv = wt + i0 * gn + bl;
+            for (int64_t i = 0; i < len; ++i) wv[i * gn] = wr[i];
+          }
+        }
+      });
+    };
+    reconstruct_tiles<scalar_t>(yc.data_ptr<scalar_t>(), fill, Wp != nullptr,
+                                bias.has_value() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), nb, cmax,
+                                N, M);
+  });
+  return out;
+}
+
+// reconstruct_backward from the per-pixel maps and scales: each (block, row tile) gets its
+// slots and scales through the rows' pixels, then scatter_runs as the generic kernel.
+torch::Tensor pixel_reconstruct_backward(torch::Tensor dy_rows, torch::Tensor ranks, torch::Tensor slot_map,
+                                         int64_t cmax, c10::optional<torch::Tensor> scales, std::vector<int64_t> geo) {
+  check_cpu_contig(dy_rows, "dy_rows");
+  const Geo g = pixel_geo(geo, "pixel_reconstruct_backward");
+  check_pixel_maps(g, ranks, slot_map, "pixel_reconstruct_backward");
+  const int64_t nb = slot_map.size(0), N = g.N(), M = dy_rows.size(1), G = slot_map.size(1);
+  TORCH_CHECK(dy_rows.size(0) == N, "pixel_reconstruct_backward: one gradient row per output position");
+  torch::Tensor w;
+  if (scales.has_value()) {
+    w = scales->to(dy_rows.scalar_type()).contiguous();
+    TORCH_CHECK(w.numel() == g.P(), "pixel_reconstruct_backward: scales must be (Nb, Hp, Wp)");
+  }
+  if (nb < at::get_num_threads()) {  // the generic kernel splits rows, not blocks: give it the inverse
+    auto inv = pixel_inverse(ranks, slot_map, geo);
+    c10::optional<torch::Tensor> ws;
+    if (scales.has_value()) {  // the rows' scales, (nb, N)
+      auto wr = torch::empty({nb, N}, w.options());
+      AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pixel_scales", [&] {
+        const scalar_t* Wp = w.data_ptr<scalar_t>();
+        scalar_t* o = wr.data_ptr<scalar_t>();
+        for (int64_t b = 0; b < nb; ++b)
+          for (int64_t n = 0; n < N; ++n) o[b * N + n] = Wp[g.anchor(n) + g.tap_offset(b)];
+      });
+      ws = wr;
+    }
+    return reconstruct_backward(dy_rows, inv, cmax, ws);
+  }
+  auto out = torch::zeros({nb, cmax, M}, dy_rows.options());
+  const int32_t* R = ranks.data_ptr<int32_t>();
+  const int32_t* SM = slot_map.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(dy_rows.scalar_type(), "pixel_reconstruct_backward", [&] {
+    const scalar_t* Wp = scales.has_value() ? w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* Gd = dy_rows.data_ptr<scalar_t>();
+    scalar_t* O = out.data_ptr<scalar_t>();
+    for_block_tiles(nb, N, cmax * M * (int64_t)sizeof(scalar_t), [&](int64_t b, int64_t n0, int64_t n1) {
+      // the tile's slots and scales first, along its output rows, then the generic scatter
+      int32_t vb[kScatterTile];
+      scalar_t wb[kScatterTile];
+      const int32_t* sm = SM + b * G;
+      const int64_t off = g.tap_offset(b);
+      for_row_runs(g, n0, n1 - n0, [&](int64_t i0, int64_t a, int64_t len) {
+        gather_run(vb + i0, sm, R + a + off, len);
+        if (Wp) std::memcpy(wb + i0, Wp + a + off, sizeof(scalar_t) * len);
+      });
+      scatter_runs(Gd + n0 * M, vb, Wp ? wb : nullptr, O + b * cmax * M, 0, n1 - n0, M);
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pad_nhwc", &pad_nhwc, "zero-padded (Nb, H + t + b, W + l + r, C) copy of x (Nb, H, W, C)");
   m.def("unit_rows", &unit_rows, "c / max(||c||, eps) along the last dimension");
@@ -1473,4 +1887,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_ids", &gather_ids, "per-block ids gathered from per-pixel unit ids");
   m.def("hash_rows", &hash_rows, "packed sign bits of rows @ planes (Eq. 4), no projections formed");
   m.def("pack_signs", &pack_signs, "packed sign bits of (outer, H, inner) projections");
+  m.def("pixel_compact", &pixel_compact, "per-pixel chain: key ranks, per-block slot maps and counts");
+  m.def("pixel_inverse", &pixel_inverse, "per-pixel chain: the generic chain's (nb, N) inverse");
+  m.def("pixel_norms", &pixel_norms, "per-pixel chain: the norm of every pixel");
+  m.def("pixel_centroid_means", &pixel_centroid_means, "per-pixel chain: centroid means (chunk path), else None");
+  m.def("pixel_centroid_means_backward", &pixel_centroid_means_backward,
+        "per-pixel chain: the centroid means' input gradient (chunk path), else None");
+  m.def("pixel_reconstruct", &pixel_reconstruct, "per-pixel chain: y[n] = bias + sum_b w * yc[b, slot_map[b, rank]]");
+  m.def("pixel_reconstruct_backward", &pixel_reconstruct_backward, "per-pixel chain: dyc of the reconstruction");
 }

@@ -1,0 +1,121 @@
+"""A/B of the per-pixel chain on the whole training step: the main job's model and batch
+(``benchmarks/step.py``) compiled with its config, its reuse step run once with the generic
+chain (``kernels.PIXEL_CHAIN = False`` when the graph is built) and once with the per-pixel
+chain (the default where it fits: conv2 at L = 64), interleaved with the stock step, medians.
+
+First checks that both chains give the same bits: one step's loss, every parameter's gradient
+and the parameters after Adam's step, from the same weights. Then times.
+
+    python benchmarks/pixel_ab.py
+    python benchmarks/pixel_ab.py --repeats 21 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.layers import machine, machine_phase  # noqa: E402
+from benchmarks.step import make_step, stages, time_interleaved  # noqa: E402
+from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tune_malloc  # noqa: E402
+from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
+from reuse_compiler.passes import rebuild  # noqa: E402
+from reuse_compiler.runtime import kernels  # noqa: E402
+
+
+def generic_copy(gm):
+    """A copy of the compiled ``gm`` whose graph is rebuilt with the generic chain."""
+    other = copy.deepcopy(gm)
+    was = kernels.PIXEL_CHAIN
+    kernels.PIXEL_CHAIN = False
+    try:
+        rebuild(other)
+    finally:
+        kernels.PIXEL_CHAIN = was
+    return other
+
+
+def chain_ops(gm) -> set[str]:
+    """The reuse ops in ``gm``'s graph (which chain it runs)."""
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "reuse." in str(n.target)}
+
+
+def same_step(a, b, x, y) -> list[str]:
+    """One training step (loss, backward, Adam) of two copies from the same weights: the names
+    of whatever differs, bit for bit (empty: the same)."""
+    diffs = []
+    losses, grads, params = [], [], []
+    for m in (a, b):
+        opt = make_adam(m.parameters(), 1e-3, "foreach")
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+        opt.step()
+        params.append({n: p.detach().clone() for n, p in m.named_parameters()})
+        opt.zero_grad(set_to_none=True)
+    if not torch.equal(*losses):
+        diffs.append("loss")
+    diffs += [f"grad {n}" for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])]
+    diffs += [f"param {n}" for n in params[0] if not torch.equal(params[0][n], params[1][n])]
+    return diffs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
+    ap.add_argument("--steps", type=int, default=3, help="steps per round")
+    args = ap.parse_args(argv)
+    tune_malloc()
+    torch.manual_seed(0)
+    (x_tr, y_tr), _ = load_digits(0.2, 0)
+    x = x_tr[:128].contiguous(memory_format=torch.channels_last)
+    y = y_tr[:128]
+    stock = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
+    config = ReuseConfig(
+        policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False
+    )
+    gm = reuse_compile(copy.deepcopy(stock), x, config=config)
+    generic = generic_copy(gm)
+    ops_pixel, ops_generic = chain_ops(gm), chain_ops(generic)
+    print(f"# per-pixel graph: {sorted(ops_pixel - ops_generic)}; generic graph: {sorted(ops_generic - ops_pixel)}")
+    diffs = same_step(copy.deepcopy(generic), copy.deepcopy(gm), x, y)
+    print(f"# one step from the same weights, generic vs per-pixel chain: {'the same bits' if not diffs else diffs}")
+    steps = {
+        "stock": make_step(stock, x, y),
+        "reuse, generic chain": make_step(copy.deepcopy(generic), x, y),
+        "reuse, per-pixel chain": make_step(copy.deepcopy(gm), x, y),
+    }
+    phase = machine_phase()
+    times = time_interleaved(steps, args.repeats, args.steps)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    print(
+        f"# training step A/B, generic vs per-pixel chain, on {machine('cpu')}; {stages(gm)}; "
+        f"medians of {args.repeats} interleaved rounds of {args.steps} steps"
+    )
+    print(f"# machine phase: {phase} before, {machine_phase()} after")
+    print("| variant | step ms | x stock |")
+    print("|---|---:|---:|")
+    for name in steps:
+        print(f"| {name} | {med[name]:.1f} | {med[name] / med['stock']:.3f} |")
+    a, b = med["reuse, generic chain"], med["reuse, per-pixel chain"]
+    paired = sorted(t / s for t, s in zip(times["reuse, per-pixel chain"], times["reuse, generic chain"]))
+    q = len(paired) // 4
+    print(
+        f"# reuse step, per-pixel vs generic: {b / a:.3f}x ({a - b:+.1f} ms per step); per round, paired: "
+        f"median {statistics.median(paired):.3f}x, quartiles {paired[q]:.3f}-{paired[-1 - q]:.3f}"
+    )
+    return {"diffs": diffs, "medians": med}
+
+
+if __name__ == "__main__":
+    main()

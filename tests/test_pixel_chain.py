@@ -1,0 +1,299 @@
+"""The per-pixel chain (``lsh_hash(per_pixel=True)``, ``cluster_pixels``, ``member_norms(per_pixel=True)``,
+``reconstruct`` with a slot map): where every sub-vector is one whole pixel (L = C, stride 1,
+"batch" scope) it keeps per pixel what the generic chain keeps per (sub-matrix, row). It must
+give the generic chain's values bit for bit (the C++ kernels sum in the same order; the
+plain-PyTorch fallbacks form the generic tensors), forward and backward, in every geometry,
+layout and chunk-path mode, and the rewrite must emit it exactly where it applies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reuse_compiler import ReuseConfig, reuse_compile, set_stage
+from reuse_compiler.passes import rebuild
+from reuse_compiler.runtime import extension, kernels, ops
+from reuse_compiler.runtime.geometry import Geometry
+from reuse_compiler.runtime.reference import lsh_planes
+
+# (C, kernel, padding (t, b, l, r), dilation, input hw)
+SHAPES = [
+    (16, (5, 5), (2, 2, 2, 2), (1, 1), (12, 12)),  # CifarNet conv2-like
+    (8, (3, 3), (1, 0, 2, 1), (2, 1), (11, 9)),  # asymmetric padding, dilation
+    (8, (3, 3), (0, 0, 0, 0), (1, 1), (9, 10)),  # no padding
+    (4, (2, 3), (0, 0, 0, 0), (3, 1), (9, 6)),  # dilation leaves pixels no tap reads
+    (4, (3, 3), (1, 1, 1, 1), (1, 1), (2, 2)),  # image smaller than the kernel's span
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    old = kernels.CHUNK_PATH, kernels.PIXEL_CHAIN
+    yield
+    kernels.CHUNK_PATH, kernels.PIXEL_CHAIN = old
+
+
+def _data(C, hw, layout, dtype=torch.float32, Nb=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(Nb, C, *hw, generator=g, dtype=dtype))
+    x[:, :, : hw[0] // 3] = 0  # a background, as the digits have
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _chain(per_pixel, x, w, b, planes, k, p, d, centroid, gy_seed=1):
+    """Forward and backward of the chain (reuse_conv2d, norms constant); outputs, gradients, parts."""
+    xx, ww, bb = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y, parts = ops.reuse_conv2d(
+        xx, ww, bb, planes, k, [1, 1], p, d, centroid=centroid, norm_grad=False, per_pixel=per_pixel
+    )
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(gy_seed), dtype=y.dtype)
+    y.backward(gy)
+    return y.detach(), xx.grad, ww.grad, bb.grad, parts
+
+
+def _assert_same(a, b):
+    names = ("y", "x.grad", "w.grad", "b.grad")
+    for name, u, v in zip(names, a[:4], b[:4]):
+        assert torch.equal(u, v), name
+    for name in ("counts", "inverse", "ids", "centroids", "yc"):
+        assert torch.equal(a[4][name], b[4][name]), name
+
+
+@pytest.mark.parametrize("mode", ["auto", "always", "never"])
+@pytest.mark.parametrize("centroid", ["norm", "mean"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("C,k,p,d,hw", SHAPES)
+def test_pixel_chain_gives_the_generic_chains_bits(C, k, p, d, hw, layout, centroid, mode):
+    """Same y, input, weight and bias gradients, counts, inverse, ids, centroids, bit for bit."""
+    if extension.get() is None:
+        pytest.skip("C++ kernels unavailable")
+    kernels.CHUNK_PATH = mode
+    x = _data(C, hw, layout)
+    w = torch.randn(6, C, *k)
+    b = torch.randn(6)
+    planes = lsh_planes(C, 6, seed=3)
+    generic = _chain(False, x, w, b, planes, list(k), list(p), list(d), centroid)
+    pixel = _chain(True, x, w, b, planes, list(k), list(p), list(d), centroid)
+    _assert_same(generic, pixel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pixel_chain_plain_pytorch_fallbacks(dtype):
+    """Without the C++ kernels (as on a GPU) the per-pixel ops form the generic tensors and call
+    the generic functions: the plain-PyTorch generic chain's bits, and the C++ chain's values."""
+    C, k, p, d, hw = SHAPES[1]
+    k, p, d = list(k), list(p), list(d)
+    x = _data(C, hw, "channels_last", dtype)
+    w = torch.randn(6, C, *k, dtype=dtype)
+    b = torch.randn(6, dtype=dtype)
+    planes = lsh_planes(C, 6, seed=3, dtype=dtype)
+    with extension.disabled():
+        generic = _chain(False, x, w, b, planes, k, p, d, "norm")
+        pixel = _chain(True, x, w, b, planes, k, p, d, "norm")
+    _assert_same(generic, pixel)
+    if extension.get() is not None:
+        fast = _chain(True, x, w, b, planes, k, p, d, "norm")
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+        for u, v in zip(fast[:4], pixel[:4]):
+            torch.testing.assert_close(u, v, **tol)
+        assert torch.equal(fast[4]["counts"], pixel[4]["counts"])
+        assert torch.equal(fast[4]["inverse"], pixel[4]["inverse"])
+
+
+def test_pixel_maps_factorise_the_inverse():
+    """ranks and slot_map: slot_map[b, ranks[pixel of (b, n)]] is cluster's inverse; the ranks
+    order the ids ascending; a pixel no tap reads has rank -1; the C++ and PyTorch maps agree."""
+    C, k, p, d, hw = SHAPES[3]  # dilation 3 leaves rows no tap reads
+    k, d = list(k), list(d)
+    x = _data(C, hw, "channels_last")
+    xp = ops.im2col(x, k, [1, 1], list(p), d)
+    planes = lsh_planes(C, 5, seed=1)
+    g = Geometry.of(xp.shape, k, [1, 1], d, C)
+    ids = ops.lsh_hash(xp, planes, k, [1, 1], d, True)
+    assert torch.equal(kernels.pixel_rows(ids, g), ops.lsh_hash(xp, planes, k, [1, 1], d))
+    ranks, slot_map, counts = kernels.pixel_compact(ids, g)
+    inverse, counts_generic = kernels.compact(ops.lsh_hash(xp, planes, k, [1, 1], d), 5, "batch")
+    assert torch.equal(counts, counts_generic)
+    assert torch.equal(kernels.pixel_inverse(ranks, slot_map, g), inverse)
+    covered = kernels._covered(g, ids.device)
+    assert bool((ranks[:, ~covered] == -1).all()) and bool((ranks[:, covered] >= 0).all())
+    uniq = torch.unique(ids[:, covered])
+    assert torch.equal(uniq[ranks[:, covered].long()], ids[:, covered])  # ranks order the ids
+    with extension.disabled():
+        torch_maps = kernels.pixel_compact(ids, g)
+        assert torch.equal(kernels.pixel_inverse(*torch_maps[:2], g), inverse)
+    for u, v in zip(torch_maps, (ranks, slot_map, counts)):
+        assert torch.equal(u, v)
+
+
+def test_pixel_chain_nonfinite_input_as_generic():
+    """A pixel with a NaN or Inf gets a cluster of its own, as in cluster: the same outputs
+    (non-finite only where a NaN pixel is read), the same counts."""
+    C, k, p, d, hw = SHAPES[0]
+    k, p, d = list(k), list(p), list(d)
+    x = _data(C, hw, "channels_last")
+    x[1, 3, 6, 7] = float("nan")
+    x[2, 0, 8, 8] = float("inf")
+    w, b = torch.randn(6, C, *k), torch.randn(6)
+    planes = lsh_planes(C, 6, seed=3)
+    ys = []
+    for per_pixel in (False, True):
+        y, parts = ops.reuse_conv2d(x, w, b, planes, k, [1, 1], p, d, centroid="mean", per_pixel=per_pixel)
+        ys.append((y, parts["counts"]))
+    assert torch.equal(ys[0][1], ys[1][1])
+    torch.testing.assert_close(ys[0][0], ys[1][0], rtol=0, atol=0, equal_nan=True)
+    assert bool(torch.isfinite(ys[1][0][0]).all()) and not bool(torch.isfinite(ys[1][0][1]).all())
+
+
+@pytest.mark.parametrize("centroid", ["mean", "norm"])
+def test_gradcheck_pixel_chain_float64(centroid):
+    """float64 gradcheck of the per-pixel chain w.r.t. input, weight and bias; with the norm
+    centroid the member norms take a gradient too (member_norms(per_pixel=True)'s backward and
+    reconstruct's scales gradient through the slot map), which the rewrite never asks for."""
+    C, k, p, d = 3, [3, 3], [1, 1, 1, 0], [1, 2]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, C, 5, 6, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    w = torch.randn(4, C, *k, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    planes = lsh_planes(C, 5, seed=4, dtype=torch.float64)
+
+    def f(x, w, b):
+        xp = ops.im2col(x, k, [1, 1], p, d)
+        ids = ops.lsh_hash(xp, planes, k, [1, 1], d, True)
+        cent, ranks, slot_map, _ = ops.cluster_pixels(xp, ids, k, [1, 1], d, C, 5, x, p)
+        scales = None
+        if centroid == "norm":
+            cent = ops.unit_rows(cent)
+            scales = ops.member_norms(xp, k, [1, 1], d, C, None, None, True)
+        yc = ops.centroid_gemm(cent, w)
+        return ops.reconstruct(yc, ranks, b, scales, slot_map, [k[0], k[1], d[0], d[1]])
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_pixel_ops(dtype):
+    C, k, p, d, hw = SHAPES[1]
+    k, p, d = list(k), list(p), list(d)
+    x = _data(C, hw, "channels_last", dtype, Nb=3) + 0.01
+    xp = ops.im2col(x, k, [1, 1], p, d)
+    planes = lsh_planes(C, 5, seed=2, dtype=dtype)
+    leaf = xp.detach().clone().requires_grad_()
+    x_leaf = x.detach().clone().requires_grad_()
+    r = torch.ops.reuse
+    torch.library.opcheck(r.lsh_hash.default, (xp, planes, k, [1, 1], d, True))
+    ids = ops.lsh_hash(xp, planes, k, [1, 1], d, True)
+    torch.library.opcheck(r.cluster_pixels.default, (leaf, ids, k, [1, 1], d, C, 5))
+    torch.library.opcheck(r.cluster_pixels.default, (xp, ids, k, [1, 1], d, C, 5, x_leaf, p))
+    cent, ranks, slot_map, counts = ops.cluster_pixels(xp, ids, k, [1, 1], d, C, 5)
+    torch.library.opcheck(r.member_norms.default, (leaf, k, [1, 1], d, C, None, None, True))
+    g_c = torch.randn_like(cent)
+    torch.library.opcheck(r.cluster_pixels_grad.default, (g_c, ranks, slot_map, counts, list(xp.shape), k, [1, 1], d))
+    torch.library.opcheck(
+        r.cluster_pixels_grad.default, (g_c, ranks, slot_map, counts, list(xp.shape), k, [1, 1], d, p)
+    )
+    norms = ops.member_norms(xp, k, [1, 1], d, C, None, None, True)
+    yc = torch.randn(cent.shape[0], cent.shape[1], 5, dtype=dtype, requires_grad=True)
+    window = [k[0], k[1], d[0], d[1]]
+    bias = torch.randn(5, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(r.reconstruct.default, (yc, ranks, bias, norms.clone().requires_grad_(), slot_map, window))
+    torch.library.opcheck(r.reconstruct.default, (yc, ranks, None, None, slot_map, window))
+    y = ops.reconstruct(yc.detach(), ranks, None, None, slot_map, window)
+    torch.library.opcheck(
+        r.reconstruct_scales_grad.default, (torch.randn_like(y), yc.detach(), ranks, slot_map, window)
+    )
+    torch.library.opcheck(
+        r.reconstruct_grad.default, (torch.randn_like(y), ranks, yc.shape[1], norms, slot_map, window)
+    )
+
+
+def test_pixel_ops_reject_other_geometries():
+    """per_pixel needs L = C and stride 1; the error names the op and the way on."""
+    x = torch.randn(2, 8, 6, 6)
+    xp = ops.im2col(x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1])
+    with pytest.raises(ValueError, match=r"lsh_hash\(per_pixel=True\).*L = C = 8, got L = 4.*generic chain"):
+        ops.lsh_hash(xp, lsh_planes(4, 3, seed=0), [3, 3], [1, 1], [1, 1], True)
+    with pytest.raises(ValueError, match=r"cluster_pixels.*stride 1"):
+        ops.cluster_pixels(xp, torch.zeros(2, 8, 8, dtype=torch.int64), [3, 3], [2, 2], [1, 1], 8, 3)
+    with pytest.raises(ValueError, match=r"cluster_pixels: ids must be the per-pixel ids"):
+        ops.cluster_pixels(xp, torch.zeros(9, 2, 6, 6, dtype=torch.int64), [3, 3], [1, 1], [1, 1], 8, 3)
+    with pytest.raises(ValueError, match=r"reconstruct: with slot_map .* give window"):
+        ops.reconstruct(
+            torch.randn(9, 3, 4),
+            torch.zeros(2, 8, 8, dtype=torch.int32),
+            None,
+            None,
+            torch.zeros(9, 2, dtype=torch.int32),
+        )
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        return self.fc(x.flatten(1))
+
+
+def _compiled(norm_grad=False):
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    model = _Net().to(memory_format=torch.channels_last)
+    cfg = ReuseConfig(policy="paper", centroid="norm", norm_grad=norm_grad)
+    gm = reuse_compile(model, x, config=cfg)
+    set_stage(gm, "conv2", L=8, H=4)
+    set_stage(gm, "conv1", exact=True)
+    return gm, x
+
+
+def _targets(gm):
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_rewrite_emits_the_pixel_chain_where_it_applies():
+    """The rewrite emits cluster_pixels for L = C with the norms constant; the fused
+    cluster_norms when the norms take a gradient; the generic chain with PIXEL_CHAIN off and in
+    the exported graph (record=False, whose ONNX translation knows the generic ops)."""
+    if extension.get() is None:
+        pytest.skip("the rewrite emits the per-pixel chain only with the C++ kernels")
+    from reuse_compiler.passes.conv_rewrite import rewritten_graph
+
+    gm, _ = _compiled()
+    t = _targets(gm)
+    assert "reuse.cluster_pixels.default" in t and "reuse.cluster.default" not in t
+    assert "reuse.lsh_hash.default" in t and "reuse.reconstruct.default" in t  # SPEC's stage names
+    assert "reuse.cluster_pixels" in gm.print_readable(print_output=False)
+    fused, _ = _compiled(norm_grad=True)
+    assert "reuse.cluster_norms.default" in _targets(fused) and "reuse.cluster_pixels.default" not in _targets(fused)
+    export_targets = [str(n.target) for n in rewritten_graph(gm, record=False).nodes if n.op == "call_function"]
+    assert "reuse.cluster.default" in export_targets and "reuse.cluster_pixels.default" not in export_targets
+    kernels.PIXEL_CHAIN = False
+    rebuild(gm)
+    assert "reuse.cluster.default" in _targets(gm) and "reuse.cluster_pixels.default" not in _targets(gm)
+
+
+def test_compiled_training_step_same_bits_either_chain():
+    """Three Adam steps of a compiled model: the same loss, gradients and parameters with the
+    per-pixel chain as with the generic one (what benchmarks/pixel_ab.py checks on the main job)."""
+    if extension.get() is None:
+        pytest.skip("the rewrite emits the per-pixel chain only with the C++ kernels")
+    from benchmarks.pixel_ab import chain_ops, generic_copy, same_step
+
+    gm, x = _compiled()
+    generic = generic_copy(gm)
+    assert "reuse.cluster_pixels.default" in chain_ops(gm) - chain_ops(generic)
+    y = torch.randint(0, 10, (x.shape[0],))
+    a, b = copy.deepcopy(generic), copy.deepcopy(gm)
+    for _ in range(3):
+        assert same_step(a, b, x, y) == []
