@@ -97,3 +97,37 @@ def test_measured_policy_runs_on_cuda():
         times = [kept[c]["ms"] for c in row.candidates]
         assert times == sorted(times) and all(kept[c]["ratio"] <= cfg.max_time_ratio for c in row.candidates)
     gm(x).sum().backward()
+
+
+@pytest.mark.parametrize("centroid", ["mean", "norm"])
+def test_pixel_chain_on_cuda_equals_cpu(centroid):
+    """The per-pixel chain's plain-PyTorch fallbacks on the device (the rewrite emits the chain
+    only with the C++ kernels, but a model compiled on the CPU may move to the GPU): the CPU's
+    values, forward and gradients, with the member norms constant."""
+    g = torch.Generator().manual_seed(0)
+    C = 6
+    x = torch.relu(torch.randn(3, C, 9, 8, generator=g, dtype=torch.float64))
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, C, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    planes = lsh_planes(C, 6, seed=0, dtype=torch.float64)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        xx, ww, bb = (t.to(dev).detach().requires_grad_() for t in (x, w, b))
+        y, parts = reuse_conv2d(
+            xx,
+            ww,
+            bb,
+            planes.to(dev),
+            [3, 3],
+            [1, 1],
+            [1, 2, 0, 1],
+            [1, 2],
+            centroid=centroid,
+            norm_grad=False,
+            per_pixel=True,
+        )
+        y.backward(torch.ones_like(y) * torch.arange(y.numel(), device=dev, dtype=y.dtype).view_as(y).sin())
+        out[dev] = [t.detach().cpu() for t in (y, xx.grad, ww.grad, bb.grad, parts["counts"])]
+    for a, c in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-9)
