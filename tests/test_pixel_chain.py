@@ -297,3 +297,27 @@ def test_compiled_training_step_same_bits_either_chain():
     a, b = copy.deepcopy(generic), copy.deepcopy(gm)
     for _ in range(3):
         assert same_step(a, b, x, y) == []
+
+
+def test_grouped_conv_pixel_chain_same_bits():
+    """A grouped convolution gets one chain per group (its input narrowed, not channels-last
+    contiguous, so the gradient goes through im2col's padded copy): the per-pixel chains give
+    the generic chains' output and gradients."""
+    if extension.get() is None:
+        pytest.skip("the rewrite emits the per-pixel chain only with the C++ kernels")
+    from benchmarks.pixel_ab import chain_ops, generic_copy
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    model = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 49, 3))
+    gm = reuse_compile(model.to(memory_format=torch.channels_last), x, config=ReuseConfig(norm_grad=False))
+    set_stage(gm, "0", L=4, H=4)
+    generic = generic_copy(gm)
+    assert "reuse.cluster_pixels.default" in chain_ops(gm) - chain_ops(generic)
+    outs = []
+    for m in (generic, gm):
+        xx = x.detach().clone().requires_grad_()
+        m(xx).square().sum().backward()
+        outs.append([xx.grad] + [p.grad for p in m.parameters()])
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
