@@ -19,6 +19,14 @@ Tensors: ``xp`` (Nb, Hp, Wp, C) padded channels-last input; ``planes`` (L, H) hy
 each row's slot in sub-matrix b); ``counts`` (nb, Cmax) int64;
 ``centroids`` (nb, Cmax, L); ``y_c`` (nb, Cmax, M); ``y`` (Nb, M, Oh, Ow), channels-last
 strided. Cmax is data-dependent.
+
+Where every sub-vector is one whole pixel (L = C, stride 1, "batch" scope) the rewrite emits
+the per-pixel chain instead (docs/architecture.md): ``lsh_hash(..., per_pixel=True)`` returns
+the ids per padded pixel (Nb, Hp, Wp), ``cluster_pixels`` returns ``(centroids, ranks,
+slot_map, counts)`` (the inverse factorised: ``inverse[b, n] = slot_map[b, ranks[pixel of (b,
+n)]]``), ``member_norms(..., per_pixel=True)`` the norms per pixel, and ``reconstruct(yc,
+ranks, bias, norms, slot_map, window)`` reads through them; the values are the generic
+chain's, bit for bit.
 """
 
 from __future__ import annotations
