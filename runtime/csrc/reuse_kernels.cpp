@@ -1818,6 +1818,65 @@ torch::Tensor pixel_reconstruct(torch::Tensor yc, torch::Tensor ranks, torch::Te
 
 // reconstruct_backward from the per-pixel maps and scales: each (block, row tile) gets its
 // slots and scales through the rows' pixels, then scatter_runs as the generic kernel.
+// scatter_runs for the per-pixel chain, with the table indexed by key rank (G rows per block):
+// row n's rank is R[p] and its scale W[p], p walking the pixels block `off`'s window reads
+// (one step along an output row, a jump at its end), so each row costs one index load, as
+// scatter_runs' V[n]. Within a block, present ranks and slots correspond one to one and in
+// order, so the runs, their sums and the order they meet the table are scatter_runs' (the
+// caller moves each rank's row to its slot).
+template <typename T, bool Scaled>
+void scatter_runs_pixels(const T* Gr, const int32_t* R, const T* W, const Geo& g, int64_t off, T* table, int64_t n0,
+                         int64_t n1, int64_t M) {
+  using VT = typename Vec<T>::type;
+  constexpr int64_t VW = Vec<T>::W, CW = NV * VW;
+  auto walk = [&](auto fn) {  // fn(n, p) for n in [n0, n1)
+    RowWalk rw(g, n0);
+    int64_t p = rw.anchor() + off, left = rw.left();
+    for (int64_t n = n0; n < n1; ++n) {
+      fn(n, p);
+      if (--left > 0) {
+        ++p;
+      } else if (n + 1 < n1) {
+        rw.advance(rw.left());
+        p = rw.anchor() + off;
+        left = g.Ow;
+      }
+    }
+  };
+  int64_t c0 = 0;
+  for (; c0 + CW <= M; c0 += CW) {
+    VT a[NV] = {};
+    int64_t cur = R[g.anchor(n0) + off];
+    walk([&](int64_t n, int64_t p) {
+      const int64_t s = R[p];
+      if (s != cur) {
+        T* d = table + cur * M + c0;
+        for (int64_t v = 0; v < NV; ++v) {
+          vstore(d + v * VW, vload(d + v * VW) + a[v]);
+          a[v] = VT{};
+        }
+        cur = s;
+      }
+      const T* gr = Gr + n * M + c0;
+      if constexpr (Scaled) {
+        const T f = W[p];
+        for (int64_t v = 0; v < NV; ++v) a[v] += f * vload(gr + v * VW);
+      } else {
+        for (int64_t v = 0; v < NV; ++v) a[v] += vload(gr + v * VW);
+      }
+    });
+    T* d = table + cur * M + c0;
+    for (int64_t v = 0; v < NV; ++v) vstore(d + v * VW, vload(d + v * VW) + a[v]);
+  }
+  if (c0 < M)  // the last, narrower strip
+    walk([&](int64_t n, int64_t p) {
+      const T f = Scaled ? W[p] : T(1);
+      T* d = table + R[p] * M;
+      const T* gr = Gr + n * M;
+      for (int64_t k = c0; k < M; ++k) d[k] += f * gr[k];
+    });
+}
+
 torch::Tensor pixel_reconstruct_backward(torch::Tensor dy_rows, torch::Tensor ranks, torch::Tensor slot_map,
                                          int64_t cmax, c10::optional<torch::Tensor> scales, std::vector<int64_t> geo) {
   check_cpu_contig(dy_rows, "dy_rows");
@@ -1845,9 +1904,40 @@ torch::Tensor pixel_reconstruct_backward(torch::Tensor dy_rows, torch::Tensor ra
     }
     return reconstruct_backward(dy_rows, inv, cmax, ws);
   }
-  auto out = torch::zeros({nb, cmax, M}, dy_rows.options());
   const int32_t* R = ranks.data_ptr<int32_t>();
   const int32_t* SM = slot_map.data_ptr<int32_t>();
+  if (G <= cmax + cmax / 4) {  // a table by key rank (few ranks absent from a block): no lookups
+    auto byrank = torch::zeros({nb, G, M}, dy_rows.options());
+    auto out = torch::empty({nb, cmax, M}, dy_rows.options());
+    AT_DISPATCH_FLOATING_TYPES(dy_rows.scalar_type(), "pixel_reconstruct_backward_ranks", [&] {
+      const scalar_t* Wp = scales.has_value() ? w.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* Gd = dy_rows.data_ptr<scalar_t>();
+      scalar_t* T = byrank.data_ptr<scalar_t>();
+      scalar_t* O = out.data_ptr<scalar_t>();
+      for_block_tiles(nb, N, G * M * (int64_t)sizeof(scalar_t), [&](int64_t b, int64_t n0, int64_t n1) {
+        if (Wp)
+          scatter_runs_pixels<scalar_t, true>(Gd, R, Wp, g, g.tap_offset(b), T + b * G * M, n0, n1, M);
+        else
+          scatter_runs_pixels<scalar_t, false>(Gd, R, Wp, g, g.tap_offset(b), T + b * G * M, n0, n1, M);
+      });
+      at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {  // each rank's row to its slot
+        for (int64_t b = b0; b < b1; ++b) {
+          scalar_t* ob = O + b * cmax * M;
+          int64_t filled = 0;
+          for (int64_t r = 0; r < G; ++r) {
+            const int32_t s = SM[b * G + r];
+            if (s >= 0) {
+              std::memcpy(ob + s * M, T + (b * G + r) * M, sizeof(scalar_t) * M);
+              ++filled;
+            }
+          }
+          std::memset(ob + filled * M, 0, sizeof(scalar_t) * (cmax - filled) * M);  // slots past the block's count
+        }
+      });
+    });
+    return out;
+  }
+  auto out = torch::zeros({nb, cmax, M}, dy_rows.options());
   AT_DISPATCH_FLOATING_TYPES(dy_rows.scalar_type(), "pixel_reconstruct_backward", [&] {
     const scalar_t* Wp = scales.has_value() ? w.data_ptr<scalar_t>() : nullptr;
     const scalar_t* Gd = dy_rows.data_ptr<scalar_t>();
