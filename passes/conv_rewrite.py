@@ -104,7 +104,7 @@ def _emit_pixel_chain(graph, x, weight, bias, row, base, group, xp, planes, cent
     the same values as the generic chain, without its (sub-matrices x rows) tensors. The norms
     are constants of the backward (the fused ``cluster_norms`` stays generic)."""
     k, s, d = list(row.kernel_size), list(row.stride), list(row.dilation)
-    ids = _node(graph, _ops.lsh_hash.default, (xp, planes, k, s, d, True), f"{base}_ids")
+    ids = _node(graph, _ops.lsh_hash.default, (xp, planes, k, s, d, True, x, list(row.padding)), f"{base}_ids")
     args = (xp, ids, k, s, d, row.L, row.H, x, list(row.padding))
     cl = _node(graph, _ops.cluster_pixels.default, args, f"{base}_cluster")
     centroids = _node(graph, operator.getitem, (cl, 0), f"{base}_centroids")
@@ -115,7 +115,8 @@ def _emit_pixel_chain(graph, x, weight, bias, row, base, group, xp, planes, cent
     if centroid == "norm":
         centroids = _node(graph, _ops.unit_rows.default, (centroids,), f"{base}_unit_centroids")
         xp_const = _node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const")
-        norm_args = (xp_const, k, s, d, row.L, None, None, True)
+        x_const = _node(graph, torch.Tensor.detach, (x,), f"{base}_x_const")
+        norm_args = (xp_const, k, s, d, row.L, x_const, list(row.padding), True)
         scales = _node(graph, _ops.member_norms.default, norm_args, f"{base}_norms")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     window = [k[0], k[1], d[0], d[1]]

@@ -581,14 +581,39 @@ def _taps(t4: torch.Tensor, g: Geometry) -> torch.Tensor:
     return torch.stack([g.tap_view(t4.unsqueeze(-1), t).squeeze(-1) for t in range(g.kh * g.kw)])
 
 
-def hash_pixel_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry) -> torch.Tensor:
+def _interior_rows(x: torch.Tensor | None, interior, g: Geometry, *others):
+    """``x``'s pixels as contiguous (Nb * H * W, C) rows, when the C++ kernels can read them in
+    place of the padded frame's interior: ``x`` channels-last float32/64 on the CPU at
+    ``interior`` = (top, left, H, W); else None. (The padding's pixels are zero: id 0, norm 0.)"""
+    if x is None or interior is None or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
+        return None
+    nhwc = x.permute(0, 2, 3, 1)
+    if not nhwc.is_contiguous() or _ext(x, *others) is None or tuple(nhwc.shape) != (g.Nb, *interior[2:], g.C):
+        return None
+    return nhwc.reshape(-1, g.C)
+
+
+def _frame(inner: torch.Tensor, interior, g: Geometry) -> torch.Tensor:
+    """(Nb, Hp, Wp): zeros, with ``inner`` (Nb * H * W values) at ``interior``."""
+    top, left, H, W = interior
+    out = inner.new_zeros(g.Nb, g.Hp, g.Wp)
+    out[:, top : top + H, left : left + W] = inner.view(g.Nb, H, W)
+    return out
+
+
+def hash_pixel_ids(xp: torch.Tensor, planes: torch.Tensor, g: Geometry, x=None, interior=None) -> torch.Tensor:
     """Eq. 4 once per pixel, (Nb, Hp, Wp) int64: the ids :func:`hash_ids` gathers into its
-    blocks (the same computation)."""
+    blocks (the same computation). Given the unpadded input ``x`` at ``interior`` (top, left,
+    H, W) of the padded frame, the C++ kernel hashes only its pixels: the padding's are zero
+    vectors, whose id is 0 (each row's dot products do not depend on the other rows)."""
     check_pixel_geometry(g, "reuse.lsh_hash(per_pixel=True)")
     ct = compute_dtype(xp.dtype)
     planes = planes.to(device=xp.device, dtype=ct)
     if xp.numel() == 0:
         return torch.zeros(g.Nb, g.Hp, g.Wp, dtype=torch.int64, device=xp.device)
+    rows = _interior_rows(x, interior, g, planes) if x is not None and x.dtype == ct else None
+    if rows is not None and planes.shape[1] <= 63:  # _hash_rows takes the C++ kernel for these
+        return _frame(_hash_rows(rows, planes), interior, g)
     return _hash_rows(xp.reshape(g.Nb * g.Hp * g.Wp, g.C).to(ct), planes).view(g.Nb, g.Hp, g.Wp)
 
 
@@ -651,15 +676,20 @@ def pixel_rows(t: torch.Tensor, g: Geometry) -> torch.Tensor:
     return _taps(t, g).contiguous()
 
 
-def pixel_norms(xp: torch.Tensor, g: Geometry) -> torch.Tensor:
+def pixel_norms(xp: torch.Tensor, g: Geometry, x=None, interior=None) -> torch.Tensor:
     """||pixel|| (Nb, Hp, Wp) in the compute dtype: :func:`member_norms` of the per-pixel chain
-    (the C++ kernel computes each pixel's norm as member_norms does)."""
+    (the C++ kernel computes each pixel's norm as member_norms does). Given the unpadded input
+    ``x`` at ``interior``, only its pixels are read (the padding's norms are 0)."""
     check_pixel_geometry(g, "reuse.member_norms(per_pixel=True)")
-    x = xp.to(compute_dtype(xp.dtype))
-    ext = _ext(x)
-    if ext is not None and x.numel():
-        return ext.pixel_norms(x.contiguous())
-    return x.norm(dim=-1)
+    if xp.numel() and x is not None and x.dtype == compute_dtype(xp.dtype):
+        rows = _interior_rows(x, interior, g)
+        if rows is not None:
+            return _frame(_ext(rows).pixel_norms(rows.view(g.Nb, interior[2], interior[3], g.C)), interior, g)
+    xc = xp.to(compute_dtype(xp.dtype))
+    ext = _ext(xc)
+    if ext is not None and xc.numel():
+        return ext.pixel_norms(xc.contiguous())
+    return xc.norm(dim=-1)
 
 
 def pixel_centroid_means(xp, ranks, slot_map, counts, g: Geometry, interior=None) -> torch.Tensor:

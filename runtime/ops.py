@@ -165,16 +165,20 @@ def lsh_hash(
     stride: list[int],
     dilation: list[int],
     per_pixel: bool = False,
+    x: torch.Tensor | None = None,
+    padding: list[int] | None = None,
 ) -> torch.Tensor:
     """Eq. 4 on every sub-vector: bit k of a sub-vector's id is ``planes[:, k] . v > 0``.
     L and H are ``planes.shape``; one hash family serves every sub-matrix and batch.
 
     With ``per_pixel`` (the per-pixel chain, sub-vectors of one whole pixel, L = C, stride 1)
     the ids are returned once per padded pixel, (Nb, Hp, Wp): the id of sub-vector (b, n) is
-    that of the pixel it is."""
+    that of the pixel it is. The rewrite then also passes the convolution's input ``x``
+    (``xp = im2col(x, ..., padding)``): a channels-last ``x`` is hashed in place of ``xp``'s
+    interior, and the padding's zero pixels get id 0 without being read (the same ids)."""
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, planes.shape[0])
     if per_pixel:
-        return kernels.hash_pixel_ids(xp, planes, g)
+        return kernels.hash_pixel_ids(xp, planes, g, x, _interior(xp, x, padding))
     return kernels.hash_ids(xp, planes, g)
 
 
@@ -188,7 +192,7 @@ def _per_member_shape(xp_shape, kernel_size, stride, dilation, L) -> tuple:
 
 
 @lsh_hash.register_fake
-def _(xp, planes, kernel_size, stride, dilation, per_pixel=False):
+def _(xp, planes, kernel_size, stride, dilation, per_pixel=False, x=None, padding=None):
     if per_pixel:
         _check_pixel_args(xp.shape, stride, planes.shape[0], "reuse.lsh_hash(per_pixel=True)")
         return xp.new_empty(xp.shape[:3], dtype=torch.int64)
@@ -855,8 +859,8 @@ def member_norms(
     """||x_{n,b}||, the norm of every sub-vector, (nb, Nb, Oh, Ow): the per-member scales of
     the norm-preserving centroid (``ReuseConfig(centroid="norm")``). With ``per_pixel`` (the
     per-pixel chain: L = C, stride 1), the norm of every padded pixel, (Nb, Hp, Wp), which is
-    the norm of every sub-vector that is that pixel (the same values); its gradient goes to
-    ``xp``.
+    the norm of every sub-vector that is that pixel (the same values); a channels-last ``x``
+    is then read in place of ``xp``'s interior (the padding's norms are 0), as below.
 
     The rewrite also passes the convolution's input ``x`` with ``xp = im2col(x, ..., padding)``:
     if ``x`` is channels-last, the backward keeps ``x`` instead of the padded ``xp`` and returns
@@ -865,7 +869,7 @@ def member_norms(
     to ``xp`` as without ``x``."""
     if per_pixel:
         g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
-        return kernels.pixel_norms(xp, g).to(xp.dtype)
+        return kernels.pixel_norms(xp, g, x, _interior(xp, x, padding)).to(xp.dtype)
     return _member_norms(xp, kernel_size, stride, dilation, L)
 
 
@@ -887,7 +891,7 @@ def _(xp, kernel_size, stride, dilation, L, x=None, padding=None, per_pixel=Fals
 def _norms_setup(ctx, inputs, output):
     xp, kernel_size, stride, dilation, L, x, padding, per_pixel = inputs
     ctx.per_pixel = per_pixel
-    ctx.from_input = not per_pixel and _to_input(x, padding)  # the same rule as cluster's backward
+    ctx.from_input = _to_input(x, padding)  # the same rule as cluster's backward
     ctx.save_for_backward(x if ctx.from_input else xp, output)
     ctx.args = (kernel_size, stride, dilation, L)
     ctx.padding = padding
@@ -898,6 +902,11 @@ def _norms_backward(ctx, g_norms):
     none = (None,) * 7
     if ctx.per_pixel:  # d ||p|| / dp = p / ||p|| (0 for a zero pixel), per pixel
         f = torch.where(norms > 0, g_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
+        if ctx.from_input:  # the gradient of x: its pixels' factors (the padding's are not x's)
+            top, bottom, left, right = ctx.padding
+            f = f[:, top : f.shape[1] - bottom, left : f.shape[2] - right]
+            dx = (src.permute(0, 2, 3, 1) * f.unsqueeze(-1).to(src.dtype)).permute(0, 3, 1, 2)
+            return None, None, None, None, None, dx.contiguous(memory_format=torch.channels_last), None, None
         return (src * f.unsqueeze(-1).to(src.dtype), *none)
     if ctx.from_input:
         k, s, d, L = ctx.args
@@ -1100,9 +1109,9 @@ def _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_par
     """:func:`reuse_conv2d`'s per-pixel chain, as the rewrite emits it."""
     L, H = planes.shape
     xp = im2col(x, k, s, p, d)
-    ids = lsh_hash(xp, planes, k, s, d, True)
+    ids = lsh_hash(xp, planes, k, s, d, True, x, p)
     cent, ranks, slot_map, counts = cluster_pixels(xp, ids, k, s, d, L, H, x, p)
-    norms = member_norms(xp.detach(), k, s, d, L, None, None, True) if centroid == "norm" else None
+    norms = member_norms(xp.detach(), k, s, d, L, x.detach(), p, True) if centroid == "norm" else None
     used = unit_rows(cent) if centroid == "norm" else cent
     parts = {}
     if keep_parts:

@@ -151,26 +151,31 @@ def test_pixel_chain_nonfinite_input_as_generic():
     assert bool(torch.isfinite(ys[1][0][0]).all()) and not bool(torch.isfinite(ys[1][0][1]).all())
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("centroid", ["mean", "norm"])
-def test_gradcheck_pixel_chain_float64(centroid):
+def test_gradcheck_pixel_chain_float64(centroid, layout):
     """float64 gradcheck of the per-pixel chain w.r.t. input, weight and bias; with the norm
     centroid the member norms take a gradient too (member_norms(per_pixel=True)'s backward and
-    reconstruct's scales gradient through the slot map), which the rewrite never asks for."""
+    reconstruct's scales gradient through the slot map), which the rewrite never asks for.
+    Channels-last: the hash and the norms read x itself, and the gradients go to x directly."""
     C, k, p, d = 3, [3, 3], [1, 1, 1, 0], [1, 2]
     g = torch.Generator().manual_seed(0)
-    x = (torch.rand(2, C, 5, 6, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    x = torch.rand(2, C, 5, 6, generator=g, dtype=torch.float64) + 0.1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     w = torch.randn(4, C, *k, generator=g, dtype=torch.float64).requires_grad_()
     b = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
     planes = lsh_planes(C, 5, seed=4, dtype=torch.float64)
 
     def f(x, w, b):
         xp = ops.im2col(x, k, [1, 1], p, d)
-        ids = ops.lsh_hash(xp, planes, k, [1, 1], d, True)
+        ids = ops.lsh_hash(xp, planes, k, [1, 1], d, True, x, p)
         cent, ranks, slot_map, _ = ops.cluster_pixels(xp, ids, k, [1, 1], d, C, 5, x, p)
         scales = None
         if centroid == "norm":
             cent = ops.unit_rows(cent)
-            scales = ops.member_norms(xp, k, [1, 1], d, C, None, None, True)
+            scales = ops.member_norms(xp, k, [1, 1], d, C, x, p, True)
         yc = ops.centroid_gemm(cent, w)
         return ops.reconstruct(yc, ranks, b, scales, slot_map, [k[0], k[1], d[0], d[1]])
 
@@ -188,11 +193,17 @@ def test_opcheck_pixel_ops(dtype):
     x_leaf = x.detach().clone().requires_grad_()
     r = torch.ops.reuse
     torch.library.opcheck(r.lsh_hash.default, (xp, planes, k, [1, 1], d, True))
+    torch.library.opcheck(r.lsh_hash.default, (xp, planes, k, [1, 1], d, True, x, p))
     ids = ops.lsh_hash(xp, planes, k, [1, 1], d, True)
+    assert torch.equal(ids, ops.lsh_hash(xp, planes, k, [1, 1], d, True, x, p))  # x read in place of xp
     torch.library.opcheck(r.cluster_pixels.default, (leaf, ids, k, [1, 1], d, C, 5))
     torch.library.opcheck(r.cluster_pixels.default, (xp, ids, k, [1, 1], d, C, 5, x_leaf, p))
     cent, ranks, slot_map, counts = ops.cluster_pixels(xp, ids, k, [1, 1], d, C, 5)
     torch.library.opcheck(r.member_norms.default, (leaf, k, [1, 1], d, C, None, None, True))
+    torch.library.opcheck(r.member_norms.default, (xp, k, [1, 1], d, C, x_leaf, p, True))
+    assert torch.equal(
+        ops.member_norms(xp, k, [1, 1], d, C, None, None, True), ops.member_norms(xp, k, [1, 1], d, C, x, p, True)
+    )
     g_c = torch.randn_like(cent)
     torch.library.opcheck(r.cluster_pixels_grad.default, (g_c, ranks, slot_map, counts, list(xp.shape), k, [1, 1], d))
     torch.library.opcheck(
