@@ -955,16 +955,22 @@ void for_pairs_by_blocks(int64_t nb, int64_t N, int64_t table_bytes, const int32
 // keep to one slot (runs of the digits' background), their sum stays in registers and meets
 // the table once, where adding each row into the table made every add wait for the last one's
 // store.
-template <typename T>
-void scatter_runs(const T* G, const int32_t* vb, const T* wb, T* table, int64_t n0, int64_t n1, int64_t M) {
+//
+// The walk gives the rows' slots and scales in order from row n0: w.slot() and w.weight() (read
+// only when Scaled) for the current row, w.next() to the following one; each strip walks a
+// copy of w0. ArrayWalk reads (nb, N) tensors; the per-pixel chain walks the pixels
+// (PixelWalk, below).
+template <typename T, bool Scaled, typename Walk>
+void scatter_walk(const T* G, const Walk& w0, T* table, int64_t n0, int64_t n1, int64_t M) {
   using VT = typename Vec<T>::type;
   constexpr int64_t VW = Vec<T>::W, CW = NV * VW;
   int64_t c0 = 0;
   for (; c0 + CW <= M; c0 += CW) {
     VT a[NV] = {};
-    int64_t cur = vb[n0];
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t s = vb[n];
+    Walk w = w0;
+    int64_t cur = w.slot();
+    for (int64_t n = n0; n < n1; ++n, w.next()) {
+      const int64_t s = w.slot();
       if (s != cur) {
         T* d = table + cur * M + c0;
         for (int64_t v = 0; v < NV; ++v) {
@@ -974,8 +980,8 @@ void scatter_runs(const T* G, const int32_t* vb, const T* wb, T* table, int64_t 
         cur = s;
       }
       const T* g = G + n * M + c0;
-      if (wb) {
-        const T f = wb[n];
+      if constexpr (Scaled) {
+        const T f = w.weight();
         for (int64_t v = 0; v < NV; ++v) a[v] += f * vload(g + v * VW);
       } else {
         for (int64_t v = 0; v < NV; ++v) a[v] += vload(g + v * VW);
@@ -984,13 +990,35 @@ void scatter_runs(const T* G, const int32_t* vb, const T* wb, T* table, int64_t 
     T* d = table + cur * M + c0;
     for (int64_t v = 0; v < NV; ++v) vstore(d + v * VW, vload(d + v * VW) + a[v]);
   }
-  if (c0 < M)  // the last, narrower strip
-    for (int64_t n = n0; n < n1; ++n) {
-      const T f = wb ? wb[n] : T(1);
-      T* d = table + vb[n] * M;
+  if (c0 < M) {  // the last, narrower strip
+    Walk w = w0;
+    for (int64_t n = n0; n < n1; ++n, w.next()) {
+      const T f = Scaled ? w.weight() : T(1);
+      T* d = table + w.slot() * M;
       const T* g = G + n * M;
       for (int64_t k = c0; k < M; ++k) d[k] += f * g[k];
     }
+  }
+}
+
+template <typename T, bool Scaled>
+struct ArrayWalk {
+  const int32_t* v;
+  const T* w;
+  int64_t slot() const { return *v; }
+  T weight() const { return *w; }
+  void next() {
+    ++v;
+    if constexpr (Scaled) ++w;
+  }
+};
+
+template <typename T>
+void scatter_runs(const T* G, const int32_t* vb, const T* wb, T* table, int64_t n0, int64_t n1, int64_t M) {
+  if (wb)
+    scatter_walk<T, true>(G, ArrayWalk<T, true>{vb + n0, wb + n0}, table, n0, n1, M);
+  else
+    scatter_walk<T, false>(G, ArrayWalk<T, false>{vb + n0, nullptr}, table, n0, n1, M);
 }
 
 template <typename T>
@@ -1818,64 +1846,33 @@ torch::Tensor pixel_reconstruct(torch::Tensor yc, torch::Tensor ranks, torch::Te
 
 // reconstruct_backward from the per-pixel maps and scales: each (block, row tile) gets its
 // slots and scales through the rows' pixels, then scatter_runs as the generic kernel.
-// scatter_runs for the per-pixel chain, with the table indexed by key rank (G rows per block):
-// row n's rank is R[p] and its scale W[p], p walking the pixels block `off`'s window reads
-// (one step along an output row, a jump at its end), so each row costs one index load, as
-// scatter_runs' V[n]. Within a block, present ranks and slots correspond one to one and in
-// order, so the runs, their sums and the order they meet the table are scatter_runs' (the
-// caller moves each rank's row to its slot).
-template <typename T, bool Scaled>
-void scatter_runs_pixels(const T* Gr, const int32_t* R, const T* W, const Geo& g, int64_t off, T* table, int64_t n0,
-                         int64_t n1, int64_t M) {
-  using VT = typename Vec<T>::type;
-  constexpr int64_t VW = Vec<T>::W, CW = NV * VW;
-  auto walk = [&](auto fn) {  // fn(n, p) for n in [n0, n1)
-    RowWalk rw(g, n0);
-    int64_t p = rw.anchor() + off, left = rw.left();
-    for (int64_t n = n0; n < n1; ++n) {
-      fn(n, p);
-      if (--left > 0) {
-        ++p;
-      } else if (n + 1 < n1) {
-        rw.advance(rw.left());
-        p = rw.anchor() + off;
-        left = g.Ow;
-      }
+// The per-pixel chain's walk for scatter_walk, with the table indexed by key rank (G rows per
+// block): row n's rank is R[p] and its scale W[p], p walking the pixels block `off`'s window
+// reads (one step along an output row, a jump at its end), so each row costs one index load,
+// as ArrayWalk's inverse[b, n]. Within a block, present ranks and slots correspond one to one
+// and in order, so the runs, their sums and the order they meet the table are those of the
+// slots (the caller moves each rank's row to its slot).
+template <typename T>
+struct PixelWalk {
+  const int32_t* R;
+  const T* W;
+  int64_t off;
+  RowWalk rw;
+  int64_t p, left;
+  PixelWalk(const Geo& g, const int32_t* R_, const T* W_, int64_t off_, int64_t n0)
+      : R(R_), W(W_), off(off_), rw(g, n0), p(rw.anchor() + off_), left(rw.left()) {}
+  int64_t slot() const { return R[p]; }
+  T weight() const { return W[p]; }
+  void next() {  // past the last row p only names a pixel, which is never read
+    if (--left > 0) {
+      ++p;
+    } else {
+      rw.advance(rw.left());
+      p = rw.anchor() + off;
+      left = rw.g.Ow;
     }
-  };
-  int64_t c0 = 0;
-  for (; c0 + CW <= M; c0 += CW) {
-    VT a[NV] = {};
-    int64_t cur = R[g.anchor(n0) + off];
-    walk([&](int64_t n, int64_t p) {
-      const int64_t s = R[p];
-      if (s != cur) {
-        T* d = table + cur * M + c0;
-        for (int64_t v = 0; v < NV; ++v) {
-          vstore(d + v * VW, vload(d + v * VW) + a[v]);
-          a[v] = VT{};
-        }
-        cur = s;
-      }
-      const T* gr = Gr + n * M + c0;
-      if constexpr (Scaled) {
-        const T f = W[p];
-        for (int64_t v = 0; v < NV; ++v) a[v] += f * vload(gr + v * VW);
-      } else {
-        for (int64_t v = 0; v < NV; ++v) a[v] += vload(gr + v * VW);
-      }
-    });
-    T* d = table + cur * M + c0;
-    for (int64_t v = 0; v < NV; ++v) vstore(d + v * VW, vload(d + v * VW) + a[v]);
   }
-  if (c0 < M)  // the last, narrower strip
-    walk([&](int64_t n, int64_t p) {
-      const T f = Scaled ? W[p] : T(1);
-      T* d = table + R[p] * M;
-      const T* gr = Gr + n * M;
-      for (int64_t k = c0; k < M; ++k) d[k] += f * gr[k];
-    });
-}
+};
 
 torch::Tensor pixel_reconstruct_backward(torch::Tensor dy_rows, torch::Tensor ranks, torch::Tensor slot_map,
                                          int64_t cmax, c10::optional<torch::Tensor> scales, std::vector<int64_t> geo) {
@@ -1915,10 +1912,11 @@ torch::Tensor pixel_reconstruct_backward(torch::Tensor dy_rows, torch::Tensor ra
       scalar_t* T = byrank.data_ptr<scalar_t>();
       scalar_t* O = out.data_ptr<scalar_t>();
       for_block_tiles(nb, N, G * M * (int64_t)sizeof(scalar_t), [&](int64_t b, int64_t n0, int64_t n1) {
+        const PixelWalk<scalar_t> walk(g, R, Wp, g.tap_offset(b), n0);
         if (Wp)
-          scatter_runs_pixels<scalar_t, true>(Gd, R, Wp, g, g.tap_offset(b), T + b * G * M, n0, n1, M);
+          scatter_walk<scalar_t, true>(Gd, walk, T + b * G * M, n0, n1, M);
         else
-          scatter_runs_pixels<scalar_t, false>(Gd, R, Wp, g, g.tap_offset(b), T + b * G * M, n0, n1, M);
+          scatter_walk<scalar_t, false>(Gd, walk, T + b * G * M, n0, n1, M);
       });
       at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {  // each rank's row to its slot
         for (int64_t b = b0; b < b1; ++b) {
