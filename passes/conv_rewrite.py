@@ -65,63 +65,51 @@ def emit_reuse_conv(
     else:
         planes = graph.get_attr(state_path(row.name) + ".hasher.planes")
     fused = centroid == "norm" and norm_grad
+    pad = list(row.padding)
+    # The per-pixel chain (docs/architecture.md) where each sub-vector is one whole pixel: the
+    # ids, the inverse index and the member norms kept per pixel (lsh_hash(per_pixel=True),
+    # cluster_pixels, member_norms(per_pixel=True), reconstruct with the slot map), the same
+    # values as the chain below without its (sub-matrices x rows) tensors. Not with the fused
+    # cluster_norms, the across-batch store, or in exported graphs (record=False).
     C = row.in_channels // row.groups
-    if record and not fused and not row.cluster_reuse and kernels.use_pixel_chain(C, row.L, s, scope):
-        return _emit_pixel_chain(graph, x, weight, bias, row, base, group, xp, planes, centroid)
-    ids = _node(graph, _ops.lsh_hash.default, (xp, planes, k, s, d), f"{base}_ids")
+    pixel = record and not fused and not row.cluster_reuse and kernels.use_pixel_chain(C, row.L, s, scope)
+    hash_args = (xp, planes, k, s, d) + ((True, x, pad) if pixel else ())
+    ids = _node(graph, _ops.lsh_hash.default, hash_args, f"{base}_ids")
     # x too: with a channels-last x the backward writes x's gradient directly (reuse.cluster)
     # and the norms' backward keeps x, not the padded xp; with the norm centroid one op
     # returns the norms too, so the input's two gradients share one buffer (reuse.cluster_norms)
     # (norm_grad=False: the norms are constants of the backward, from the detached input)
-    op = _ops.cluster_norms.default if fused else _ops.cluster.default
-    cl = _node(graph, op, (xp, ids, k, s, d, row.L, row.H, scope, x, list(row.padding)), f"{base}_cluster")
-    centroids = _node(graph, operator.getitem, (cl, 0), f"{base}_centroids")
-    inverse = _node(graph, operator.getitem, (cl, 1), f"{base}_inverse")
-    counts = _node(graph, operator.getitem, (cl, 2), f"{base}_counts")
+    if pixel:
+        cl = _node(graph, _ops.cluster_pixels.default, (xp, ids, k, s, d, row.L, row.H, x, pad), f"{base}_cluster")
+        names = ("centroids", "ranks", "slot_map", "counts")
+    else:
+        op = _ops.cluster_norms.default if fused else _ops.cluster.default
+        cl = _node(graph, op, (xp, ids, k, s, d, row.L, row.H, scope, x, pad), f"{base}_cluster")
+        names = ("centroids", "inverse", "counts")
+    out = {n: _node(graph, operator.getitem, (cl, i), f"{base}_{n}") for i, n in enumerate(names)}
+    centroids, counts = out["centroids"], out["counts"]
     scales = None
     if centroid == "norm":
         centroids = _node(graph, _ops.unit_rows.default, (centroids,), f"{base}_unit_centroids")
         if fused:
             scales = _node(graph, operator.getitem, (cl, 3), f"{base}_norms")
         else:
-            xp_const = _node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const")
-            scales = _node(graph, _ops.member_norms.default, (xp_const, k, s, d, row.L), f"{base}_norms")
+            norm_args = (_node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const"), k, s, d, row.L)
+            if pixel:
+                norm_args += (_node(graph, torch.Tensor.detach, (x,), f"{base}_x_const"), pad, True)
+            scales = _node(graph, _ops.member_norms.default, norm_args, f"{base}_norms")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     if row.cluster_reuse:  # Algorithm 1: outputs of ids seen before come from the store
-        yc = graph.call_module(state_path(row.name) + ".store", (yc, centroids, ids, inverse, counts, weight, group))
+        store_args = (yc, centroids, ids, out["inverse"], counts, weight, group)
+        yc = graph.call_module(state_path(row.name) + ".store", store_args)
         yc.name = f"{base}_yc_reused"
-    args = (yc, inverse, bias) if scales is None else (yc, inverse, bias, scales)
+    if pixel:
+        args = (yc, out["ranks"], bias, scales, out["slot_map"], [k[0], k[1], d[0], d[1]])
+    else:
+        args = (yc, out["inverse"], bias) if scales is None else (yc, out["inverse"], bias, scales)
     y = _node(graph, _ops.reconstruct.default, args, f"{base}_y")
     if record:
         graph.call_module(state_path(row.name), (counts, group))
-    return y
-
-
-def _emit_pixel_chain(graph, x, weight, bias, row, base, group, xp, planes, centroid) -> fx.Node:
-    """The per-pixel chain (runtime/kernels.py): where each sub-vector is one whole pixel, the
-    ids, the inverse index and the member norms are kept per pixel (``lsh_hash(per_pixel=True)``,
-    ``cluster_pixels``, ``member_norms(per_pixel=True)``, ``reconstruct`` with the slot map);
-    the same values as the generic chain, without its (sub-matrices x rows) tensors. The norms
-    are constants of the backward (the fused ``cluster_norms`` stays generic)."""
-    k, s, d = list(row.kernel_size), list(row.stride), list(row.dilation)
-    ids = _node(graph, _ops.lsh_hash.default, (xp, planes, k, s, d, True, x, list(row.padding)), f"{base}_ids")
-    args = (xp, ids, k, s, d, row.L, row.H, x, list(row.padding))
-    cl = _node(graph, _ops.cluster_pixels.default, args, f"{base}_cluster")
-    centroids = _node(graph, operator.getitem, (cl, 0), f"{base}_centroids")
-    ranks = _node(graph, operator.getitem, (cl, 1), f"{base}_ranks")
-    slot_map = _node(graph, operator.getitem, (cl, 2), f"{base}_slot_map")
-    counts = _node(graph, operator.getitem, (cl, 3), f"{base}_counts")
-    scales = None
-    if centroid == "norm":
-        centroids = _node(graph, _ops.unit_rows.default, (centroids,), f"{base}_unit_centroids")
-        xp_const = _node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const")
-        x_const = _node(graph, torch.Tensor.detach, (x,), f"{base}_x_const")
-        norm_args = (xp_const, k, s, d, row.L, x_const, list(row.padding), True)
-        scales = _node(graph, _ops.member_norms.default, norm_args, f"{base}_norms")
-    yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
-    window = [k[0], k[1], d[0], d[1]]
-    y = _node(graph, _ops.reconstruct.default, (yc, ranks, bias, scales, slot_map, window), f"{base}_y")
-    graph.call_module(state_path(row.name), (counts, group))
     return y
 
 
