@@ -692,43 +692,39 @@ def pixel_norms(xp: torch.Tensor, g: Geometry, x=None, interior=None) -> torch.T
     return xc.norm(dim=-1)
 
 
+def _pixel_chunk(kernel: str, t, ranks, slot_map, counts, g: Geometry, interior):
+    """The C++ chunk-path kernel ``kernel`` of the per-pixel chain on ``t`` (the input or the
+    centroids' gradient), or None where the generic chain would take the per-row kernels (no
+    C++ kernels, the chunk path off or declined by its cost rule)."""
+    ext = _ext(t, ranks, slot_map)
+    if ext is None or not g.N or not slot_map.numel() or CHUNK_PATH == "never":
+        return None
+    return getattr(ext, kernel)(
+        t.contiguous(),
+        ranks.contiguous(),
+        slot_map.contiguous(),
+        counts.contiguous(),
+        g.vector(),
+        g.pieces_tensor(),
+        _CHUNK_MODES[CHUNK_PATH],
+        *(interior or (0, 0, -1, -1)),
+    )
+
+
 def pixel_centroid_means(xp, ranks, slot_map, counts, g: Geometry, interior=None) -> torch.Tensor:
     """:func:`centroid_means` of the per-pixel chain (the chunk path's tables, where the
     generic chain takes them; else the generic kernels on :func:`pixel_inverse`)."""
-    x = xp.to(compute_dtype(xp.dtype))
-    ext = _ext(x, ranks, slot_map)
-    if ext is not None and g.N and slot_map.numel() and CHUNK_PATH != "never":
-        out = ext.pixel_centroid_means(
-            x.contiguous(),
-            ranks.contiguous(),
-            slot_map.contiguous(),
-            counts.contiguous(),
-            g.vector(),
-            g.pieces_tensor(),
-            _CHUNK_MODES[CHUNK_PATH],
-            *(interior or (0, 0, -1, -1)),
-        )
-        if out is not None:
-            return out
+    out = _pixel_chunk("pixel_centroid_means", xp.to(compute_dtype(xp.dtype)), ranks, slot_map, counts, g, interior)
+    if out is not None:
+        return out
     return centroid_means(xp, pixel_inverse(ranks, slot_map, g), counts, g, None, interior)
 
 
 def pixel_centroid_means_backward(dcent, ranks, slot_map, counts, g: Geometry, dtype, interior=None) -> torch.Tensor:
     """:func:`centroid_means_backward` of the per-pixel chain."""
-    ext = _ext(dcent, ranks, slot_map)
-    if ext is not None and g.N and slot_map.numel() and CHUNK_PATH != "never":
-        out = ext.pixel_centroid_means_backward(
-            dcent.contiguous(),
-            ranks.contiguous(),
-            slot_map.contiguous(),
-            counts.contiguous(),
-            g.vector(),
-            g.pieces_tensor(),
-            _CHUNK_MODES[CHUNK_PATH],
-            *(interior or (0, 0, -1, -1)),
-        )
-        if out is not None:
-            return out.to(dtype)
+    out = _pixel_chunk("pixel_centroid_means_backward", dcent, ranks, slot_map, counts, g, interior)
+    if out is not None:
+        return out.to(dtype)
     return centroid_means_backward(dcent, pixel_inverse(ranks, slot_map, g), counts, g, dtype, None, interior)
 
 

@@ -353,6 +353,19 @@ def _cluster_setup(ctx, inputs, output):
     ctx.dtype = xp.dtype
 
 
+def _input_slot(ctx, x_index: int) -> int:
+    """Which input of a clustering op (``xp`` at 0, ``x`` at ``x_index``) its backward gives
+    the input's gradient: ``x`` when it writes x's gradient directly (``ctx.to_input``)."""
+    return x_index if ctx.to_input else 0
+
+
+def _input_grads(ctx, x_index: int, n_inputs: int, grad) -> tuple:
+    """The backward's return: ``grad`` at :func:`_input_slot`, None for the other inputs."""
+    out = [None] * n_inputs
+    out[_input_slot(ctx, x_index)] = grad
+    return tuple(out)
+
+
 def _cluster_input_grads(ctx, g_centroids, g_norms=None):
     """The input's gradient from the centroids' and (``cluster_norms``) the norms' gradients,
     in one buffer: for ``x`` directly when channels-last, else for ``xp``."""
@@ -360,7 +373,7 @@ def _cluster_input_grads(ctx, g_centroids, g_norms=None):
     xp_shape, k, s, d, L = ctx.args
     pad = ctx.padding if ctx.to_input else None
     grad = None
-    if ctx.needs_input_grad[8] if ctx.to_input else ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[_input_slot(ctx, 8)]:
         if g_centroids is not None:
             if ctx.to_input:
                 grad = cluster_input_grad(g_centroids, inverse, counts, xp_shape, k, s, pad, d, keys)
@@ -376,8 +389,7 @@ def _cluster_input_grads(ctx, g_centroids, g_norms=None):
                 grad = member_norms_grad(g_norms, norms, src, k, s, d, L)
     if grad is not None:
         grad = grad.to(ctx.dtype)
-    none = (None,) * 7
-    return (None, *none, grad, None) if ctx.to_input else (grad, *none, None, None)
+    return _input_grads(ctx, 8, 10, grad)
 
 
 def _cluster_backward(ctx, g_centroids, _g_inverse, _g_counts):
@@ -522,11 +534,10 @@ def _cluster_pixels_setup(ctx, inputs, output):
 def _cluster_pixels_backward(ctx, g_centroids, _g_ranks, _g_map, _g_counts):
     ranks, slot_map, counts = ctx.saved_tensors
     grad = None
-    if g_centroids is not None and (ctx.needs_input_grad[7] if ctx.to_input else ctx.needs_input_grad[0]):
+    if g_centroids is not None and ctx.needs_input_grad[_input_slot(ctx, 7)]:
         pad = ctx.padding if ctx.to_input else None
         grad = cluster_pixels_grad(g_centroids, ranks, slot_map, counts, *ctx.args, pad).to(ctx.dtype)
-    none = (None,) * 6
-    return (None, *none, grad, None) if ctx.to_input else (grad, *none, None, None)
+    return _input_grads(ctx, 7, 9, grad)
 
 
 cluster_pixels.register_autograd(_cluster_pixels_backward, setup_context=_cluster_pixels_setup)
