@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,9 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.layers import machine, machine_phase  # noqa: E402
-from benchmarks.step import make_step, stages, time_interleaved  # noqa: E402
-from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tune_malloc  # noqa: E402
-from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
+from benchmarks.step import main_job_compiled, make_step, print_ab, stages, time_interleaved  # noqa: E402
+from examples.train import make_adam, tune_malloc  # noqa: E402
 from reuse_compiler.passes import rebuild  # noqa: E402
 from reuse_compiler.runtime import kernels  # noqa: E402
 
@@ -76,15 +74,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
     args = ap.parse_args(argv)
     tune_malloc()
-    torch.manual_seed(0)
-    (x_tr, y_tr), _ = load_digits(0.2, 0)
-    x = x_tr[:128].contiguous(memory_format=torch.channels_last)
-    y = y_tr[:128]
-    stock = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
-    config = ReuseConfig(
-        policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False
-    )
-    gm = reuse_compile(copy.deepcopy(stock), x, config=config)
+    x, y, stock, gm = main_job_compiled()
     generic = generic_copy(gm)
     ops_pixel, ops_generic = chain_ops(gm), chain_ops(generic)
     print(f"# per-pixel graph: {sorted(ops_pixel - ops_generic)}; generic graph: {sorted(ops_generic - ops_pixel)}")
@@ -97,23 +87,11 @@ def main(argv=None):
     }
     phase = machine_phase()
     times = time_interleaved(steps, args.repeats, args.steps)
-    med = {name: statistics.median(v) for name, v in times.items()}
-    print(
-        f"# training step A/B, generic vs per-pixel chain, on {machine('cpu')}; {stages(gm)}; "
+    title = (
+        f"training step A/B, generic vs per-pixel chain, on {machine('cpu')}; {stages(gm)}; "
         f"medians of {args.repeats} interleaved rounds of {args.steps} steps"
     )
-    print(f"# machine phase: {phase} before, {machine_phase()} after")
-    print("| variant | step ms | x stock |")
-    print("|---|---:|---:|")
-    for name in steps:
-        print(f"| {name} | {med[name]:.1f} | {med[name] / med['stock']:.3f} |")
-    a, b = med["reuse, generic chain"], med["reuse, per-pixel chain"]
-    paired = sorted(t / s for t, s in zip(times["reuse, per-pixel chain"], times["reuse, generic chain"]))
-    q = len(paired) // 4
-    print(
-        f"# reuse step, per-pixel vs generic: {b / a:.3f}x ({a - b:+.1f} ms per step); per round, paired: "
-        f"median {statistics.median(paired):.3f}x, quartiles {paired[q]:.3f}-{paired[-1 - q]:.3f}"
-    )
+    med = print_ab(times, title, phase, "reuse, generic chain", "reuse, per-pixel chain", "per-pixel vs generic")
     return {"diffs": diffs, "medians": med}
 
 

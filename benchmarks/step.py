@@ -82,6 +82,42 @@ def make_step(model, x, y, adam: str = "foreach", sync: bool = False):
     return step
 
 
+def main_job_compiled(batch_size: int = 128):
+    """The main job's first batch (seed 0, channels-last), a fresh stock CifarNet and a copy
+    compiled with the main job's reuse config: ``(x, y, stock, gm)``, for the A/B scripts."""
+    torch.manual_seed(0)
+    (x_tr, y_tr), _ = load_digits(0.2, 0)
+    x = x_tr[:batch_size].contiguous(memory_format=torch.channels_last)
+    y = y_tr[:batch_size]
+    stock = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
+    config = ReuseConfig(
+        policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False
+    )
+    return x, y, stock, reuse_compile(copy.deepcopy(stock), x, config=config)
+
+
+def print_ab(times: dict, title: str, phase: str, base: str, new: str, label: str) -> dict:
+    """The A/B scripts' report of ``time_interleaved``'s ``times`` (a "stock" variant among
+    them): a table of median step ms and ratios to stock, then ``new`` against ``base`` (the
+    medians' ratio, and per round, paired). ``title`` heads it; ``phase`` is the machine's
+    before the timing. Returns the medians."""
+    med = {name: statistics.median(v) for name, v in times.items()}
+    print(f"# {title}")
+    print(f"# machine phase: {phase} before, {machine_phase()} after")
+    print("| variant | step ms | x stock |")
+    print("|---|---:|---:|")
+    for name in times:
+        print(f"| {name} | {med[name]:.1f} | {med[name] / med['stock']:.3f} |")
+    a, b = med[base], med[new]
+    paired = sorted(t / s for t, s in zip(times[new], times[base]))
+    q = len(paired) // 4
+    print(
+        f"# reuse step, {label}: {b / a:.3f}x ({a - b:+.1f} ms per step); per round, paired: "
+        f"median {statistics.median(paired):.3f}x, quartiles {paired[q]:.3f}-{paired[-1 - q]:.3f}"
+    )
+    return med
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
