@@ -72,7 +72,8 @@ def emit_reuse_conv(
     # values as the chain below without its (sub-matrices x rows) tensors. Not with the fused
     # cluster_norms, the across-batch store, or in exported graphs (record=False).
     C = row.in_channels // row.groups
-    pixel = record and not fused and not row.cluster_reuse and kernels.use_pixel_chain(C, row.L, s, scope)
+    fits = kernels.use_pixel_chain(C, row.L, s, k, scope)
+    pixel = record and not fused and not row.cluster_reuse and fits
     hash_args = (xp, planes, k, s, d) + ((True, x, pad) if pixel else ())
     ids = _node(graph, _ops.lsh_hash.default, hash_args, f"{base}_ids")
     # x too: with a channels-last x the backward writes x's gradient directly (reuse.cluster)

@@ -531,7 +531,7 @@ def pad_nhwc_torch(nhwc: torch.Tensor, t: int, b: int, left: int, r: int) -> tor
 #
 # Where every sub-vector is one whole pixel (L = C, the "chunk" kind), the stride is 1 and the
 # scope "batch", block b is kernel tap b and every block hashes a pixel to the same id. The
-# per-pixel chain (ops.cluster_pixels; docs/design.md) keeps per pixel what the generic chain
+# per-pixel chain (ops.cluster_pixels; docs/architecture.md) keeps per pixel what the generic chain
 # keeps per (block, row): the ids (Nb, Hp, Wp), each pixel's key rank ``ranks`` (the rank of
 # its id among the ids of the pixels any block covers; -1 where no block covers it), a per-block
 # map ``slot_map`` (nb, G) from key rank to slot (-1: the block has no such pixel), and the
@@ -546,18 +546,31 @@ def pad_nhwc_torch(nhwc: torch.Tensor, t: int, b: int, left: int, r: int) -> tor
 PIXEL_CHAIN = True
 
 
-def pixel_chain_fits(C: int, L: int, stride) -> bool:
-    """Whether a layer's stage can run the per-pixel chain (one pixel per sub-vector, stride
-    1; the caller checks the scope)."""
-    return L == C and tuple(int(v) for v in stride) == (1, 1)
+def pixel_chain_fits(C: int, L: int, stride, kernel_size) -> bool:
+    """Whether a layer's stage can run the per-pixel chain: sub-vectors of one whole pixel
+    (L = C) of a kernel of several taps (the "chunk" kind; a 1 x 1 kernel's L = C is its whole
+    window) and stride 1. The caller checks the scope."""
+    kh, kw = (int(v) for v in kernel_size)
+    return L == C and kh * kw > 1 and tuple(int(v) for v in stride) == (1, 1)
 
 
-def use_pixel_chain(C: int, L: int, stride, scope: str) -> bool:
+def check_pixel_chain(C: int, L: int, stride, kernel_size, op: str) -> None:
+    """:func:`pixel_chain_fits`, or a ValueError naming ``op`` and the way on."""
+    if not pixel_chain_fits(C, L, stride, kernel_size):
+        raise ValueError(
+            f"{op}: the per-pixel chain needs sub-vectors of one whole pixel (L = C = {C}, got L = {L}) of a "
+            f"kernel of more than one tap (got {tuple(kernel_size)}) and stride 1 (got {tuple(stride)}); use the "
+            f"generic chain (per_pixel=False, reuse.cluster)"
+        )
+
+
+def use_pixel_chain(C: int, L: int, stride, kernel_size, scope: str) -> bool:
     """Whether to emit the per-pixel chain for a layer: it fits, the scope is "batch",
     :data:`PIXEL_CHAIN` is on and the C++ kernels are there (elsewhere, e.g. on a GPU, its
     plain-PyTorch fallbacks form the generic chain's tensors anyway; they are tested, not
     chosen)."""
-    return PIXEL_CHAIN and scope == "batch" and pixel_chain_fits(C, L, stride) and extension.get() is not None
+    fits = pixel_chain_fits(C, L, stride, kernel_size)
+    return PIXEL_CHAIN and scope == "batch" and fits and extension.get() is not None
 
 
 def pixel_geometry(ranks_shape, window) -> Geometry:
@@ -569,11 +582,8 @@ def pixel_geometry(ranks_shape, window) -> Geometry:
 
 
 def check_pixel_geometry(g: Geometry, op: str) -> None:
-    if not (g.kind == "chunk" and g.L == g.C and (g.sh, g.sw) == (1, 1)):
-        raise ValueError(
-            f"{op}: the per-pixel chain needs sub-vectors of one whole pixel (L = C = {g.C}, got L = {g.L}) "
-            f"and stride 1 (got {(g.sh, g.sw)}); use the generic chain (per_pixel=False, reuse.cluster)"
-        )
+    """:func:`check_pixel_chain` of a geometry."""
+    check_pixel_chain(g.C, g.L, (g.sh, g.sw), (g.kh, g.kw), op)
 
 
 def _taps(t4: torch.Tensor, g: Geometry) -> torch.Tensor:

@@ -194,18 +194,14 @@ def _per_member_shape(xp_shape, kernel_size, stride, dilation, L) -> tuple:
 @lsh_hash.register_fake
 def _(xp, planes, kernel_size, stride, dilation, per_pixel=False, x=None, padding=None):
     if per_pixel:
-        _check_pixel_args(xp.shape, stride, planes.shape[0], "reuse.lsh_hash(per_pixel=True)")
+        _check_pixel_args(xp.shape, kernel_size, stride, planes.shape[0], "reuse.lsh_hash(per_pixel=True)")
         return xp.new_empty(xp.shape[:3], dtype=torch.int64)
     return xp.new_empty(_per_member_shape(xp.shape, kernel_size, stride, dilation, planes.shape[0]), dtype=torch.int64)
 
 
-def _check_pixel_args(xp_shape, stride, L, op):
-    """The per-pixel chain's condition, on (symbolic) sizes: L = C, stride 1."""
-    if not kernels.pixel_chain_fits(xp_shape[3], L, stride):
-        raise ValueError(
-            f"{op}: the per-pixel chain needs sub-vectors of one whole pixel (L = C = {xp_shape[3]}, got "
-            f"L = {L}) and stride 1 (got {tuple(stride)}); use the generic chain (reuse.cluster)"
-        )
+def _check_pixel_args(xp_shape, kernel_size, stride, L, op):
+    """The per-pixel chain's condition on (symbolic) sizes, for the fakes."""
+    kernels.check_pixel_chain(xp_shape[3], L, stride, kernel_size, op)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -507,7 +503,7 @@ def _cluster_pixel_ids(xp, ids, g, interior):
 
 @cluster_pixels.register_fake
 def _(xp, ids, kernel_size, stride, dilation, L, H, x=None, padding=None):
-    _check_pixel_args(xp.shape, stride, L, "reuse.cluster_pixels")
+    _check_pixel_args(xp.shape, kernel_size, stride, L, "reuse.cluster_pixels")
     ctx = torch.library.get_ctx()
     cmax, G = ctx.new_dynamic_size(), ctx.new_dynamic_size()
     nb = kernel_size[0] * kernel_size[1]
@@ -894,7 +890,7 @@ def _member_norms(xp, kernel_size, stride, dilation, L) -> torch.Tensor:
 @member_norms.register_fake
 def _(xp, kernel_size, stride, dilation, L, x=None, padding=None, per_pixel=False):
     if per_pixel:
-        _check_pixel_args(xp.shape, stride, L, "reuse.member_norms(per_pixel=True)")
+        _check_pixel_args(xp.shape, kernel_size, stride, L, "reuse.member_norms(per_pixel=True)")
         return xp.new_empty(xp.shape[:3])
     return xp.new_empty(_per_member_shape(xp.shape, kernel_size, stride, dilation, L))
 
@@ -1090,7 +1086,7 @@ def reuse_conv2d(
     L, H = planes.shape
     fused = centroid == "norm" and norm_grad
     if per_pixel is None:
-        per_pixel = not fused and kernels.use_pixel_chain(x.shape[1], L, s, scope)
+        per_pixel = not fused and kernels.use_pixel_chain(x.shape[1], L, s, k, scope)
     if per_pixel:
         return _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts)
     parts = {}

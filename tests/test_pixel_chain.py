@@ -363,3 +363,26 @@ def test_reconstruct_backward_paths_same_bits(case):
     finally:
         torch.set_num_threads(threads)
     _assert_same(generic, pixel)
+
+
+def test_one_by_one_kernel_keeps_the_generic_chain():
+    """A 1 x 1 kernel's L = C sub-vector is its whole window (the "window" kind, not one tap of
+    several): the rewrite keeps the generic chain there (it emitted the per-pixel one, which
+    then refused the geometry, until the review of session 22), and the per-pixel ops say why."""
+    if extension.get() is None:
+        pytest.skip("the rewrite emits the per-pixel chain only with the C++ kernels")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 1), nn.Flatten(), nn.Linear(216, 3))
+    x = torch.rand(4, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    gm = reuse_compile(model.to(memory_format=torch.channels_last), x, config=ReuseConfig(norm_grad=False))
+    set_stage(gm, "0", L=4, H=3)
+    set_stage(gm, "2", L=8, H=3)
+    assert sorted(t for t in _targets(gm) if "cluster" in t) == [
+        "reuse.cluster.default",
+        "reuse.cluster_pixels.default",
+    ]
+    gm(x).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in gm.parameters())
+    xp = ops.im2col(torch.randn(2, 8, 5, 5), [1, 1], [1, 1], [0, 0, 0, 0], [1, 1])
+    with pytest.raises(ValueError, match=r"lsh_hash\(per_pixel=True\).*more than one tap \(got \(1, 1\)\)"):
+        ops.lsh_hash(xp, lsh_planes(8, 3, seed=0), [1, 1], [1, 1], [1, 1], True)
