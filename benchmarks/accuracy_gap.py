@@ -74,6 +74,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.pixel_ab import generic_copy  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, MODELS, evaluate, load_digits, make_adam, train_steps  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
 from reuse_compiler.runtime import kernels as _kernels  # noqa: E402
@@ -121,6 +122,10 @@ def _sum_scale(centroids, inverse, counts, norms):
 
 
 def _scale_sums(gm, base: str) -> None:
+    """The ``sumscale`` edit; needs the generic chain's per-row inverse (``build`` rebuilds a
+    per-pixel chain as the generic one first: ``pixel_ab.generic_copy``)."""
+    if not any(n.name == f"{base}_inverse" for n in gm.graph.nodes):
+        raise ValueError(f"sumscale: the chain {base!r} has no per-row inverse (a per-pixel chain); rebuild it generic")
     yc = _node(gm, f"{base}_yc")
     args = tuple(_node(gm, f"{base}_{k}") for k in ("centroids", "inverse", "counts", "norms"))
     _replace_uses(gm, yc, lambda g: g.call_function(torch.mul, (yc, g.call_function(_sum_scale, args))))
@@ -254,6 +259,8 @@ def build(variant: str, base, example, args, seed: int):
         row = gm.reuse_plan[args.layer]
         if row.exact:
             raise SystemExit(f"{variant}: layer {args.layer!r} cannot run with reuse: {row.reason}")
+    if variant == "sumscale":  # the edit reads the generic chain's inverse (the same values)
+        gm = generic_copy(gm)
     # every chain (one per rewritten conv, one per group of a grouped one), by its reconstruct node
     bases = [n.name.removesuffix("_y") for n in gm.graph.nodes if n.target is torch.ops.reuse.reconstruct.default]
     for b in bases:

@@ -82,16 +82,17 @@ def make_step(model, x, y, adam: str = "foreach", sync: bool = False):
     return step
 
 
-def main_job_compiled(batch_size: int = 128):
+def main_job_compiled(batch_size: int = 128, norm_grad: bool = False):
     """The main job's first batch (seed 0, channels-last), a fresh stock CifarNet and a copy
-    compiled with the main job's reuse config: ``(x, y, stock, gm)``, for the A/B scripts."""
+    compiled with the main job's reuse config (``norm_grad=True``: with the norms' gradient,
+    the library's default): ``(x, y, stock, gm)``, for the A/B scripts."""
     torch.manual_seed(0)
     (x_tr, y_tr), _ = load_digits(0.2, 0)
     x = x_tr[:batch_size].contiguous(memory_format=torch.channels_last)
     y = y_tr[:batch_size]
     stock = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
     config = ReuseConfig(
-        policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False
+        policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=norm_grad
     )
     return x, y, stock, reuse_compile(copy.deepcopy(stock), x, config=config)
 

@@ -69,11 +69,12 @@ def emit_reuse_conv(
     # The per-pixel chain (docs/architecture.md) where each sub-vector is one whole pixel: the
     # ids, the inverse index and the member norms kept per pixel (lsh_hash(per_pixel=True),
     # cluster_pixels, member_norms(per_pixel=True), reconstruct with the slot map), the same
-    # values as the chain below without its (sub-matrices x rows) tensors. Not with the fused
-    # cluster_norms, the across-batch store, or in exported graphs (record=False).
+    # values as the chain below without its (sub-matrices x rows) tensors. Not with the
+    # across-batch store, or in exported graphs (record=False). With the norms' gradient it
+    # takes member_norms(per_pixel=True) with its backward instead of the fused cluster_norms.
     C = row.in_channels // row.groups
     fits = kernels.use_pixel_chain(C, row.L, s, k, scope)
-    pixel = record and not fused and not row.cluster_reuse and fits
+    pixel = record and not row.cluster_reuse and fits
     hash_args = (xp, planes, k, s, d) + ((True, x, pad) if pixel else ())
     ids = _node(graph, _ops.lsh_hash.default, hash_args, f"{base}_ids")
     # x too: with a channels-last x the backward writes x's gradient directly (reuse.cluster)
@@ -92,12 +93,15 @@ def emit_reuse_conv(
     scales = None
     if centroid == "norm":
         centroids = _node(graph, _ops.unit_rows.default, (centroids,), f"{base}_unit_centroids")
-        if fused:
+        if fused and not pixel:
             scales = _node(graph, operator.getitem, (cl, 3), f"{base}_norms")
         else:
-            norm_args = (_node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const"), k, s, d, row.L)
+            # norm_grad=False: the norms of the detached input, constants of the backward
+            xn = xp if fused else _node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const")
+            norm_args = (xn, k, s, d, row.L)
             if pixel:
-                norm_args += (_node(graph, torch.Tensor.detach, (x,), f"{base}_x_const"), pad, True)
+                xc = x if fused else _node(graph, torch.Tensor.detach, (x,), f"{base}_x_const")
+                norm_args += (xc, pad, True)
             scales = _node(graph, _ops.member_norms.default, norm_args, f"{base}_norms")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     if row.cluster_reuse:  # Algorithm 1: outputs of ids seen before come from the store

@@ -761,6 +761,20 @@ def pixel_reconstruct_rows_backward(dy_rows, ranks, slot_map, g: Geometry, dyc, 
     return reconstruct_rows_backward(dy_rows, pixel_inverse(ranks, slot_map, g), dyc, rows)
 
 
+def pixel_scales_backward(dy_rows, yc, ranks, slot_map, g: Geometry) -> torch.Tensor:
+    """:func:`reconstruct_scales_backward` of the per-pixel chain, summed into the pixels:
+    (Nb, Hp, Wp). The C++ kernel walks each pixel's taps; else the generic kernel on the formed
+    inverse, folded (:func:`fold_taps`; the same sums in the same order)."""
+    ext = _ext(dy_rows, yc, ranks, slot_map)
+    if ext is not None and g.N and yc.numel():
+        return ext.pixel_scales_backward(
+            dy_rows.contiguous(), yc.contiguous(), ranks.contiguous(), slot_map.contiguous(), g.vector()
+        )
+    inv = pixel_inverse(ranks, slot_map, g)
+    d_rows = reconstruct_scales_backward(dy_rows, yc, inv.reshape(inv.shape[0], -1)).view(inv.shape)
+    return fold_taps(d_rows, g)
+
+
 def fold_taps(rows: torch.Tensor, g: Geometry) -> torch.Tensor:
     """The adjoint of :func:`pixel_rows`: (nb, Nb, Oh, Ow) summed into its pixels, (Nb, Hp, Wp)."""
     out = rows.new_zeros(g.Nb, g.Hp, g.Wp)

@@ -761,9 +761,8 @@ def _reconstruct_backward(ctx, g_y):
 
 
 def _pixel_reconstruct_backward(ctx, g_y, ranks, scales, yc, slot_map):
-    """The backward of the per-pixel chain's reconstruct. The scales' gradient (not needed where
-    the rewrite emits this chain: its norms are constants) goes through the generic op on the
-    formed inverse, then is summed into the pixels."""
+    """The backward of the per-pixel chain's reconstruct: y_c's gradient, and the per-pixel
+    scales' (with the norms' gradient, ``norm_grad=True``) in a pass of its own."""
     d_yc = d_bias = d_scales = None
     if ctx.needs_input_grad[0]:
         d_yc = reconstruct_grad(g_y, ranks, ctx.cmax, scales, slot_map, ctx.window).to(ctx.yc_dtype)
@@ -821,9 +820,7 @@ def reconstruct_scales_grad(
     rows = g_y.permute(0, 2, 3, 1).reshape(-1, M).to(yc.dtype)
     if slot_map is not None:
         g = _pixel_maps_geometry(inverse, slot_map, window, "reuse.reconstruct_scales_grad")
-        inv = kernels.pixel_inverse(inverse, slot_map, g)
-        d_rows = kernels.reconstruct_scales_backward(rows, yc, inv.reshape(inv.shape[0], -1)).view(inv.shape)
-        return kernels.fold_taps(d_rows, g)
+        return kernels.pixel_scales_backward(rows, yc, inverse, slot_map, g)
     return kernels.reconstruct_scales_backward(rows, yc, inverse).view(inverse.shape)
 
 
@@ -1086,9 +1083,9 @@ def reuse_conv2d(
     L, H = planes.shape
     fused = centroid == "norm" and norm_grad
     if per_pixel is None:
-        per_pixel = not fused and kernels.use_pixel_chain(x.shape[1], L, s, k, scope)
+        per_pixel = kernels.use_pixel_chain(x.shape[1], L, s, k, scope)
     if per_pixel:
-        return _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts)
+        return _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts, norm_grad)
     parts = {}
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d)
@@ -1112,13 +1109,17 @@ def reuse_conv2d(
     return y, parts
 
 
-def _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts):
-    """:func:`reuse_conv2d`'s per-pixel chain, as the rewrite emits it."""
+def _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts, norm_grad):
+    """:func:`reuse_conv2d`'s per-pixel chain, as the rewrite emits it (with ``norm_grad`` the
+    member norms take their gradient through their own op's backward)."""
     L, H = planes.shape
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d, True, x, p)
     cent, ranks, slot_map, counts = cluster_pixels(xp, ids, k, s, d, L, H, x, p)
-    norms = member_norms(xp.detach(), k, s, d, L, x.detach(), p, True) if centroid == "norm" else None
+    norms = None
+    if centroid == "norm":
+        xn, xc = (xp, x) if norm_grad else (xp.detach(), x.detach())
+        norms = member_norms(xn, k, s, d, L, xc, p, True)
     used = unit_rows(cent) if centroid == "norm" else cent
     parts = {}
     if keep_parts:

@@ -71,6 +71,9 @@ def test_sum_scale_preserves_each_output_channels_sum():
     model, gm, x = _one_conv()
     for m in (model, gm):
         m.get_submodule("0").bias.data.zero_()
+    with pytest.raises(ValueError, match="per-pixel chain"):  # L = C: the rewrite's per-pixel chain
+        _edited(gm, accuracy_gap._scale_sums)
+    gm = accuracy_gap.generic_copy(gm)  # as accuracy_gap.build does for this variant
     scaled = _edited(gm, accuracy_gap._scale_sums)
     # a cluster's scaled outputs sum to n times its mean's output, the sum of its members'
     # exact outputs; so with a zero bias every channel's sum over the batch is exact

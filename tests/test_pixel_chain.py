@@ -46,11 +46,12 @@ def _data(C, hw, layout, dtype=torch.float32, Nb=5, seed=0):
     return x
 
 
-def _chain(per_pixel, x, w, b, planes, k, p, d, centroid, gy_seed=1):
-    """Forward and backward of the chain (reuse_conv2d, norms constant); outputs, gradients, parts."""
+def _chain(per_pixel, x, w, b, planes, k, p, d, centroid, gy_seed=1, norm_grad=False):
+    """Forward and backward of the chain (reuse_conv2d, norms constant unless ``norm_grad``);
+    outputs, gradients, parts."""
     xx, ww, bb = (t.detach().clone().requires_grad_() for t in (x, w, b))
     y, parts = ops.reuse_conv2d(
-        xx, ww, bb, planes, k, [1, 1], p, d, centroid=centroid, norm_grad=False, per_pixel=per_pixel
+        xx, ww, bb, planes, k, [1, 1], p, d, centroid=centroid, norm_grad=norm_grad, per_pixel=per_pixel
     )
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(gy_seed), dtype=y.dtype)
     y.backward(gy)
@@ -81,6 +82,69 @@ def test_pixel_chain_gives_the_generic_chains_bits(C, k, p, d, hw, layout, centr
     generic = _chain(False, x, w, b, planes, list(k), list(p), list(d), centroid)
     pixel = _chain(True, x, w, b, planes, list(k), list(p), list(d), centroid)
     _assert_same(generic, pixel)
+
+
+@pytest.mark.parametrize("mode", ["auto", "always", "never"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("C,k,p,d,hw", SHAPES)
+def test_pixel_chain_with_the_norms_gradient(C, k, p, d, hw, layout, mode):
+    """With the norms' gradient (norm_grad=True, the library's default) the per-pixel chain
+    replaces the fused cluster_norms by cluster_pixels and member_norms(per_pixel=True) with its
+    backward: the same y, clusters and centroids, bit for bit; the gradients equal up to
+    rounding (the norms' share of the input gradient summed per pixel before the division
+    instead of per (tap, row) after it; y_c's gradient and the scales' summed in other orders
+    than the generic chain's one-pass reconstruct_grad_scaled)."""
+    if extension.get() is None:
+        pytest.skip("C++ kernels unavailable")
+    kernels.CHUNK_PATH = mode
+    x = _data(C, hw, layout)
+    w = torch.randn(6, C, *k)
+    b = torch.randn(6)
+    planes = lsh_planes(C, 6, seed=3)
+    args = (x, w, b, planes, list(k), list(p), list(d), "norm")
+    generic = _chain(False, *args, norm_grad=True)
+    pixel = _chain(True, *args, norm_grad=True)
+    assert torch.equal(generic[0], pixel[0])
+    for u, v in zip(generic[1:4], pixel[1:4]):
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6 * float(u.abs().max()))
+    assert pixel[1].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    for name in ("counts", "inverse", "ids", "centroids", "yc"):
+        assert torch.equal(generic[4][name], pixel[4][name]), name
+    # the norms' share is there: without it the input gradient differs by far more than rounding
+    const = _chain(True, *args, norm_grad=False)
+    assert (const[1] - pixel[1]).abs().max() > 1e-3 * pixel[1].abs().max()
+
+
+@pytest.mark.parametrize("M", [5, 16, 37, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C,k,p,d,hw", SHAPES)
+def test_pixel_scales_backward_is_the_folded_generic_kernel(C, k, p, d, hw, dtype, M):
+    """The per-pixel scales' gradient (C++: each pixel's taps walked, lane sums per pixel) equals
+    the generic kernel's (tap, row) dots on the formed inverse, summed into the pixels (the
+    plain-PyTorch fallback), up to rounding, for output widths on and off the 16-lane chunks."""
+    if extension.get() is None:
+        pytest.skip("C++ kernels unavailable")
+    k, p, d = list(k), list(p), list(d)
+    x = _data(C, hw, "channels_last", dtype)
+    xp = ops.im2col(x, k, [1, 1], p, d)
+    ids = ops.lsh_hash(xp, lsh_planes(C, 6, seed=3, dtype=dtype), k, [1, 1], d, True, x, p)
+    cent, ranks, slot_map, _ = ops.cluster_pixels(xp, ids, k, [1, 1], d, C, 6, x, p)
+    g = ops._padded_geometry(xp.shape, k, [1, 1], d, C)
+    gen = torch.Generator().manual_seed(5)
+    yc = torch.randn(cent.shape[0], cent.shape[1], M, generator=gen, dtype=dtype)
+    dy = torch.randn(g.N, M, generator=gen, dtype=dtype)
+    fast = kernels.pixel_scales_backward(dy, yc, ranks, slot_map, g)
+    with extension.disabled():
+        slow = kernels.pixel_scales_backward(dy, yc, ranks, slot_map, g)
+    assert fast.shape == slow.shape == ranks.shape
+    eps = torch.finfo(dtype).eps * 64  # sums of up to 25 x 64 products, some cancelling
+    torch.testing.assert_close(fast, slow, rtol=eps, atol=eps * float(slow.abs().max()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same bits on one thread: the order does not depend on the split
+    try:
+        assert torch.equal(kernels.pixel_scales_backward(dy, yc, ranks, slot_map, g), fast)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -273,9 +337,10 @@ def _targets(gm):
 
 
 def test_rewrite_emits_the_pixel_chain_where_it_applies():
-    """The rewrite emits cluster_pixels for L = C with the norms constant; the fused
-    cluster_norms when the norms take a gradient; the generic chain with PIXEL_CHAIN off and in
-    the exported graph (record=False, whose ONNX translation knows the generic ops)."""
+    """The rewrite emits cluster_pixels for L = C, with the norms constant (member_norms of the
+    detached input) or with their gradient (member_norms of the input itself, instead of the
+    generic chain's fused cluster_norms); the generic chain with PIXEL_CHAIN off and in the
+    exported graph (record=False, whose ONNX translation knows the generic ops)."""
     if extension.get() is None:
         pytest.skip("the rewrite emits the per-pixel chain only with the C++ kernels")
     from reuse_compiler.passes.conv_rewrite import rewritten_graph
@@ -285,8 +350,18 @@ def test_rewrite_emits_the_pixel_chain_where_it_applies():
     assert "reuse.cluster_pixels.default" in t and "reuse.cluster.default" not in t
     assert "reuse.lsh_hash.default" in t and "reuse.reconstruct.default" in t  # SPEC's stage names
     assert "reuse.cluster_pixels" in gm.print_readable(print_output=False)
+    norms = next(n for n in gm.graph.nodes if n.target is torch.ops.reuse.member_norms.default)
+    assert all(a.target is torch.Tensor.detach for a in (norms.args[0], norms.args[5]))
     fused, _ = _compiled(norm_grad=True)
+    t = _targets(fused)
+    assert "reuse.cluster_pixels.default" in t and "reuse.cluster_norms.default" not in t
+    norms = next(n for n in fused.graph.nodes if n.target is torch.ops.reuse.member_norms.default)
+    cl = next(n for n in fused.graph.nodes if n.target is torch.ops.reuse.cluster_pixels.default)
+    assert norms.args[0] is cl.args[0] and norms.args[5] is cl.args[7]  # xp and x themselves
+    kernels.PIXEL_CHAIN = False
+    rebuild(fused)
     assert "reuse.cluster_norms.default" in _targets(fused) and "reuse.cluster_pixels.default" not in _targets(fused)
+    kernels.PIXEL_CHAIN = True
     export_targets = [str(n.target) for n in rewritten_graph(gm, record=False).nodes if n.op == "call_function"]
     assert "reuse.cluster.default" in export_targets and "reuse.cluster_pixels.default" not in export_targets
     kernels.PIXEL_CHAIN = False
@@ -308,6 +383,23 @@ def test_compiled_training_step_same_bits_either_chain():
     a, b = copy.deepcopy(generic), copy.deepcopy(gm)
     for _ in range(3):
         assert same_step(a, b, x, y) == []
+
+
+def test_compiled_training_step_with_the_norms_gradient_either_chain():
+    """With the norms' gradient: one step from the same weights gives the same loss, and the
+    gradients equal up to rounding."""
+    if extension.get() is None:
+        pytest.skip("the rewrite emits the per-pixel chain only with the C++ kernels")
+    from benchmarks.pixel_ab import chain_ops, generic_copy, same_step
+
+    gm, x = _compiled(norm_grad=True)
+    generic = generic_copy(gm)
+    assert "reuse.cluster_norms.default" in chain_ops(generic) - chain_ops(gm)
+    y = torch.randint(0, 10, (x.shape[0],))
+    rel = {}
+    diffs = same_step(copy.deepcopy(generic), copy.deepcopy(gm), x, y, rel)
+    assert "loss" not in diffs
+    assert all(r < 1e-5 for n, r in rel.items() if n.startswith("grad")), rel
 
 
 def test_grouped_conv_pixel_chain_same_bits():
