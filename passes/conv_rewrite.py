@@ -70,8 +70,8 @@ def emit_reuse_conv(
     # ids, the inverse index and the member norms kept per pixel (lsh_hash(per_pixel=True),
     # cluster_pixels, member_norms(per_pixel=True), reconstruct with the slot map), the same
     # values as the chain below without its (sub-matrices x rows) tensors. Not with the
-    # across-batch store, or in exported graphs (record=False). With the norms' gradient it
-    # takes member_norms(per_pixel=True) with its backward instead of the fused cluster_norms.
+    # across-batch store, or in exported graphs (record=False). With the norms' gradient its
+    # clustering op returns the norms too (cluster_pixels_norms, as cluster_norms below).
     C = row.in_channels // row.groups
     fits = kernels.use_pixel_chain(C, row.L, s, k, scope)
     pixel = record and not row.cluster_reuse and fits
@@ -82,7 +82,8 @@ def emit_reuse_conv(
     # returns the norms too, so the input's two gradients share one buffer (reuse.cluster_norms)
     # (norm_grad=False: the norms are constants of the backward, from the detached input)
     if pixel:
-        cl = _node(graph, _ops.cluster_pixels.default, (xp, ids, k, s, d, row.L, row.H, x, pad), f"{base}_cluster")
+        op = _ops.cluster_pixels_norms.default if fused else _ops.cluster_pixels.default
+        cl = _node(graph, op, (xp, ids, k, s, d, row.L, row.H, x, pad), f"{base}_cluster")
         names = ("centroids", "ranks", "slot_map", "counts")
     else:
         op = _ops.cluster_norms.default if fused else _ops.cluster.default
@@ -93,15 +94,12 @@ def emit_reuse_conv(
     scales = None
     if centroid == "norm":
         centroids = _node(graph, _ops.unit_rows.default, (centroids,), f"{base}_unit_centroids")
-        if fused and not pixel:
-            scales = _node(graph, operator.getitem, (cl, 3), f"{base}_norms")
+        if fused:
+            scales = _node(graph, operator.getitem, (cl, len(names)), f"{base}_norms")
         else:
-            # norm_grad=False: the norms of the detached input, constants of the backward
-            xn = xp if fused else _node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const")
-            norm_args = (xn, k, s, d, row.L)
+            norm_args = (_node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const"), k, s, d, row.L)
             if pixel:
-                xc = x if fused else _node(graph, torch.Tensor.detach, (x,), f"{base}_x_const")
-                norm_args += (xc, pad, True)
+                norm_args += (_node(graph, torch.Tensor.detach, (x,), f"{base}_x_const"), pad, True)
             scales = _node(graph, _ops.member_norms.default, norm_args, f"{base}_norms")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     if row.cluster_reuse:  # Algorithm 1: outputs of ids seen before come from the store

@@ -478,11 +478,16 @@ def cluster_pixels(
     ``slot_map[b, ranks[pixel of (b, n)]]`` (``kernels.pixel_inverse`` forms cluster's inverse).
     The chain never writes the (nb, N) ids, inverse or norms: 2.5-5 MB each at CifarNet's conv2.
     ``x`` and ``padding`` as for ``cluster``."""
+    return _cluster_pixels(xp, ids, kernel_size, stride, dilation, L, H, x, padding, "reuse.cluster_pixels")
+
+
+def _cluster_pixels(xp, ids, kernel_size, stride, dilation, L, H, x, padding, op):
+    """The forward of ``cluster_pixels`` (and of ``cluster_pixels_norms``)."""
     g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
-    kernels.check_pixel_geometry(g, "reuse.cluster_pixels")
+    kernels.check_pixel_geometry(g, op)
     if tuple(ids.shape) != tuple(xp.shape[:3]):
         raise ValueError(
-            f"reuse.cluster_pixels: ids must be the per-pixel ids (Nb, Hp, Wp) = {tuple(xp.shape[:3])} of "
+            f"{op}: ids must be the per-pixel ids (Nb, Hp, Wp) = {tuple(xp.shape[:3])} of "
             f"lsh_hash(per_pixel=True), got {tuple(ids.shape)}"
         )
     interior = _interior(xp, x, padding)
@@ -537,6 +542,87 @@ def _cluster_pixels_backward(ctx, g_centroids, _g_ranks, _g_map, _g_counts):
 
 
 cluster_pixels.register_autograd(_cluster_pixels_backward, setup_context=_cluster_pixels_setup)
+
+
+@torch.library.custom_op("reuse::cluster_pixels_norms", mutates_args=())
+def cluster_pixels_norms(
+    xp: torch.Tensor,
+    ids: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    L: int,
+    H: int,
+    x: torch.Tensor | None = None,
+    padding: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cluster_pixels`` and ``member_norms(..., per_pixel=True)`` in one op (the per-pixel
+    chain's ``cluster_norms``, for ``norm_grad=True``): ``(centroids, ranks, slot_map, counts,
+    norms)``, each as the two ops return it. The backward writes the norms' share of the
+    input's gradient into the centroids' share in place (x * g / ||x|| per pixel, g the norms'
+    gradient), so the input's two gradients share one buffer, as with ``cluster_norms``."""
+    out = _cluster_pixels(xp, ids, kernel_size, stride, dilation, L, H, x, padding, "reuse.cluster_pixels_norms")
+    g = _padded_geometry(xp.shape, kernel_size, stride, dilation, L)
+    return (*out, kernels.pixel_norms(xp, g, x, _interior(xp, x, padding)).to(xp.dtype))
+
+
+@cluster_pixels_norms.register_fake
+def _(xp, ids, kernel_size, stride, dilation, L, H, x=None, padding=None):
+    _check_pixel_args(xp.shape, kernel_size, stride, L, "reuse.cluster_pixels_norms")
+    ctx = torch.library.get_ctx()
+    cmax, G = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    nb = kernel_size[0] * kernel_size[1]
+    return (
+        xp.new_empty(nb, cmax, L),
+        torch.empty_like(ids, dtype=torch.int32),
+        ids.new_empty(nb, G, dtype=torch.int32),
+        ids.new_empty(nb, cmax),
+        xp.new_empty(xp.shape[:3]),
+    )
+
+
+def _cluster_pixels_norms_setup(ctx, inputs, output):
+    _cluster_pixels_setup(ctx, inputs, output[:4])
+    xp, x = inputs[0], inputs[7]
+    # the norms' backward reads the input (x itself when its gradient goes to x, else xp)
+    ctx.save_for_backward(*output[1:4], x if ctx.to_input else xp, output[4])
+
+
+def _cluster_pixels_norms_backward(ctx, g_centroids, _g_ranks, _g_map, _g_counts, g_norms):
+    ranks, slot_map, counts, src, norms = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[_input_slot(ctx, 7)]:
+        pad = ctx.padding if ctx.to_input else None
+        if g_centroids is not None:
+            grad = cluster_pixels_grad(g_centroids, ranks, slot_map, counts, *ctx.args, pad)
+        if g_norms is not None:
+            grad = _add_pixel_norms_grad(grad, g_norms, norms, src, pad)
+        if grad is not None:
+            grad = grad.to(ctx.dtype)
+    return _input_grads(ctx, 7, 9, grad)
+
+
+def _add_pixel_norms_grad(grad, g_norms, norms, src, pad):
+    """``grad`` + the per-pixel norms' share of the input's gradient, src * g / ||src|| (0 for a
+    zero pixel), in place where ``grad`` is given (else a new tensor). ``pad`` given: ``src``
+    and ``grad`` are the unpadded input (Nb, C, H, W) and the norms (Nb, Hp, Wp) cover its
+    padded frame; else both are the padded (Nb, Hp, Wp, C)."""
+    f = torch.where(norms > 0, g_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
+    if pad is not None:
+        top, bottom, left, right = pad
+        f = f[:, top : f.shape[1] - bottom, left : f.shape[2] - right]
+        rows, f = src.permute(0, 2, 3, 1), f.unsqueeze(-1).to(src.dtype)
+        if grad is None:
+            return (rows * f).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        grad.permute(0, 2, 3, 1).addcmul_(rows, f)
+        return grad
+    f = f.unsqueeze(-1).to(src.dtype)
+    if grad is None:
+        return src * f
+    return grad.addcmul_(src, f)
+
+
+cluster_pixels_norms.register_autograd(_cluster_pixels_norms_backward, setup_context=_cluster_pixels_norms_setup)
 
 
 @torch.library.custom_op("reuse::cluster_pixels_grad", mutates_args=())
@@ -905,13 +991,10 @@ def _norms_backward(ctx, g_norms):
     src, norms = ctx.saved_tensors
     none = (None,) * 7
     if ctx.per_pixel:  # d ||p|| / dp = p / ||p|| (0 for a zero pixel), per pixel
-        f = torch.where(norms > 0, g_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
         if ctx.from_input:  # the gradient of x: its pixels' factors (the padding's are not x's)
-            top, bottom, left, right = ctx.padding
-            f = f[:, top : f.shape[1] - bottom, left : f.shape[2] - right]
-            dx = (src.permute(0, 2, 3, 1) * f.unsqueeze(-1).to(src.dtype)).permute(0, 3, 1, 2)
-            return None, None, None, None, None, dx.contiguous(memory_format=torch.channels_last), None, None
-        return (src * f.unsqueeze(-1).to(src.dtype), *none)
+            dx = _add_pixel_norms_grad(None, g_norms, norms, src, ctx.padding)
+            return None, None, None, None, None, dx, None, None
+        return (_add_pixel_norms_grad(None, g_norms, norms, src, None), *none)
     if ctx.from_input:
         k, s, d, L = ctx.args
         dx = member_norms_input_grad(g_norms, norms, src, k, s, ctx.padding, d, L)
@@ -1110,16 +1193,16 @@ def reuse_conv2d(
 
 
 def _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts, norm_grad):
-    """:func:`reuse_conv2d`'s per-pixel chain, as the rewrite emits it (with ``norm_grad`` the
-    member norms take their gradient through their own op's backward)."""
+    """:func:`reuse_conv2d`'s per-pixel chain, as the rewrite emits it (``cluster_pixels_norms``
+    with the norms' gradient)."""
     L, H = planes.shape
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d, True, x, p)
-    cent, ranks, slot_map, counts = cluster_pixels(xp, ids, k, s, d, L, H, x, p)
-    norms = None
-    if centroid == "norm":
-        xn, xc = (xp, x) if norm_grad else (xp.detach(), x.detach())
-        norms = member_norms(xn, k, s, d, L, xc, p, True)
+    if centroid == "norm" and norm_grad:
+        cent, ranks, slot_map, counts, norms = cluster_pixels_norms(xp, ids, k, s, d, L, H, x, p)
+    else:
+        cent, ranks, slot_map, counts = cluster_pixels(xp, ids, k, s, d, L, H, x, p)
+        norms = member_norms(xp.detach(), k, s, d, L, x.detach(), p, True) if centroid == "norm" else None
     used = unit_rows(cent) if centroid == "norm" else cent
     parts = {}
     if keep_parts:

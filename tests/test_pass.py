@@ -11,15 +11,13 @@ from torch import nn
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage
 from reuse_compiler.cli import main as cli_main
 from reuse_compiler.models import alexnet, cifarnet, functional_net, vgg19
-from reuse_compiler.runtime import kernels
 
 REUSE_OPS = {
     torch.ops.reuse.im2col.default,
     torch.ops.reuse.lsh_hash.default,
     torch.ops.reuse.cluster.default,
     torch.ops.reuse.cluster_norms.default,  # the norm centroid's cluster (with the member norms)
-    torch.ops.reuse.cluster_pixels.default,  # the per-pixel chain's (L = C, stride 1)
-    torch.ops.reuse.member_norms.default,  # the norms, where cluster_norms does not return them
+    torch.ops.reuse.cluster_pixels_norms.default,  # the same, of the per-pixel chain (L = C, stride 1)
     torch.ops.reuse.unit_rows.default,  # and its unit centroids
     torch.ops.reuse.centroid_gemm.default,
     torch.ops.reuse.reconstruct.default,
@@ -57,13 +55,9 @@ def test_every_conv_rewritten_and_trains(name):
     assert len(gm.reuse_plan) == n_convs
     assert all(not r.exact and r.reason is None for r in gm.reuse_plan)
     assert _conv_nodes(gm) == []
-    # im2col, lsh_hash, cluster_norms, unit_rows, centroid_gemm, reconstruct (default: norm
-    # centroid), or where L = C the per-pixel chain's cluster_pixels and member_norms instead of
-    # cluster_norms: one chain per conv
-    nodes = _reuse_nodes(gm)
-    pixel = sum(n.target is torch.ops.reuse.cluster_pixels.default for n in nodes)
-    assert len(nodes) == 6 * n_convs + pixel
-    assert sum(n.target is torch.ops.reuse.reconstruct.default for n in nodes) == n_convs
+    # im2col, lsh_hash, cluster_norms (cluster_pixels_norms where L = C), unit_rows,
+    # centroid_gemm, reconstruct (default: norm centroid)
+    assert len(_reuse_nodes(gm)) == 6 * n_convs
     assert gm(x).shape == model(x).shape
     opt = torch.optim.SGD(gm.parameters(), lr=0.01)
     w0 = [p.detach().clone() for p in gm.parameters()]
@@ -228,11 +222,7 @@ def test_norm_centroid_module_exact_limit_and_training(conv):
 
 def test_grouped_conv_is_one_chain_per_group():
     gm = reuse_compile(nn.Sequential(nn.Conv2d(8, 6, 3, groups=2)), torch.randn(2, 8, 6, 6))
-    # per group: im2col, lsh_hash, cluster_pixels (L = C = 4), member_norms, unit_rows,
-    # centroid_gemm, reconstruct (norm centroid; cluster_norms in place of the two without
-    # the C++ kernels)
-    per_chain = 7 if kernels.use_pixel_chain(4, 4, [1, 1], [3, 3], "batch") else 6
-    assert len(_reuse_nodes(gm)) == 2 * per_chain
+    assert len(_reuse_nodes(gm)) == 12  # 6 ops per chain (norm centroid), two groups
     row = gm.reuse_plan["0"]
     assert row.groups == 2 and row.K == 4 * 9 and row.M == 3
 
@@ -371,9 +361,12 @@ def test_norm_grad_false_is_the_reference_with_constant_norms(L, channels_last):
     grads = {}
     for norm_grad in (True, False):
         gm = reuse_compile(nn.Sequential(conv), x, config=ReuseConfig(L=L, H=5, norm_grad=norm_grad))
-        # the norms are computed from the detached input without their gradient (cluster_norms
-        # returns them with it; the per-pixel chain, at L = 4 = C, has member_norms of x itself)
-        assert ("_xp_const" in gm.code) != norm_grad
+        # with their gradient the clustering op returns the norms (cluster_norms, or
+        # cluster_pixels_norms at L = 4 = C with the C++ kernels), else member_norms of the
+        # detached input
+        targets = {str(n.target) for n in gm.graph.nodes}
+        assert bool(targets & {"reuse.cluster_norms.default", "reuse.cluster_pixels_norms.default"}) == norm_grad
+        assert ("reuse.member_norms.default" in targets) != norm_grad
         xr = x.clone().requires_grad_()
         y = gm(xr)
         (y * g).sum().backward()

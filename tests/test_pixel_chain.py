@@ -89,8 +89,8 @@ def test_pixel_chain_gives_the_generic_chains_bits(C, k, p, d, hw, layout, centr
 @pytest.mark.parametrize("C,k,p,d,hw", SHAPES)
 def test_pixel_chain_with_the_norms_gradient(C, k, p, d, hw, layout, mode):
     """With the norms' gradient (norm_grad=True, the library's default) the per-pixel chain
-    replaces the fused cluster_norms by cluster_pixels and member_norms(per_pixel=True) with its
-    backward: the same y, clusters and centroids, bit for bit; the gradients equal up to
+    takes cluster_pixels_norms where the generic chain takes cluster_norms: the same y,
+    clusters and centroids, bit for bit; the gradients equal up to
     rounding (the norms' share of the input gradient summed per pixel before the division
     instead of per (tap, row) after it; y_c's gradient and the scales' summed in other orders
     than the generic chain's one-pass reconstruct_grad_scaled)."""
@@ -246,6 +246,31 @@ def test_gradcheck_pixel_chain_float64(centroid, layout):
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradcheck_pixel_chain_with_norms_float64(layout):
+    """float64 gradcheck of the per-pixel chain as the rewrite emits it with the norms'
+    gradient: cluster_pixels_norms, whose backward adds the norms' share into the centroids'
+    input gradient in place (channels-last: into x's gradient; else into xp's)."""
+    C, k, p, d = 3, [3, 3], [1, 1, 1, 0], [1, 2]
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, C, 5, 6, generator=g, dtype=torch.float64) + 0.1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(4, C, *k, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    planes = lsh_planes(C, 5, seed=4, dtype=torch.float64)
+
+    def f(x, w, b):
+        xp = ops.im2col(x, k, [1, 1], p, d)
+        ids = ops.lsh_hash(xp, planes, k, [1, 1], d, True, x, p)
+        cent, ranks, slot_map, _, norms = ops.cluster_pixels_norms(xp, ids, k, [1, 1], d, C, 5, x, p)
+        yc = ops.centroid_gemm(ops.unit_rows(cent), w)
+        return ops.reconstruct(yc, ranks, b, norms, slot_map, [k[0], k[1], d[0], d[1]])
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_pixel_ops(dtype):
     C, k, p, d, hw = SHAPES[1]
@@ -263,6 +288,12 @@ def test_opcheck_pixel_ops(dtype):
     torch.library.opcheck(r.cluster_pixels.default, (leaf, ids, k, [1, 1], d, C, 5))
     torch.library.opcheck(r.cluster_pixels.default, (xp, ids, k, [1, 1], d, C, 5, x_leaf, p))
     cent, ranks, slot_map, counts = ops.cluster_pixels(xp, ids, k, [1, 1], d, C, 5)
+    torch.library.opcheck(r.cluster_pixels_norms.default, (leaf, ids, k, [1, 1], d, C, 5))
+    torch.library.opcheck(r.cluster_pixels_norms.default, (xp, ids, k, [1, 1], d, C, 5, x_leaf, p))
+    both = ops.cluster_pixels_norms(xp, ids, k, [1, 1], d, C, 5, x, p)
+    apart = (*ops.cluster_pixels(xp, ids, k, [1, 1], d, C, 5, x, p), ops.member_norms(xp, k, [1, 1], d, C, x, p, True))
+    for u, v in zip(both, apart):
+        assert torch.equal(u, v)
     torch.library.opcheck(r.member_norms.default, (leaf, k, [1, 1], d, C, None, None, True))
     torch.library.opcheck(r.member_norms.default, (xp, k, [1, 1], d, C, x_leaf, p, True))
     assert torch.equal(
@@ -337,10 +368,10 @@ def _targets(gm):
 
 
 def test_rewrite_emits_the_pixel_chain_where_it_applies():
-    """The rewrite emits cluster_pixels for L = C, with the norms constant (member_norms of the
-    detached input) or with their gradient (member_norms of the input itself, instead of the
-    generic chain's fused cluster_norms); the generic chain with PIXEL_CHAIN off and in the
-    exported graph (record=False, whose ONNX translation knows the generic ops)."""
+    """The rewrite emits cluster_pixels for L = C with the norms constant (member_norms of the
+    detached input), cluster_pixels_norms with their gradient (as the generic chain's fused
+    cluster_norms); the generic chain with PIXEL_CHAIN off and in the exported graph
+    (record=False, whose ONNX translation knows the generic ops)."""
     if extension.get() is None:
         pytest.skip("the rewrite emits the per-pixel chain only with the C++ kernels")
     from reuse_compiler.passes.conv_rewrite import rewritten_graph
@@ -354,10 +385,8 @@ def test_rewrite_emits_the_pixel_chain_where_it_applies():
     assert all(a.target is torch.Tensor.detach for a in (norms.args[0], norms.args[5]))
     fused, _ = _compiled(norm_grad=True)
     t = _targets(fused)
-    assert "reuse.cluster_pixels.default" in t and "reuse.cluster_norms.default" not in t
-    norms = next(n for n in fused.graph.nodes if n.target is torch.ops.reuse.member_norms.default)
-    cl = next(n for n in fused.graph.nodes if n.target is torch.ops.reuse.cluster_pixels.default)
-    assert norms.args[0] is cl.args[0] and norms.args[5] is cl.args[7]  # xp and x themselves
+    assert "reuse.cluster_pixels_norms.default" in t and "reuse.cluster_norms.default" not in t
+    assert "reuse.member_norms.default" not in t and "reuse.cluster_pixels.default" not in t
     kernels.PIXEL_CHAIN = False
     rebuild(fused)
     assert "reuse.cluster_norms.default" in _targets(fused) and "reuse.cluster_pixels.default" not in _targets(fused)
