@@ -47,7 +47,7 @@ import reuse_compiler  # noqa: E402,F401
 from benchmarks.ops import median_ms, time_round_robin  # noqa: E402
 from examples.train import tune_malloc  # noqa: E402
 from reuse_compiler import policies  # noqa: E402
-from reuse_compiler.runtime import extension, ops  # noqa: E402
+from reuse_compiler.runtime import extension, kernels, ops  # noqa: E402
 from reuse_compiler.runtime.ops import reuse_conv2d  # noqa: E402
 from reuse_compiler.runtime.planes import fit_to_input  # noqa: E402
 from reuse_compiler.runtime.reference import lsh_planes  # noqa: E402
@@ -389,6 +389,11 @@ def main(argv=None):
         choices=["tuned", "default"],
         help="tuned: glibc malloc keeps freed memory, as in the main job (examples/train.py --malloc)",
     )
+    ap.add_argument(
+        "--generic-chain",
+        action="store_true",
+        help="time the generic chain where the per-pixel chain would run (L = C, stride 1; kernels.PIXEL_CHAIN off)",
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument(
         "--synthetic",
@@ -399,6 +404,8 @@ def main(argv=None):
     global CENTROID, NORM_GRAD
     CENTROID = args.centroid
     NORM_GRAD = args.norm_grad == "on"
+    if args.generic_chain:
+        kernels.PIXEL_CHAIN = False
     malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
@@ -406,7 +413,8 @@ def main(argv=None):
         f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs "
         f"(after one warm-up call of each variant); "
         f"ratios are against stock fp32 F.conv2d in the same run; L values {args.l_values}, centroid {args.centroid}, "
-        f"hashing {args.hashing}, norms' gradient {args.norm_grad}, input {args.memory_format}, malloc {malloc}; "
+        f"hashing {args.hashing}, norms' gradient {args.norm_grad}, input {args.memory_format}, malloc {malloc}, "
+        f"{'generic chain everywhere' if args.generic_chain else 'per-pixel chain where it applies'}; "
         f"peak growth: the peak of one "
         f"forward+backward above what was allocated before it (input and weight excluded)"
         + ("; synthetic inputs for every layer" if args.synthetic else "")
