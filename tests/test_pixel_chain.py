@@ -196,9 +196,11 @@ def test_pixel_maps_factorise_the_inverse():
         assert torch.equal(u, v)
 
 
-def test_pixel_chain_nonfinite_input_as_generic():
+@pytest.mark.parametrize("centroid,norm_grad", [("mean", True), ("norm", False), ("norm", True)])
+def test_pixel_chain_nonfinite_input_as_generic(centroid, norm_grad):
     """A pixel with a NaN or Inf gets a cluster of its own, as in cluster: the same outputs
-    (non-finite only where a NaN pixel is read), the same counts."""
+    (non-finite only where a NaN pixel is read), the same counts; with the norm centroid and
+    the norms' gradient too (cluster_pixels_norms against cluster_norms)."""
     C, k, p, d, hw = SHAPES[0]
     k, p, d = list(k), list(p), list(d)
     x = _data(C, hw, "channels_last")
@@ -208,7 +210,9 @@ def test_pixel_chain_nonfinite_input_as_generic():
     planes = lsh_planes(C, 6, seed=3)
     ys = []
     for per_pixel in (False, True):
-        y, parts = ops.reuse_conv2d(x, w, b, planes, k, [1, 1], p, d, centroid="mean", per_pixel=per_pixel)
+        y, parts = ops.reuse_conv2d(
+            x, w, b, planes, k, [1, 1], p, d, centroid=centroid, norm_grad=norm_grad, per_pixel=per_pixel
+        )
         ys.append((y, parts["counts"]))
     assert torch.equal(ys[0][1], ys[1][1])
     torch.testing.assert_close(ys[0][0], ys[1][0], rtol=0, atol=0, equal_nan=True)
