@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.layers import machine, machine_phase  # noqa: E402
-from benchmarks.step import make_step, time_interleaved  # noqa: E402
+from benchmarks.step import main_job_batch, make_step, time_interleaved  # noqa: E402
 from benchmarks.step import stages as plan_stages  # noqa: E402
-from examples.train import DEFAULT_MAX_ERROR, load_digits, tune_malloc  # noqa: E402
+from examples.train import DEFAULT_MAX_ERROR, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
 from reuse_compiler.models import cifarnet  # noqa: E402
 
@@ -46,10 +46,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
     args = ap.parse_args(argv)
     tune_malloc()
-    torch.manual_seed(0)
-    (x_tr, y_tr), _ = load_digits(0.2, 0)
-    x = x_tr[:128].contiguous(memory_format=torch.channels_last)
-    y = y_tr[:128]
+    x, y = main_job_batch()
     torch.manual_seed(0)
     weights = cifarnet(in_channels=1, image_size=28).state_dict()
     config = ReuseConfig(

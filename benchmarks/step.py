@@ -82,14 +82,20 @@ def make_step(model, x, y, adam: str = "foreach", sync: bool = False):
     return step
 
 
+def main_job_batch(batch_size: int = 128, device: str = "cpu"):
+    """The main job's first batch of seed 0 ``(x, y)``, ``x`` in channels-last memory, after
+    ``torch.manual_seed(0)`` (the benchmarks then build their models from that state)."""
+    torch.manual_seed(0)
+    (x_tr, y_tr), _ = load_digits(0.2, 0)
+    x = x_tr[:batch_size].to(device).contiguous(memory_format=torch.channels_last)
+    return x, y_tr[:batch_size].to(device)
+
+
 def main_job_compiled(batch_size: int = 128, norm_grad: bool = False):
     """The main job's first batch (seed 0, channels-last), a fresh stock CifarNet and a copy
     compiled with the main job's reuse config (``norm_grad=True``: with the norms' gradient,
     the library's default): ``(x, y, stock, gm)``, for the A/B scripts."""
-    torch.manual_seed(0)
-    (x_tr, y_tr), _ = load_digits(0.2, 0)
-    x = x_tr[:batch_size].contiguous(memory_format=torch.channels_last)
-    y = y_tr[:batch_size]
+    x, y = main_job_batch(batch_size)
     stock = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
     config = ReuseConfig(
         policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=norm_grad
@@ -131,10 +137,7 @@ def main(argv=None):
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
-    torch.manual_seed(0)
-    (x_tr, y_tr), _ = load_digits(0.2, 0)
-    x = x_tr[: args.batch_size].to(dev).contiguous(memory_format=torch.channels_last)
-    y = y_tr[: args.batch_size].to(dev)
+    x, y = main_job_batch(args.batch_size, dev)
     base = MODELS["cifarnet"]().to(dev, memory_format=torch.channels_last)
 
     models = {"stock fp32": copy.deepcopy(base)}

@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.layers import machine, machine_phase  # noqa: E402
 from benchmarks.ops import time_round_robin  # noqa: E402
-from benchmarks.step import stages  # noqa: E402
-from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tune_malloc  # noqa: E402
+from benchmarks.step import main_job_batch, stages  # noqa: E402
+from examples.train import DEFAULT_MAX_ERROR, MODELS, make_adam, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
 
 # (mark, what the span ending at it is), in step order; forward marks then backward hooks
@@ -83,10 +83,7 @@ def main_job_conv2(batch_size: int, max_error: float = DEFAULT_MAX_ERROR):
     output for ``reuse_compile`` and ``config`` the main job's reuse config (measured policy,
     extended L values, norm centroid, fitted planes, norms constant in the backward)."""
     tune_malloc()
-    torch.manual_seed(0)
-    (x_tr, y_tr), _ = load_digits(0.2, 0)
-    x = x_tr[:batch_size].contiguous(memory_format=torch.channels_last)
-    y = y_tr[:batch_size]
+    x, y = main_job_batch(batch_size)
     model = MODELS["cifarnet"]().to(memory_format=torch.channels_last)
     with torch.no_grad():
         conv2_input = F.relu(model.pool1(model.conv1(x)))
