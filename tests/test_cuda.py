@@ -99,11 +99,12 @@ def test_measured_policy_runs_on_cuda():
     gm(x).sum().backward()
 
 
-@pytest.mark.parametrize("centroid", ["mean", "norm"])
-def test_pixel_chain_on_cuda_equals_cpu(centroid):
+@pytest.mark.parametrize("centroid,norm_grad", [("mean", True), ("norm", False), ("norm", True)])
+def test_pixel_chain_on_cuda_equals_cpu(centroid, norm_grad):
     """The per-pixel chain's plain-PyTorch fallbacks on the device (the rewrite emits the chain
     only with the C++ kernels, but a model compiled on the CPU may move to the GPU): the CPU's
-    values, forward and gradients, with the member norms constant."""
+    values, forward and gradients, with the member norms constant or with their gradient
+    (cluster_pixels_norms)."""
     g = torch.Generator().manual_seed(0)
     C = 6
     x = torch.relu(torch.randn(3, C, 9, 8, generator=g, dtype=torch.float64))
@@ -124,7 +125,7 @@ def test_pixel_chain_on_cuda_equals_cpu(centroid):
             [1, 2, 0, 1],
             [1, 2],
             centroid=centroid,
-            norm_grad=False,
+            norm_grad=norm_grad,
             per_pixel=True,
         )
         y.backward(torch.ones_like(y) * torch.arange(y.numel(), device=dev, dtype=y.dtype).view_as(y).sin())

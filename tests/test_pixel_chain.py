@@ -147,23 +147,30 @@ def test_pixel_scales_backward_is_the_folded_generic_kernel(C, k, p, d, hw, dtyp
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("norm_grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pixel_chain_plain_pytorch_fallbacks(dtype):
+def test_pixel_chain_plain_pytorch_fallbacks(dtype, norm_grad):
     """Without the C++ kernels (as on a GPU) the per-pixel ops form the generic tensors and call
-    the generic functions: the plain-PyTorch generic chain's bits, and the C++ chain's values."""
+    the generic functions: the plain-PyTorch generic chain's bits (with the norms' gradient its
+    values, up to rounding), and the C++ chain's values."""
     C, k, p, d, hw = SHAPES[1]
     k, p, d = list(k), list(p), list(d)
     x = _data(C, hw, "channels_last", dtype)
     w = torch.randn(6, C, *k, dtype=dtype)
     b = torch.randn(6, dtype=dtype)
     planes = lsh_planes(C, 6, seed=3, dtype=dtype)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     with extension.disabled():
-        generic = _chain(False, x, w, b, planes, k, p, d, "norm")
-        pixel = _chain(True, x, w, b, planes, k, p, d, "norm")
-    _assert_same(generic, pixel)
+        generic = _chain(False, x, w, b, planes, k, p, d, "norm", norm_grad=norm_grad)
+        pixel = _chain(True, x, w, b, planes, k, p, d, "norm", norm_grad=norm_grad)
+    if norm_grad:
+        assert torch.equal(generic[0], pixel[0])
+        for u, v in zip(generic[1:4], pixel[1:4]):
+            torch.testing.assert_close(v, u, **tol)
+    else:
+        _assert_same(generic, pixel)
     if extension.get() is not None:
-        fast = _chain(True, x, w, b, planes, k, p, d, "norm")
-        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+        fast = _chain(True, x, w, b, planes, k, p, d, "norm", norm_grad=norm_grad)
         for u, v in zip(fast[:4], pixel[:4]):
             torch.testing.assert_close(u, v, **tol)
         assert torch.equal(fast[4]["counts"], pixel[4]["counts"])
@@ -333,6 +340,10 @@ def test_pixel_ops_reject_other_geometries():
         ops.cluster_pixels(xp, torch.zeros(2, 8, 8, dtype=torch.int64), [3, 3], [2, 2], [1, 1], 8, 3)
     with pytest.raises(ValueError, match=r"cluster_pixels: ids must be the per-pixel ids"):
         ops.cluster_pixels(xp, torch.zeros(9, 2, 6, 6, dtype=torch.int64), [3, 3], [1, 1], [1, 1], 8, 3)
+    with pytest.raises(ValueError, match=r"cluster_pixels_norms.*stride 1"):
+        ops.cluster_pixels_norms(xp, torch.zeros(2, 8, 8, dtype=torch.int64), [3, 3], [2, 2], [1, 1], 8, 3)
+    with pytest.raises(ValueError, match=r"cluster_pixels_norms: ids must be the per-pixel ids"):
+        ops.cluster_pixels_norms(xp, torch.zeros(9, 2, 6, 6, dtype=torch.int64), [3, 3], [1, 1], [1, 1], 8, 3)
     with pytest.raises(ValueError, match=r"reconstruct: with slot_map .* give window"):
         ops.reconstruct(
             torch.randn(9, 3, 4),
