@@ -115,6 +115,24 @@ def test_pixel_chain_with_the_norms_gradient(C, k, p, d, hw, layout, mode):
     assert (const[1] - pixel[1]).abs().max() > 1e-3 * pixel[1].abs().max()
 
 
+@pytest.mark.parametrize("norm_grad", [False, True])
+def test_pixel_chain_bfloat16_as_generic(norm_grad):
+    """bfloat16 (plain-PyTorch kernels, float32 sums): the per-pixel chain's output, gradients
+    and dtypes match the generic chain's, with and without the norms' gradient."""
+    C, k, p, d, hw = SHAPES[0]
+    k, p, d = list(k), list(p), list(d)
+    x = _data(C, hw, "channels_last").to(torch.bfloat16)
+    w = torch.randn(6, C, *k).to(torch.bfloat16)
+    b = torch.randn(6).to(torch.bfloat16)
+    planes = lsh_planes(C, 6, seed=3)
+    generic = _chain(False, x, w, b, planes, k, p, d, "norm", norm_grad=norm_grad)
+    pixel = _chain(True, x, w, b, planes, k, p, d, "norm", norm_grad=norm_grad)
+    for u, v in zip(generic[:4], pixel[:4]):
+        assert v.dtype == torch.bfloat16
+        torch.testing.assert_close(v.float(), u.float(), rtol=2e-2, atol=2e-2 * float(u.float().abs().max()))
+    assert torch.equal(generic[4]["counts"], pixel[4]["counts"])
+
+
 @pytest.mark.parametrize("M", [5, 16, 37, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("C,k,p,d,hw", SHAPES)
