@@ -763,8 +763,9 @@ def pixel_reconstruct_rows_backward(dy_rows, ranks, slot_map, g: Geometry, dyc, 
 
 def pixel_scales_backward(dy_rows, yc, ranks, slot_map, g: Geometry) -> torch.Tensor:
     """:func:`reconstruct_scales_backward` of the per-pixel chain, summed into the pixels:
-    (Nb, Hp, Wp). The C++ kernel walks each pixel's taps; else the generic kernel on the formed
-    inverse, folded (:func:`fold_taps`; the same sums in the same order)."""
+    (Nb, Hp, Wp). The C++ kernel walks each pixel's taps (lane sums per pixel); else the generic
+    kernel on the formed inverse, folded into the pixels (:func:`fold_taps`): the same values up
+    to rounding."""
     ext = _ext(dy_rows, yc, ranks, slot_map)
     if ext is not None and g.N and yc.numel():
         return ext.pixel_scales_backward(
