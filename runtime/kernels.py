@@ -366,17 +366,20 @@ def reconstruct_rows(
 
 
 def reconstruct_rows_backward(
-    dy_rows: torch.Tensor, inverse: torch.Tensor, dyc: torch.Tensor, scales: torch.Tensor | None = None
+    dy_rows: torch.Tensor, inverse: torch.Tensor, cmax: int, scales: torch.Tensor | None = None
 ) -> torch.Tensor:
     """dy_c,s (Eq. 8): per slot, the sum of the output gradient over the slot's members
-    (each weighted by its scale when given), accumulated into the zeroed (nb, Cmax, M) ``dyc``."""
+    (each weighted by its scale when given), (nb, Cmax, M) in ``dy_rows``' dtype. (Until
+    session 23 the callers passed a zeroed output that the C++ kernel did not use: a second
+    (nb, Cmax, M) tensor zeroed and held during the kernel, 12 MB at AlexNet conv3's L = 192.)"""
     nb = inverse.shape[0]
     inv = inverse.reshape(nb, -1)
     w = None if scales is None else scales.reshape(nb, -1)
     ext = _ext(dy_rows, inv, w)
     if ext is not None:
-        return ext.reconstruct_backward(dy_rows.contiguous(), inv.contiguous(), dyc.shape[1], w).to(dyc.dtype)
+        return ext.reconstruct_backward(dy_rows.contiguous(), inv.contiguous(), cmax, w).to(dy_rows.dtype)
     inv = inv.long()
+    dyc = dy_rows.new_zeros(nb, cmax, dy_rows.shape[1])
     for b in range(nb):
         src = dy_rows if w is None else dy_rows * w[b, :, None].to(dy_rows.dtype)
         dyc[b].index_add_(0, inv[b], src)
@@ -407,7 +410,7 @@ def reconstruct_scaled_backward(
     if ext is not None:
         dyc, dw = ext.reconstruct_backward_scaled(rows.contiguous(), yc.contiguous(), inv.contiguous(), w.contiguous())
         return dyc, dw
-    dyc = reconstruct_rows_backward(rows, inv, rows.new_zeros(nb, cmax, M), w)
+    dyc = reconstruct_rows_backward(rows, inv, cmax, w)
     return dyc, reconstruct_scales_backward(rows, yc, inv)
 
 
@@ -749,16 +752,16 @@ def pixel_reconstruct_rows(yc, ranks, slot_map, g: Geometry, bias=None, scales=N
     return reconstruct_rows(yc, pixel_inverse(ranks, slot_map, g), bias, rows)
 
 
-def pixel_reconstruct_rows_backward(dy_rows, ranks, slot_map, g: Geometry, dyc, scales=None) -> torch.Tensor:
-    """:func:`reconstruct_rows_backward` of the per-pixel chain, into the zeroed ``dyc``."""
+def pixel_reconstruct_rows_backward(dy_rows, ranks, slot_map, g: Geometry, cmax: int, scales=None) -> torch.Tensor:
+    """:func:`reconstruct_rows_backward` of the per-pixel chain, (nb, Cmax, M)."""
     ext = _ext(dy_rows, ranks, slot_map, scales)
-    if ext is not None and g.N and dyc.numel():
+    if ext is not None and g.N and cmax * slot_map.shape[0] * dy_rows.shape[1]:
         out = ext.pixel_reconstruct_backward(
-            dy_rows.contiguous(), ranks.contiguous(), slot_map.contiguous(), dyc.shape[1], scales, g.vector()
+            dy_rows.contiguous(), ranks.contiguous(), slot_map.contiguous(), cmax, scales, g.vector()
         )
-        return out.to(dyc.dtype)
+        return out.to(dy_rows.dtype)
     rows = None if scales is None else pixel_rows(scales, g)
-    return reconstruct_rows_backward(dy_rows, pixel_inverse(ranks, slot_map, g), dyc, rows)
+    return reconstruct_rows_backward(dy_rows, pixel_inverse(ranks, slot_map, g), cmax, rows)
 
 
 def pixel_scales_backward(dy_rows, yc, ranks, slot_map, g: Geometry) -> torch.Tensor:

@@ -879,9 +879,8 @@ def reconstruct_grad(
     rows = g_y.permute(0, 2, 3, 1).reshape(-1, M)
     if slot_map is not None:
         g = _pixel_maps_geometry(inverse, slot_map, window, "reuse.reconstruct_grad")
-        dyc = rows.new_zeros(slot_map.shape[0], cmax, M)
-        return kernels.pixel_reconstruct_rows_backward(rows, inverse, slot_map, g, dyc, scales)
-    return kernels.reconstruct_rows_backward(rows, inverse, rows.new_zeros(inverse.shape[0], cmax, M), scales)
+        return kernels.pixel_reconstruct_rows_backward(rows, inverse, slot_map, g, cmax, scales)
+    return kernels.reconstruct_rows_backward(rows, inverse, cmax, scales)
 
 
 @reconstruct_grad.register_fake

@@ -488,26 +488,31 @@ def test_grouped_conv_pixel_chain_same_bits():
         assert torch.equal(u, v)
 
 
-@pytest.mark.parametrize("case", ["rank_table", "slot_lookups", "fewer_taps_than_threads"])
+@pytest.mark.parametrize("case", ["rank_table", "rank_table_in_place", "slot_lookups", "fewer_taps_than_threads"])
 def test_reconstruct_backward_paths_same_bits(case):
     """The per-pixel reconstruction's backward has three C++ paths: a table by key rank (few
-    ranks absent from a tap), slot lookups through the pixels (many absent: here each tap of a
-    dilated kernel reads its own few pixels), and, with fewer taps than threads, the generic
-    kernel on the formed inverse. Each gives the generic chain's bits."""
+    ranks absent from a tap; above 4 MB compacted into its slots in place), slot lookups
+    through the pixels (many absent: here each tap of a dilated kernel reads its own few
+    pixels), and, with fewer taps than threads, the generic kernel on the formed inverse. Each
+    gives the generic chain's bits."""
     if extension.get() is None:
         pytest.skip("C++ kernels unavailable")
     C, k, p = 4, [3, 3], [0, 0, 0, 0]
     d, hw = ([4, 4], (10, 10)) if case == "slot_lookups" else ([1, 1], (9, 9))
+    M, H = 5, 12 if case == "slot_lookups" else 3
+    if case == "rank_table_in_place":  # 9 taps x ~600 ranks x 256 channels x 4 bytes > 4 MB
+        C, hw, M, H = 12, (40, 40), 256, 10
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, C, *hw, generator=g).contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(5, C, *k, generator=g), torch.randn(5, generator=g)
-    planes = lsh_planes(C, 12 if case == "slot_lookups" else 3, seed=1)
+    w, b = torch.randn(M, C, *k, generator=g), torch.randn(M, generator=g)
+    planes = lsh_planes(C, H, seed=1)
     H = planes.shape[1]
     xp = ops.im2col(x, k, [1, 1], p, d)
     geo = Geometry.of(xp.shape, k, [1, 1], d, C)
     _, slot_map, counts = kernels.pixel_compact(ops.lsh_hash(xp, planes, k, [1, 1], d, True), geo)
     G, cmax = slot_map.shape[1], counts.shape[1]
     assert (G > cmax + cmax // 4) == (case == "slot_lookups"), (G, cmax, H)
+    assert (9 * G * M * 4 > 4 << 20) == (case == "rank_table_in_place"), (G, M)
     threads = torch.get_num_threads()
     if case == "fewer_taps_than_threads":
         torch.set_num_threads(16)  # 9 taps

@@ -1980,12 +1980,12 @@ torch::Tensor pixel_reconstruct_backward(torch::Tensor dy_rows, torch::Tensor ra
   const int32_t* SM = slot_map.data_ptr<int32_t>();
   if (G <= cmax + cmax / 4) {  // a table by key rank (few ranks absent from a block): no lookups
     auto byrank = torch::zeros({nb, G, M}, dy_rows.options());
-    auto out = torch::empty({nb, cmax, M}, dy_rows.options());
+    torch::Tensor out;
     AT_DISPATCH_FLOATING_TYPES(dy_rows.scalar_type(), "pixel_reconstruct_backward_ranks", [&] {
       const scalar_t* Wp = scales.has_value() ? w.data_ptr<scalar_t>() : nullptr;
       const scalar_t* Gd = dy_rows.data_ptr<scalar_t>();
       scalar_t* T = byrank.data_ptr<scalar_t>();
-      scalar_t* O = out.data_ptr<scalar_t>();
+      const size_t row = sizeof(scalar_t) * M;
       for_block_tiles(nb, N, G * M * (int64_t)sizeof(scalar_t), [&](int64_t b, int64_t n0, int64_t n1) {
         const PixelWalk<scalar_t> walk(g, R, Wp, g.tap_offset(b), n0);
         if (Wp)
@@ -1993,20 +1993,34 @@ torch::Tensor pixel_reconstruct_backward(torch::Tensor dy_rows, torch::Tensor ra
         else
           scatter_walk<scalar_t, false>(Gd, walk, T + b * G * M, n0, n1, M);
       });
-      at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {  // each rank's row to its slot
+      // Each rank's row to its slot. A small table (the main job's conv2: 1.6 MB) is read
+      // into a new (nb, cmax, M) tensor, blocks in parallel. A large one is compacted in
+      // place, so that no second buffer of its size is held (session 23: 12 MB at AlexNet
+      // conv3's shape, L = C = 192, H = 10): a block's slots number its present ranks in
+      // order, so a slot is never above its rank and moving rows in rank order overwrites
+      // only rows already moved; then the blocks are packed to (nb, cmax, M) in block order
+      // (block b's rows move down, never onto a block still to move).
+      const bool in_place = nb * G * M * (int64_t)sizeof(scalar_t) > (int64_t(4) << 20);
+      if (!in_place) out = torch::empty({nb, cmax, M}, dy_rows.options());
+      scalar_t* O = in_place ? T : out.data_ptr<scalar_t>();
+      at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          scalar_t* ob = O + b * cmax * M;
+          const scalar_t* tb = T + b * G * M;
+          scalar_t* ob = O + b * (in_place ? G : cmax) * M;
           int64_t filled = 0;
           for (int64_t r = 0; r < G; ++r) {
             const int32_t s = SM[b * G + r];
-            if (s >= 0) {
-              std::memcpy(ob + s * M, T + (b * G + r) * M, sizeof(scalar_t) * M);
-              ++filled;
-            }
+            if (s < 0) continue;
+            if (ob + s * M != tb + r * M) std::memcpy(ob + s * M, tb + r * M, row);
+            ++filled;
           }
-          std::memset(ob + filled * M, 0, sizeof(scalar_t) * (cmax - filled) * M);  // slots past the block's count
+          std::memset(ob + filled * M, 0, row * (cmax - filled));  // slots past the block's count
         }
       });
+      if (in_place) {
+        for (int64_t b = 1; b < nb; ++b) std::memmove(T + b * cmax * M, T + b * G * M, row * cmax);
+        out = byrank.resize_({nb, cmax, M});
+      }
     });
     return out;
   }
