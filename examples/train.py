@@ -107,9 +107,14 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
+        ok = bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
     except (OSError, AttributeError, TypeError):
         return False
+    if ok:  # the measured policy's timings in this process are not those of a default malloc
+        from reuse_compiler import calibration
+
+        calibration.CACHE_TAGS.add(f"glibc malloc tuned ({threshold})")
+    return ok
 
 
 def train_run(name, model, data, args, controller_factory=None, epochs=None):

@@ -70,11 +70,12 @@ def emit_reuse_conv(
     # ids, the inverse index and the member norms kept per pixel (lsh_hash(per_pixel=True),
     # cluster_pixels, member_norms(per_pixel=True), reconstruct with the slot map), the same
     # values as the chain below without its (sub-matrices x rows) tensors. Not with the
-    # across-batch store, or in exported graphs (record=False). With the norms' gradient its
-    # clustering op returns the norms too (cluster_pixels_norms, as cluster_norms below).
+    # across-batch store, in exported graphs (record=False), or where the measured policy timed
+    # the generic chain clearly faster for the stage (row.generic_chain). With the norms'
+    # gradient its clustering op returns the norms too (cluster_pixels_norms, as cluster_norms).
     C = row.in_channels // row.groups
     fits = kernels.use_pixel_chain(C, row.L, s, k, scope)
-    pixel = record and not row.cluster_reuse and fits
+    pixel = record and not row.cluster_reuse and fits and not row.generic_chain
     hash_args = (xp, planes, k, s, d) + ((True, x, pad) if pixel else ())
     ids = _node(graph, _ops.lsh_hash.default, hash_args, f"{base}_ids")
     # x too: with a channels-last x the backward writes x's gradient directly (reuse.cluster)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from reuse_compiler.runtime import extension
+from reuse_compiler.runtime import extension, kernels
 from reuse_compiler.runtime.ops import im2col, reuse_conv2d
 from reuse_compiler.runtime.planes import fit_to_input
 from reuse_compiler.runtime.state import layer_planes
@@ -37,6 +37,14 @@ from reuse_compiler.runtime.state import layer_planes
 from .policies import expected_cost
 
 __all__ = ["calibrate", "capture_conv_inputs", "cache_path"]
+
+# Process settings that change how fast the timed calls run without changing the kernels,
+# part of the cache key: a process that sets one (examples/train.py's ``tune_malloc`` adds
+# "glibc malloc tuned") does not reuse timings taken without it, nor the other way round.
+# (Session 23: an ad hoc process with glibc's default malloc timed conv1's exact convolution at
+# 25 ms instead of 9, page-faulting its 25 MB output afresh, so conv1's stages looked faster
+# than exact; the main job, tuned, would have read that entry from the cache.)
+CACHE_TAGS: set[str] = set()
 
 MAX_ROUNDS = 15  # timed rounds for a short layer (at least `calibration_repeats`)
 MIN_EXACT_S = 0.1  # a short layer gets rounds until its exact convolution has run about this long
@@ -85,7 +93,7 @@ def capture_conv_inputs(gm: fx.GraphModule, args: tuple, nodes: set[str]) -> dic
     return captured
 
 
-def _chain(x, w, b, row, planes, centroid, norm_grad=True):
+def _chain(x, w, b, row, planes, centroid, norm_grad=True, per_pixel=None):
     y, parts = reuse_conv2d(
         x,
         w,
@@ -98,17 +106,29 @@ def _chain(x, w, b, row, planes, centroid, norm_grad=True):
         centroid=centroid,
         keep_parts=False,
         norm_grad=norm_grad,
+        per_pixel=per_pixel,
     )
     return y, parts["counts"]
 
 
-def _stage_fn(x, w, b, row, planes, centroid, input_grad=True, norm_grad=True):
+def _stage_fn(x, w, b, row, planes, centroid, input_grad=True, norm_grad=True, per_pixel=None):
     def run():
         xx, ww = x.detach().requires_grad_(input_grad), w.detach().requires_grad_()
-        y, _ = _chain(xx, ww, b, row, planes, centroid, norm_grad)
+        y, _ = _chain(xx, ww, b, row, planes, centroid, norm_grad, per_pixel)
         y.backward(torch.ones_like(y))
 
     return run
+
+
+# The per-pixel chain is kept unless the generic chain times at most this fraction of it: a
+# tie (within the machine's noise) keeps the per-pixel one, which holds less memory.
+GENERIC_MARGIN = 0.95
+
+
+def _pixel_fits(row, cg: int, L: int) -> bool:
+    """Whether the rewrite would emit the per-pixel chain for stage L of ``row`` (scope "batch",
+    as the calibration runs it)."""
+    return kernels.use_pixel_chain(cg, L, list(row.stride), list(row.kernel_size), "batch")
 
 
 def _exact_out(x, w, b, row):
@@ -146,8 +166,11 @@ def calibrate(
     warm-up round (more rounds for a short layer: enough for ~0.1 s of the exact convolution,
     at most 15); the backward computes the input gradient only if ``input_grad`` (as training
     does: a first layer's input needs none). Returns ``{"exact_ms", "input_grad", "candidates":
-    [{"L", "H", "ms", "ratio", "ratio_min", "r_c", "predicted", "error"}]}`` in the row's
-    candidate order (``ms`` and ``ratio``: medians; ``ratio_min``: the fastest runs' ratio;
+    [{"L", "H", "ms", "ratio", "ratio_min", "r_c", "predicted", "error", "chain"}]}`` in the
+    row's candidate order (``ms`` and ``ratio``: medians; ``ratio_min``: the fastest runs' ratio;
+    ``chain``: "pixel" or "generic", which chain the stage runs: where the per-pixel chain fits
+    both are timed and the generic one is kept only if it takes at most ``GENERIC_MARGIN`` of
+    the per-pixel one's time, with both medians as ``ms_pixel`` and ``ms_generic``;
     ``error`` is the relative output error ||y - y_exact|| / ||y_exact|| on ``x``,
     with the layer's own hash planes for ``seed``, as are r_c and the timings; with
     ``hashing="pca"`` the planes are fitted to ``x`` as training fits them, and the fits are
@@ -179,6 +202,8 @@ def calibrate(
             seed,
             row.name,
             ("rounds", MAX_ROUNDS, MIN_EXACT_S, "ratio_min", "exact: conv2d's own padding"),
+            ("chains", GENERIC_MARGIN),
+            sorted(CACHE_TAGS),
             hashing,
             norm_grad,
         ]
@@ -199,6 +224,12 @@ def calibrate(
         planes = [fit_to_input(xp, k, st, d, p) for p in planes]
     fns = [_exact_fn(x, w, b, row, input_grad)]
     fns += [_stage_fn(x, w, b, row, p, centroid, input_grad, norm_grad) for p in planes]
+    # where the per-pixel chain fits, the generic chain too (appended: index -> its fn)
+    generic = {}
+    for i, ((L, _), p) in enumerate(zip(row.candidates, planes)):
+        if _pixel_fits(row, cg, L):
+            generic[i] = len(fns)
+            fns.append(_stage_fn(x, w, b, row, p, centroid, input_grad, norm_grad, per_pixel=False))
     times = [[] for _ in fns]
     # on CUDA the work is asynchronous: each timing waits for the device before and after
     sync = (lambda: torch.cuda.synchronize(x.device)) if x.device.type == "cuda" else (lambda: None)
@@ -223,10 +254,18 @@ def calibrate(
     with torch.no_grad():
         y_exact = _exact_out(x, w, b, row)
         scale = float(y_exact.norm()) or 1.0
-        for (L, H), p, t in zip(row.candidates, planes, times[1:]):
+        for i, ((L, H), p) in enumerate(zip(row.candidates, planes)):
+            t = times[1 + i]
             y, cnt = _chain(x, w, b, row, p, centroid)
             r_c = float(((cnt > 0).sum(1).double() / cnt.sum(1).clamp(min=1)).mean())
             ms = statistics.median(t) * 1e3
+            extra = {"chain": "pixel" if _pixel_fits(row, cg, L) else "generic"}
+            if i in generic:
+                tg = times[generic[i]]
+                ms_generic = statistics.median(tg) * 1e3
+                extra.update(ms_pixel=ms, ms_generic=ms_generic)
+                if ms_generic <= GENERIC_MARGIN * ms:
+                    t, ms, extra["chain"] = tg, ms_generic, "generic"
             out.append(
                 {
                     "L": L,
@@ -237,6 +276,7 @@ def calibrate(
                     "r_c": r_c,
                     "predicted": expected_cost(L, H, mg, r_c),
                     "error": float((y - y_exact).norm()) / scale,
+                    **extra,
                 }
             )
     result = {"exact_ms": exact_ms, "input_grad": input_grad, "rounds": rounds, "candidates": out}

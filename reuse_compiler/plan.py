@@ -75,6 +75,14 @@ class LayerPlan:
         return next((c for c in self.calibration["candidates"] if (c["L"], c["H"]) == (self.L, self.H)), None)
 
     @property
+    def generic_chain(self) -> bool:
+        """Whether the current stage runs the generic chain where the per-pixel chain would fit:
+        the measured policy's calibration timed the generic chain clearly faster there (its
+        entry's ``chain``). False without a calibration (the per-pixel chain is the default)."""
+        c = self._calibrated()
+        return c is not None and c.get("chain") == "generic"
+
+    @property
     def time_ratio(self) -> float | None:
         """Measured forward+backward time of the current stage / exact (measured policy)."""
         c = self._calibrated()

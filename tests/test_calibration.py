@@ -137,6 +137,34 @@ def test_calibration_is_cached(cache, monkeypatch):
     assert [r.calibration for r in first.reuse_plan] == [r.calibration for r in second.reuse_plan]
 
 
+def test_calibration_is_redone_under_other_process_settings(cache, monkeypatch):
+    """Timings taken with glibc malloc tuned (examples/train.py's tune_malloc) are not reused by
+    a process without it, nor the other way round: the settings are part of the cache key."""
+    x = torch.randn(4, 1, 28, 28)
+    cfg = ReuseConfig(policy="measured", calibration_repeats=1)
+    monkeypatch.setattr(cal, "CACHE_TAGS", set())
+    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    timed = []
+    stage_fn = cal._stage_fn
+    monkeypatch.setattr(cal, "_stage_fn", lambda *a, **k: timed.append(a) or stage_fn(*a, **k))
+    cal.CACHE_TAGS.add("glibc malloc tuned (test)")
+    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    assert timed
+    timed.clear()
+    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    assert not timed  # the same settings: cached
+
+
+def test_tune_malloc_tags_the_calibration(monkeypatch):
+    from examples.train import tune_malloc
+
+    monkeypatch.setattr(cal, "CACHE_TAGS", set())
+    if tune_malloc():
+        assert any("malloc tuned" in t for t in cal.CACHE_TAGS)
+    else:
+        assert not cal.CACHE_TAGS
+
+
 def test_calibration_is_redone_when_the_kernels_change(cache, monkeypatch):
     from reuse_compiler.runtime import extension
 
@@ -215,3 +243,66 @@ def test_bad_max_error(bad):
 def test_max_error_needs_the_measured_policy():
     with pytest.raises(ValueError, match="policy='measured'"):
         ReuseConfig(max_error=0.3)
+
+
+def test_calibration_times_both_chains_where_the_per_pixel_chain_fits(cache):
+    """At L = C (the per-pixel chain fits) both chains are timed and the entry says which one
+    the stage runs (the generic chain only if clearly faster: GENERIC_MARGIN); elsewhere only
+    the generic chain exists."""
+    from reuse_compiler.runtime import extension
+
+    x = torch.randn(8, 1, 28, 28)
+    config = ReuseConfig(policy="measured", l_values="extended")
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=config)
+    row = gm.reuse_plan["conv2"]  # 16 -> 16 channels, 5x5
+    cands = {(c["L"], c["H"]): c for c in row.calibration["candidates"]}
+    pixel_stages = [c for (L, _), c in cands.items() if L == row.in_channels]
+    assert pixel_stages, cands.keys()
+    for (L, _), c in cands.items():
+        if L == row.in_channels and extension.get() is not None:
+            assert c["ms_pixel"] > 0 and c["ms_generic"] > 0
+            want = "generic" if c["ms_generic"] <= cal.GENERIC_MARGIN * c["ms_pixel"] else "pixel"
+            assert c["chain"] == want and c["ms"] == pytest.approx(c[f"ms_{want}"])
+        else:
+            assert c["chain"] == "generic" and "ms_pixel" not in c
+
+
+def test_the_rewrite_runs_the_chain_the_calibration_chose(cache, monkeypatch):
+    """A stage whose calibration entry says "generic" is rewritten with the generic chain even
+    where the per-pixel chain fits, with the same output; "pixel" (or no entry) keeps the
+    per-pixel chain (injected timings)."""
+    from reuse_compiler.passes import rebuild
+    from reuse_compiler.runtime import extension
+
+    if extension.get() is None:
+        pytest.skip("the rewrite emits the per-pixel chain only with the C++ kernels")
+
+    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True):
+        cands = [
+            {"L": L, "H": H, "ms": 1.0, "ratio": 0.5, "ratio_min": 0.5, "r_c": 0.1, "predicted": 0.5, "error": 0.3}
+            | {"chain": "generic" if L == row.in_channels // row.groups else "pixel"}
+            for L, H in row.candidates
+        ]
+        return {"exact_ms": 2.0, "input_grad": input_grad, "candidates": cands}
+
+    monkeypatch.setattr(cal, "calibrate", fake)
+    x = torch.rand(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    model = cifarnet(in_channels=1, image_size=28, width=0.25).to(memory_format=torch.channels_last)
+    gm = reuse_compile(model, x, config=ReuseConfig(policy="measured", l_values="extended"))
+    row = gm.reuse_plan["conv2"]
+    stage = next((L, H) for L, H in row.candidates if L == row.in_channels)
+
+    def targets():
+        return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+    from reuse_compiler import set_stage
+
+    set_stage(gm, "conv2", L=stage[0], H=stage[1])
+    assert row.generic_chain
+    assert "reuse.cluster_norms.default" in targets() and "reuse.cluster_pixels_norms.default" not in targets()
+    y_generic = gm(x)
+    for c in row.calibration["candidates"]:
+        c["chain"] = "pixel"
+    rebuild(gm)
+    assert not row.generic_chain and "reuse.cluster_pixels_norms.default" in targets()
+    torch.testing.assert_close(gm(x), y_generic, rtol=0, atol=0)
