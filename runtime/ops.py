@@ -506,9 +506,9 @@ def _cluster_pixel_ids(xp, ids, g, interior):
     return centroids, ranks, slot_map, counts
 
 
-@cluster_pixels.register_fake
-def _(xp, ids, kernel_size, stride, dilation, L, H, x=None, padding=None):
-    _check_pixel_args(xp.shape, kernel_size, stride, L, "reuse.cluster_pixels")
+def _cluster_pixels_fake(xp, ids, kernel_size, stride, L, op):
+    """The fake outputs of ``cluster_pixels`` (``cluster_pixels_norms`` adds the norms)."""
+    _check_pixel_args(xp.shape, kernel_size, stride, L, op)
     ctx = torch.library.get_ctx()
     cmax, G = ctx.new_dynamic_size(), ctx.new_dynamic_size()
     nb = kernel_size[0] * kernel_size[1]
@@ -518,6 +518,11 @@ def _(xp, ids, kernel_size, stride, dilation, L, H, x=None, padding=None):
         ids.new_empty(nb, G, dtype=torch.int32),
         ids.new_empty(nb, cmax),
     )
+
+
+@cluster_pixels.register_fake
+def _(xp, ids, kernel_size, stride, dilation, L, H, x=None, padding=None):
+    return _cluster_pixels_fake(xp, ids, kernel_size, stride, L, "reuse.cluster_pixels")
 
 
 def _cluster_pixels_setup(ctx, inputs, output):
@@ -533,11 +538,24 @@ def _cluster_pixels_setup(ctx, inputs, output):
 
 
 def _cluster_pixels_backward(ctx, g_centroids, _g_ranks, _g_map, _g_counts):
-    ranks, slot_map, counts = ctx.saved_tensors
+    return _pixel_input_grads(ctx, g_centroids)
+
+
+def _pixel_input_grads(ctx, g_centroids, g_norms=None):
+    """The input's gradient of ``cluster_pixels`` (from the centroids') and of
+    ``cluster_pixels_norms`` (the norms' share added in place), for ``x`` directly when
+    channels-last, else for ``xp``."""
+    ranks, slot_map, counts, *norm_parts = ctx.saved_tensors
     grad = None
-    if g_centroids is not None and ctx.needs_input_grad[_input_slot(ctx, 7)]:
+    if ctx.needs_input_grad[_input_slot(ctx, 7)]:
         pad = ctx.padding if ctx.to_input else None
-        grad = cluster_pixels_grad(g_centroids, ranks, slot_map, counts, *ctx.args, pad).to(ctx.dtype)
+        if g_centroids is not None:
+            grad = cluster_pixels_grad(g_centroids, ranks, slot_map, counts, *ctx.args, pad)
+        if g_norms is not None:
+            src, norms = norm_parts
+            grad = _add_pixel_norms_grad(grad, g_norms, norms, src, pad)
+        if grad is not None:
+            grad = grad.to(ctx.dtype)
     return _input_grads(ctx, 7, 9, grad)
 
 
@@ -568,17 +586,8 @@ def cluster_pixels_norms(
 
 @cluster_pixels_norms.register_fake
 def _(xp, ids, kernel_size, stride, dilation, L, H, x=None, padding=None):
-    _check_pixel_args(xp.shape, kernel_size, stride, L, "reuse.cluster_pixels_norms")
-    ctx = torch.library.get_ctx()
-    cmax, G = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    nb = kernel_size[0] * kernel_size[1]
-    return (
-        xp.new_empty(nb, cmax, L),
-        torch.empty_like(ids, dtype=torch.int32),
-        ids.new_empty(nb, G, dtype=torch.int32),
-        ids.new_empty(nb, cmax),
-        xp.new_empty(xp.shape[:3]),
-    )
+    out = _cluster_pixels_fake(xp, ids, kernel_size, stride, L, "reuse.cluster_pixels_norms")
+    return (*out, xp.new_empty(xp.shape[:3]))
 
 
 def _cluster_pixels_norms_setup(ctx, inputs, output):
@@ -589,17 +598,7 @@ def _cluster_pixels_norms_setup(ctx, inputs, output):
 
 
 def _cluster_pixels_norms_backward(ctx, g_centroids, _g_ranks, _g_map, _g_counts, g_norms):
-    ranks, slot_map, counts, src, norms = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[_input_slot(ctx, 7)]:
-        pad = ctx.padding if ctx.to_input else None
-        if g_centroids is not None:
-            grad = cluster_pixels_grad(g_centroids, ranks, slot_map, counts, *ctx.args, pad)
-        if g_norms is not None:
-            grad = _add_pixel_norms_grad(grad, g_norms, norms, src, pad)
-        if grad is not None:
-            grad = grad.to(ctx.dtype)
-    return _input_grads(ctx, 7, 9, grad)
+    return _pixel_input_grads(ctx, g_centroids, g_norms)
 
 
 def _add_pixel_norms_grad(grad, g_norms, norms, src, pad):

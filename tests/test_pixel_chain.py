@@ -46,6 +46,11 @@ def _data(C, hw, layout, dtype=torch.float32, Nb=5, seed=0):
     return x
 
 
+def _case(C, k, hw, layout):
+    """A layer's input, weight (6 outputs), bias and hash planes (H = 6) for the chain tests."""
+    return _data(C, hw, layout), torch.randn(6, C, *k), torch.randn(6), lsh_planes(C, 6, seed=3)
+
+
 def _chain(per_pixel, x, w, b, planes, k, p, d, centroid, gy_seed=1, norm_grad=False):
     """Forward and backward of the chain (reuse_conv2d, norms constant unless ``norm_grad``);
     outputs, gradients, parts."""
@@ -75,10 +80,7 @@ def test_pixel_chain_gives_the_generic_chains_bits(C, k, p, d, hw, layout, centr
     if extension.get() is None:
         pytest.skip("C++ kernels unavailable")
     kernels.CHUNK_PATH = mode
-    x = _data(C, hw, layout)
-    w = torch.randn(6, C, *k)
-    b = torch.randn(6)
-    planes = lsh_planes(C, 6, seed=3)
+    x, w, b, planes = _case(C, k, hw, layout)
     generic = _chain(False, x, w, b, planes, list(k), list(p), list(d), centroid)
     pixel = _chain(True, x, w, b, planes, list(k), list(p), list(d), centroid)
     _assert_same(generic, pixel)
@@ -97,10 +99,7 @@ def test_pixel_chain_with_the_norms_gradient(C, k, p, d, hw, layout, mode):
     if extension.get() is None:
         pytest.skip("C++ kernels unavailable")
     kernels.CHUNK_PATH = mode
-    x = _data(C, hw, layout)
-    w = torch.randn(6, C, *k)
-    b = torch.randn(6)
-    planes = lsh_planes(C, 6, seed=3)
+    x, w, b, planes = _case(C, k, hw, layout)
     args = (x, w, b, planes, list(k), list(p), list(d), "norm")
     generic = _chain(False, *args, norm_grad=True)
     pixel = _chain(True, *args, norm_grad=True)
@@ -121,10 +120,8 @@ def test_pixel_chain_bfloat16_as_generic(norm_grad):
     and dtypes match the generic chain's, with and without the norms' gradient."""
     C, k, p, d, hw = SHAPES[0]
     k, p, d = list(k), list(p), list(d)
-    x = _data(C, hw, "channels_last").to(torch.bfloat16)
-    w = torch.randn(6, C, *k).to(torch.bfloat16)
-    b = torch.randn(6).to(torch.bfloat16)
-    planes = lsh_planes(C, 6, seed=3)
+    x, w, b, planes = _case(C, k, hw, "channels_last")
+    x, w, b = (t.to(torch.bfloat16) for t in (x, w, b))
     generic = _chain(False, x, w, b, planes, k, p, d, "norm", norm_grad=norm_grad)
     pixel = _chain(True, x, w, b, planes, k, p, d, "norm", norm_grad=norm_grad)
     for u, v in zip(generic[:4], pixel[:4]):
@@ -245,12 +242,14 @@ def test_pixel_chain_nonfinite_input_as_generic(centroid, norm_grad):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("centroid", ["mean", "norm"])
+@pytest.mark.parametrize("centroid", ["mean", "norm", "norm, fused"])
 def test_gradcheck_pixel_chain_float64(centroid, layout):
-    """float64 gradcheck of the per-pixel chain w.r.t. input, weight and bias; with the norm
-    centroid the member norms take a gradient too (member_norms(per_pixel=True)'s backward and
-    reconstruct's scales gradient through the slot map), which the rewrite never asks for.
-    Channels-last: the hash and the norms read x itself, and the gradients go to x directly."""
+    """float64 gradcheck of the per-pixel chain w.r.t. input, weight and bias. With the norm
+    centroid the member norms take a gradient too: "norm" through member_norms(per_pixel=True)'s
+    backward, "norm, fused" through cluster_pixels_norms (as the rewrite emits it with the norms'
+    gradient), whose backward adds the norms' share into the centroids' input gradient in place;
+    both via reconstruct's scales gradient through the slot map. Channels-last: the hash and the
+    norms read x itself, and the gradients go to x directly (else to xp)."""
     C, k, p, d = 3, [3, 3], [1, 1, 1, 0], [1, 2]
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, C, 5, 6, generator=g, dtype=torch.float64) + 0.1
@@ -264,38 +263,17 @@ def test_gradcheck_pixel_chain_float64(centroid, layout):
     def f(x, w, b):
         xp = ops.im2col(x, k, [1, 1], p, d)
         ids = ops.lsh_hash(xp, planes, k, [1, 1], d, True, x, p)
-        cent, ranks, slot_map, _ = ops.cluster_pixels(xp, ids, k, [1, 1], d, C, 5, x, p)
         scales = None
-        if centroid == "norm":
+        if centroid == "norm, fused":
+            cent, ranks, slot_map, _, scales = ops.cluster_pixels_norms(xp, ids, k, [1, 1], d, C, 5, x, p)
+        else:
+            cent, ranks, slot_map, _ = ops.cluster_pixels(xp, ids, k, [1, 1], d, C, 5, x, p)
+            if centroid == "norm":
+                scales = ops.member_norms(xp, k, [1, 1], d, C, x, p, True)
+        if scales is not None:
             cent = ops.unit_rows(cent)
-            scales = ops.member_norms(xp, k, [1, 1], d, C, x, p, True)
         yc = ops.centroid_gemm(cent, w)
         return ops.reconstruct(yc, ranks, b, scales, slot_map, [k[0], k[1], d[0], d[1]])
-
-    assert torch.autograd.gradcheck(f, (x, w, b))
-
-
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_gradcheck_pixel_chain_with_norms_float64(layout):
-    """float64 gradcheck of the per-pixel chain as the rewrite emits it with the norms'
-    gradient: cluster_pixels_norms, whose backward adds the norms' share into the centroids'
-    input gradient in place (channels-last: into x's gradient; else into xp's)."""
-    C, k, p, d = 3, [3, 3], [1, 1, 1, 0], [1, 2]
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(2, C, 5, 6, generator=g, dtype=torch.float64) + 0.1
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    w = torch.randn(4, C, *k, generator=g, dtype=torch.float64).requires_grad_()
-    b = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
-    planes = lsh_planes(C, 5, seed=4, dtype=torch.float64)
-
-    def f(x, w, b):
-        xp = ops.im2col(x, k, [1, 1], p, d)
-        ids = ops.lsh_hash(xp, planes, k, [1, 1], d, True, x, p)
-        cent, ranks, slot_map, _, norms = ops.cluster_pixels_norms(xp, ids, k, [1, 1], d, C, 5, x, p)
-        yc = ops.centroid_gemm(ops.unit_rows(cent), w)
-        return ops.reconstruct(yc, ranks, b, norms, slot_map, [k[0], k[1], d[0], d[1]])
 
     assert torch.autograd.gradcheck(f, (x, w, b))
 

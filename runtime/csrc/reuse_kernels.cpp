@@ -1748,21 +1748,32 @@ torch::Tensor pixel_norms(torch::Tensor xp) {
   return out;
 }
 
+// The two per-pixel chunk-path kernels' common part: their checks (the maps, the counts, an
+// input inside the padded frame), the geometry `g` and the chunk plan built from the maps;
+// false where the generic chain would take the per-row kernels.
+bool pixel_chunk_plan(ChunkPlan& cp, Geo& g, const char* what, const torch::Tensor& ranks,
+                      const torch::Tensor& slot_map, const torch::Tensor& counts, const std::vector<int64_t>& geo,
+                      const torch::Tensor& pieces_t, int64_t mode, const Interior& in, int64_t cmax) {
+  check_cpu_contig(counts, "counts");
+  g = pixel_geo(geo, what);
+  check_pixel_maps(g, ranks, slot_map, what);
+  TORCH_CHECK(in.H < 0 || (in.pt >= 0 && in.pl >= 0 && in.W >= 0 && in.pt + in.H <= g.Hp && in.pl + in.W <= g.Wp),
+              what, ": the input must lie inside the padded frame");
+  return pixel_plan(cp, g, read_pieces(pieces_t), ranks.data_ptr<int32_t>(), slot_map.data_ptr<int32_t>(),
+                    slot_map.size(1), cmax, mode, in);
+}
+
 // centroid_means (chunk path) from the per-pixel maps; None where the generic chain would
 // take the per-row kernels (the caller then forms the inverse and takes them too).
 c10::optional<torch::Tensor> pixel_centroid_means(torch::Tensor xp, torch::Tensor ranks, torch::Tensor slot_map,
                                                   torch::Tensor counts, std::vector<int64_t> geo, torch::Tensor pieces_t,
                                                   int64_t mode, int64_t pt, int64_t pl, int64_t H, int64_t W) {
   check_cpu_contig(xp, "xp");
-  check_cpu_contig(counts, "counts");
-  const Geo g = pixel_geo(geo, "pixel_centroid_means");
-  check_pixel_maps(g, ranks, slot_map, "pixel_centroid_means");
-  const auto pieces = read_pieces(pieces_t);
   const int64_t nb = slot_map.size(0), cmax = counts.size(1);
   const Interior in{pt, pl, H, W};
+  Geo g;
   ChunkPlan cp;
-  if (!pixel_plan(cp, g, pieces, ranks.data_ptr<int32_t>(), slot_map.data_ptr<int32_t>(), slot_map.size(1), cmax,
-                  mode, in))
+  if (!pixel_chunk_plan(cp, g, "pixel_centroid_means", ranks, slot_map, counts, geo, pieces_t, mode, in, cmax))
     return c10::nullopt;
   auto S = torch::empty({nb, cmax, g.L}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "pixel_centroid_means", [&] {
@@ -1778,17 +1789,12 @@ c10::optional<torch::Tensor> pixel_centroid_means_backward(torch::Tensor g_cent,
                                                            std::vector<int64_t> geo, torch::Tensor pieces_t,
                                                            int64_t mode, int64_t pt, int64_t pl, int64_t H, int64_t W) {
   check_cpu_contig(g_cent, "g_cent");
-  check_cpu_contig(counts, "counts");
-  const Geo g = pixel_geo(geo, "pixel_centroid_means_backward");
-  check_pixel_maps(g, ranks, slot_map, "pixel_centroid_means_backward");
-  const auto pieces = read_pieces(pieces_t);
   const int64_t nb = slot_map.size(0), cmax = g_cent.size(1);
   const Interior in{pt, pl, H, W};
-  TORCH_CHECK(in.H < 0 || (in.pt >= 0 && in.pl >= 0 && in.W >= 0 && in.pt + in.H <= g.Hp && in.pl + in.W <= g.Wp),
-              "pixel_centroid_means_backward: the input must lie inside the padded frame");
+  Geo g;
   ChunkPlan cp;
-  if (!pixel_plan(cp, g, pieces, ranks.data_ptr<int32_t>(), slot_map.data_ptr<int32_t>(), slot_map.size(1), cmax,
-                  mode, in))
+  if (!pixel_chunk_plan(cp, g, "pixel_centroid_means_backward", ranks, slot_map, counts, geo, pieces_t, mode, in,
+                        cmax))
     return c10::nullopt;
   auto D = in.H < 0 ? torch::empty({g.Nb, g.Hp, g.Wp, g.C}, g_cent.options())
                     : torch::empty({g.Nb, g.C, in.H, in.W}, g_cent.options().memory_format(at::MemoryFormat::ChannelsLast));
