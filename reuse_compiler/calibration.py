@@ -259,7 +259,7 @@ def calibrate(
             y, cnt = _chain(x, w, b, row, p, centroid)
             r_c = float(((cnt > 0).sum(1).double() / cnt.sum(1).clamp(min=1)).mean())
             ms = statistics.median(t) * 1e3
-            extra = {"chain": "pixel" if _pixel_fits(row, cg, L) else "generic"}
+            extra = {"chain": "pixel" if i in generic else "generic"}
             if i in generic:
                 tg = times[generic[i]]
                 ms_generic = statistics.median(tg) * 1e3
