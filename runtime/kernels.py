@@ -11,6 +11,8 @@ equals ``torch.unique``'s. Slots past a block's cluster count are empty (count 0
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -72,6 +74,29 @@ def _ext(*tensors):
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are hashed and averaged in float32."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def lengths(t: torch.Tensor, dim: int = -1, keepdim: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t.norm(dim=dim, keepdim=keepdim, dtype=dtype)``, taken again in float64 where float32's
+    sums of squares overflowed (entries above about 1e19: the length is finite, its square is
+    not): the norm centroid's lengths stay finite wherever F.conv2d's outputs do."""
+    n = t.norm(dim=dim, keepdim=keepdim, dtype=dtype)
+    return _finite_lengths(n, lambda: t.double().norm(dim=dim, keepdim=keepdim))
+
+
+def _finite_lengths(norms: torch.Tensor, again) -> torch.Tensor:
+    """``norms`` or, where one is not finite and they are not float64, ``again()`` (the same
+    lengths computed in float64) in their dtype. A NaN or Inf entry of the input gives the same
+    non-finite length either way (the recomputation costs time only then). The test is the sum
+    of the (non-negative) lengths: 10-50 us on the chain's tensors, where ``isfinite(...).all()``
+    took 0.1-1 ms; a sum that overflows only costs a recomputation. Traced (fake or functional
+    tensors: ``unit_rows``' backward norms while export or AOT autograd trace it) the lengths
+    are kept as they are: the test would need their values."""
+    if type(norms) is not torch.Tensor or norms.device.type == "meta":
+        return norms
+    if norms.dtype == torch.float64 or not norms.numel() or math.isfinite(float(norms.sum())):
+        return norms
+    return again().to(norms.dtype)
 
 
 def pack_ids(proj: torch.Tensor) -> torch.Tensor:
@@ -419,8 +444,10 @@ def member_norms(xp: torch.Tensor, g: Geometry) -> torch.Tensor:
     x = xp.to(compute_dtype(xp.dtype))
     ext = _ext(x)
     if ext is not None:
-        return ext.member_norms(x.contiguous(), g.vector(), g.pieces_tensor(), g.nb)
-    return torch.stack([g.gather_block(x, b).norm(dim=1) for b in range(g.nb)])
+        norms = ext.member_norms(x.contiguous(), g.vector(), g.pieces_tensor(), g.nb)
+    else:
+        norms = torch.stack([g.gather_block(x, b).norm(dim=1) for b in range(g.nb)])
+    return _finite_lengths(norms, lambda: member_norms(xp.double(), g))
 
 
 def member_norms_backward(
@@ -485,7 +512,7 @@ def unit_rows(c: torch.Tensor, eps: float) -> torch.Tensor:
 
 def unit_rows_torch(c: torch.Tensor, eps: float) -> torch.Tensor:
     """:func:`unit_rows` in plain PyTorch."""
-    return c / c.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return c / lengths(c, keepdim=True).clamp_min(eps)
 
 
 def unit_rows_backward(u: torch.Tensor, n: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -694,6 +721,13 @@ def pixel_norms(xp: torch.Tensor, g: Geometry, x=None, interior=None) -> torch.T
     (the C++ kernel computes each pixel's norm as member_norms does). Given the unpadded input
     ``x`` at ``interior``, only its pixels are read (the padding's norms are 0)."""
     check_pixel_geometry(g, "reuse.member_norms(per_pixel=True)")
+    return _finite_lengths(
+        _pixel_norms(xp, g, x, interior),
+        lambda: _pixel_norms(xp.double(), g, None if x is None else x.double(), interior),
+    )
+
+
+def _pixel_norms(xp, g: Geometry, x, interior) -> torch.Tensor:
     if xp.numel() and x is not None and x.dtype == compute_dtype(xp.dtype):
         rows = _interior_rows(x, interior, g)
         if rows is not None:

@@ -678,7 +678,7 @@ def _(c):
 
 def _unit_rows_setup(ctx, inputs, output):
     (c,) = inputs
-    ctx.save_for_backward(output, c.norm(dim=-1, keepdim=True, dtype=kernels.compute_dtype(c.dtype)))
+    ctx.save_for_backward(output, kernels.lengths(c, keepdim=True, dtype=kernels.compute_dtype(c.dtype)))
 
 
 def _unit_rows_backward(ctx, g):

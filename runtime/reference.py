@@ -31,6 +31,15 @@ def lsh_planes(L: int, H: int, seed: int, dtype: torch.dtype = torch.float32) ->
     return torch.randn(L, H, generator=gen, dtype=torch.float64).to(dtype)
 
 
+def _length(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's Euclidean length (keepdim), in float64 and cast back where the rows' dtype
+    overflows the sum of squares (entries above about 1e19 in float32)."""
+    n = rows.norm(dim=1, keepdim=True)
+    if rows.dtype != torch.float64 and not bool(torch.isfinite(n).all()):
+        n = rows.double().norm(dim=1, keepdim=True).to(rows.dtype)
+    return n
+
+
 def pack_bits(proj: torch.Tensor) -> torch.Tensor:
     """Eq. 4 for each of the last dim's H projections, packed into an int64 id: bit k is
     ``proj[..., k] > 0``. H <= 62 keeps ids non-negative."""
@@ -92,8 +101,8 @@ def reference_reuse_conv2d(
         uniq, inv, cnt = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
         mean = sub.new_zeros(len(uniq), L).index_add(0, inv, sub) / cnt[:, None].to(x.dtype)
         if centroid == "norm":
-            unit = mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            scale = sub.norm(dim=1, keepdim=True)
+            unit = mean / _length(mean).clamp_min(1e-12)
+            scale = _length(sub)
             y = y + (scale if norm_grad else scale.detach()) * (unit @ W[b * L : (b + 1) * L])[inv]
         else:
             y_c = mean @ W[b * L : (b + 1) * L]  # y_c,b = x_c,b . W_b

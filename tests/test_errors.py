@@ -313,13 +313,14 @@ def test_across_batch_store_follows_the_module_to_another_dtype():
     assert torch.isfinite(gm(torch.randn(8, 1, 28, 28, dtype=torch.float64))).all()
 
 
-def test_huge_finite_entries_are_not_taken_for_non_finite_ones():
+@pytest.mark.parametrize("centroid", ["mean", "norm"])
+def test_huge_finite_entries_are_not_taken_for_non_finite_ones(centroid):
     """With a NaN in the batch, sub-vectors whose squared norm overflows (entries ~1e20) are
     still finite: they keep their clusters, and their images' outputs are what they are
-    without the NaN (the mean centroid; the norm centroid's limit is in docs/architecture.md)."""
+    without the NaN (with the norm centroid too: its lengths are then taken in float64)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-    gm = reuse_compile(nn.Sequential(conv), torch.randn(4, 3, 8, 8), config=ReuseConfig(centroid="mean"))
+    gm = reuse_compile(nn.Sequential(conv), torch.randn(4, 3, 8, 8), config=ReuseConfig(centroid=centroid))
     x = torch.randn(4, 3, 8, 8) * 1e20
     bad = x.clone()
     bad[3, 0, 5, 5] = float("nan")
@@ -329,3 +330,70 @@ def test_huge_finite_entries_are_not_taken_for_non_finite_ones():
     assert (~torch.isfinite(y_bad)).flatten(1).any(1).tolist() == [False, False, False, True]
     rel = (y_bad[:3].double() - y[:3].double()).norm() / y[:3].double().norm()
     assert rel < 0.05  # the same clusters but for the NaN sub-vectors (0.009 here), none lumped with them
+
+
+SCALE = 2.0**66  # about 7.4e19: float32 squares overflow (x * x > 3.4e38), the entries do not
+
+
+def _scaled_chain(chain, norm_grad):
+    """The chain (norm centroid) on a ReLU input and on the input times SCALE: (y, x.grad,
+    w.grad) of each, and F.conv2d's output on the scaled input."""
+    from reuse_compiler.runtime import ops
+    from reuse_compiler.runtime.reference import lsh_planes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(3, 8, 7, 7, generator=g)).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 8, 3, 3, generator=g)
+    gy = torch.randn(3, 5, 7, 7, generator=g)
+    planes = lsh_planes(4 if chain == "generic L=4" else 8, 5, seed=1)
+
+    def run(inp):
+        xx, ww = inp.clone().requires_grad_(), w.clone().requires_grad_()
+        y, _ = ops.reuse_conv2d(
+            xx, ww, None, planes, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], centroid="norm",
+            norm_grad=norm_grad, per_pixel=chain == "per-pixel",
+        )  # fmt: skip
+        y.backward(gy)
+        return y.detach(), xx.grad, ww.grad
+
+    return run(x), run(x * SCALE), torch.nn.functional.conv2d(x * SCALE, w, padding=1)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("norm_grad", [False, True])
+@pytest.mark.parametrize("chain", ["per-pixel", "generic L=4", "generic L=C"])
+def test_norm_centroid_entries_whose_squares_overflow(chain, norm_grad, kernels_on):
+    """Entries above about 1e19 overflow float32's sums of squares. The norm centroid's
+    lengths (member norms, per-pixel norms, the centroids' unit rows) are then taken again in
+    float64, so the chain stays finite where F.conv2d does, and scaling the input by a power of
+    two scales the output and the weight gradient by it (the hash ids, clusters and unit
+    centroids are scale-free; the lengths are linear), up to the rounding of the float64 norms.
+    With and without the C++ kernels (the per-pixel ops then form the generic tensors)."""
+    from reuse_compiler.runtime import extension
+
+    if kernels_on and extension.get() is None:
+        pytest.skip("C++ kernels unavailable")
+    if kernels_on:
+        small, big, stock = _scaled_chain(chain, norm_grad)
+    else:
+        with extension.disabled():
+            small, big, stock = _scaled_chain(chain, norm_grad)
+    assert torch.isfinite(stock).all()
+    for t in big:
+        assert torch.isfinite(t).all()
+    torch.testing.assert_close(big[0], small[0] * SCALE, rtol=1e-5, atol=1e-6 * float(stock.abs().max()))
+    torch.testing.assert_close(big[2], small[2] * SCALE, rtol=1e-4, atol=1e-5 * float(big[2].abs().max()))
+
+
+def test_norm_centroid_reference_chain_with_overflowing_squares():
+    """The reference chain (the oracle) takes the norm centroid's lengths overflow-safe too."""
+    from reuse_compiler.runtime.reference import lsh_planes, reference_reuse_conv2d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(2, 8, 6, 6, generator=g))
+    w = torch.randn(4, 8, 3, 3, generator=g)
+    kw = dict(padding=(1, 1, 1, 1), L=8, planes=lsh_planes(8, 5, seed=1), centroid="norm")
+    y, _ = reference_reuse_conv2d(x, w, None, **kw)
+    y_big, _ = reference_reuse_conv2d(x * SCALE, w, None, **kw)
+    assert torch.isfinite(y_big).all()
+    torch.testing.assert_close(y_big, y * SCALE, rtol=1e-5, atol=1e-6 * float(y_big.abs().max()))

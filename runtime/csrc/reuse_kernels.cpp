@@ -1459,7 +1459,12 @@ void unit_rows_impl(const T* C, T* U, int64_t R, int64_t E, double eps) {
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t k = 0; k < E; ++k) acc += c[k] * c[k];
-      const T d = std::max(std::sqrt(acc), T(eps));
+      T d = std::max(std::sqrt(acc), T(eps));
+      if (std::isinf(acc)) {  // float squares overflow above ~1e19: the length again in double
+        double wide = 0;
+        for (int64_t k = 0; k < E; ++k) wide += double(c[k]) * double(c[k]);
+        d = T(std::max(std::sqrt(wide), eps));
+      }
 #pragma omp simd
       for (int64_t k = 0; k < E; ++k) u[k] = c[k] / d;
     }
