@@ -5,7 +5,9 @@ The model and data are the main job's (``examples/train.py``: CifarNet on the re
 batch 128, channels-last, Adam 1e-3). Variants, timed interleaved round-robin after
 warm-up steps, medians of ``--repeats`` rounds of ``--steps`` steps each:
 
-- stock fp32 (the baseline every ratio divides by);
+- stock fp32 (the baseline every ratio divides by), and stock fp32 with the model and batch
+  in NCHW memory (the default layout: it shows whether channels-last, the main job's layout
+  for both runs, is stock's faster one here);
 - reuse with the main job's default config at its first stages (measured policy, extended
   L values, norm centroid, fitted hash planes, max error 0.32, the member norms constant in
   the backward), the same with the norms' gradient; the same with random planes
@@ -141,6 +143,9 @@ def main(argv=None):
     base = MODELS["cifarnet"]().to(dev, memory_format=torch.channels_last)
 
     models = {"stock fp32": copy.deepcopy(base)}
+    # the baseline's layout is stock's faster one: the same stock model and batch in NCHW memory
+    nchw = "stock fp32, NCHW (model and batch; every other row channels-last)"
+    models[nchw] = copy.deepcopy(base).to(memory_format=torch.contiguous_format)
     configs = (
         (
             "reuse (main job: fitted planes, max error 0.32, norms constant in the backward)",
@@ -166,7 +171,9 @@ def main(argv=None):
         models[f"reuse (fitted planes, norms constant), forced: {stages(gm)}"] = gm
 
     phase_before = machine_phase()
-    steps = {name: make_step(m, x, y, sync=dev == "cuda") for name, m in models.items()}
+    steps = {
+        name: make_step(m, x.contiguous() if name == nchw else x, y, sync=dev == "cuda") for name, m in models.items()
+    }
     times = time_interleaved(steps, args.repeats, args.steps)
     peaks, peaks_pre = {}, {}
     for name, fn in steps.items():
