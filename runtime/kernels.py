@@ -89,10 +89,11 @@ def _finite_lengths(norms: torch.Tensor, again) -> torch.Tensor:
     lengths computed in float64) in their dtype. A NaN or Inf entry of the input gives the same
     non-finite length either way (the recomputation costs time only then). The test is the sum
     of the (non-negative) lengths: 10-50 us on the chain's tensors, where ``isfinite(...).all()``
-    took 0.1-1 ms; a sum that overflows only costs a recomputation. Traced (fake or functional
-    tensors: ``unit_rows``' backward norms while export or AOT autograd trace it) the lengths
-    are kept as they are: the test would need their values."""
-    if type(norms) is not torch.Tensor or norms.device.type == "meta":
+    took 0.1-1 ms; a sum that overflows only costs a recomputation. On the CPU only: traced
+    (fake or functional tensors: ``unit_rows``' backward norms while export or AOT autograd
+    trace it) the test would need the lengths' values, and on a GPU it would be one more wait
+    for the device per call (the chain's waits there are listed in docs/performance.md)."""
+    if type(norms) is not torch.Tensor or norms.device.type != "cpu":
         return norms
     if norms.dtype == torch.float64 or not norms.numel() or math.isfinite(float(norms.sum())):
         return norms
