@@ -33,6 +33,12 @@ def _node(graph: fx.Graph, target, args, name: str) -> fx.Node:
     return graph.create_node("call_function", target, args, name=name)
 
 
+def _detach(graph: fx.Graph, x, name: str) -> fx.Node:
+    """``x.detach()`` as a method call: a ``torch.Tensor.detach`` function node generates an
+    import line that a pickled module cannot load (``torch.save(gm)`` with constant norms)."""
+    return graph.create_node("call_method", "detach", (x,), name=name)
+
+
 def emit_reuse_conv(
     graph: fx.Graph,
     x,
@@ -98,9 +104,9 @@ def emit_reuse_conv(
         if fused:
             scales = _node(graph, operator.getitem, (cl, len(names)), f"{base}_norms")
         else:
-            norm_args = (_node(graph, torch.Tensor.detach, (xp,), f"{base}_xp_const"), k, s, d, row.L)
+            norm_args = (_detach(graph, xp, f"{base}_xp_const"), k, s, d, row.L)
             if pixel:
-                norm_args += (_node(graph, torch.Tensor.detach, (x,), f"{base}_x_const"), pad, True)
+                norm_args += (_detach(graph, x, f"{base}_x_const"), pad, True)
             scales = _node(graph, _ops.member_norms.default, norm_args, f"{base}_norms")
     yc = _node(graph, _ops.centroid_gemm.default, (centroids, weight), f"{base}_yc")
     if row.cluster_reuse:  # Algorithm 1: outputs of ids seen before come from the store

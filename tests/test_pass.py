@@ -393,16 +393,19 @@ def test_norm_grad_false_needs_the_norm_centroid():
         ReuseConfig(norm_grad=0)
 
 
-@pytest.mark.parametrize("hashing", ["random", "pca"])
-def test_whole_module_pickles_and_goes_on_training(tmp_path, hashing):
+@pytest.mark.parametrize("hashing,norm_grad", [("random", True), ("pca", True), ("pca", False)])
+def test_whole_module_pickles_and_goes_on_training(tmp_path, hashing, norm_grad):
     """torch.save(gm) / torch.load(weights_only=False): the same outputs and plan, and a
-    compiled module still (its stages change, it trains, copies and pickles again)."""
+    compiled module still (its stages change, it trains, copies and pickles again). With the
+    norms constant (the main job's config) the graph detaches the input for them: as a method
+    call, which the loaded module's code can import (a function node could not, until session 24)."""
     import copy
     import pickle
 
     torch.manual_seed(0)
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=ReuseConfig(hashing=hashing))
+    cfg = ReuseConfig(hashing=hashing, norm_grad=norm_grad)
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
     opt = torch.optim.SGD(gm.parameters(), lr=0.1)
     for _ in range(2):  # runtime state to carry: the last counts and, with pca, the fitted planes
         F.cross_entropy(gm(x), y).backward()
