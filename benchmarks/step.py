@@ -8,6 +8,8 @@ warm-up steps, medians of ``--repeats`` rounds of ``--steps`` steps each:
 - stock fp32 (the baseline every ratio divides by), and stock fp32 with the model and batch
   in NCHW memory (the default layout: it shows whether channels-last, the main job's layout
   for both runs, is stock's faster one here);
+- stock and the main job's reuse model with the forward under bfloat16 autocast (mixed
+  precision; the reuse chain itself runs in float32 there, docs/architecture.md);
 - reuse with the main job's default config at its first stages (measured policy, extended
   L values, norm centroid, fitted hash planes, max error 0.32, the member norms constant in
   the backward), the same with the norms' gradient; the same with random planes
@@ -68,14 +70,18 @@ def time_interleaved(steps: dict, repeats: int, n: int, warmup: int = 2) -> dict
     return time_round_robin(steps, repeats, n, warmup)
 
 
-def make_step(model, x, y, adam: str = "foreach", sync: bool = False):
+def make_step(model, x, y, adam: str = "foreach", sync: bool = False, autocast: bool = False):
     """One training step of the main job (its Adam, ``examples.train.make_adam``); with
-    ``sync`` it waits for the device at its end (so a timed step is the step's whole work)."""
+    ``sync`` it waits for the device at its end (so a timed step is the step's whole work);
+    with ``autocast`` the forward and loss run under bfloat16 autocast (the backward after it,
+    as PyTorch's mixed-precision recipe has it)."""
     opt = make_adam(model.parameters(), 1e-3, adam)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
         if sync:
             torch.cuda.synchronize()
@@ -146,6 +152,10 @@ def main(argv=None):
     # the baseline's layout is stock's faster one: the same stock model and batch in NCHW memory
     nchw = "stock fp32, NCHW (model and batch; every other row channels-last)"
     models[nchw] = copy.deepcopy(base).to(memory_format=torch.contiguous_format)
+    # mixed precision: stock under bfloat16 autocast (its convolutions and linear layers in
+    # bfloat16), and below the main job's reuse model under it (its chain stays float32)
+    bf16 = "stock under bfloat16 autocast"
+    models[bf16] = copy.deepcopy(base)
     configs = (
         (
             "reuse (main job: fitted planes, max error 0.32, norms constant in the backward)",
@@ -160,6 +170,10 @@ def main(argv=None):
         config = ReuseConfig(**{"policy": "measured", "l_values": "extended", **kw})
         gm = reuse_compile(copy.deepcopy(base), x, config=config)
         models[f"{name}: {stages(gm)}"] = gm
+        if name.startswith("reuse (main job"):
+            auto = f"{name}, under bfloat16 autocast"
+            models[auto] = copy.deepcopy(gm)
+            autocast_rows = (bf16, auto)
         if with_exact:
             exact = copy.deepcopy(gm)
             set_stage(exact, exact=True)
@@ -172,7 +186,8 @@ def main(argv=None):
 
     phase_before = machine_phase()
     steps = {
-        name: make_step(m, x.contiguous() if name == nchw else x, y, sync=dev == "cuda") for name, m in models.items()
+        name: make_step(m, x.contiguous() if name == nchw else x, y, sync=dev == "cuda", autocast=name in autocast_rows)
+        for name, m in models.items()
     }
     times = time_interleaved(steps, args.repeats, args.steps)
     peaks, peaks_pre = {}, {}

@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from ..runtime import kernels
+from ..runtime.ops import chain_input
 from .analysis import conv_operands
 
 __all__ = ["emit_reuse_conv", "rebuild", "rewritten_graph", "state_path"]
@@ -129,6 +130,8 @@ def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: b
     chain = {"record": record, "centroid": cfg.centroid, "hashing": cfg.hashing, "norm_grad": cfg.norm_grad}
     with graph.inserting_before(node):
         x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
+        if record:  # under autocast the chain runs in float32: its input cast once (runtime/ops.py)
+            x = _node(graph, chain_input, (x,), f"{base}_input")
         if record:  # F.conv2d's checks of its input (exported graphs leave them to the runtime)
             _node(graph, _ops.check_input.default, (x, row.in_channels, row.name), f"{base}_check")
         g = row.groups

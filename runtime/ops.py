@@ -1162,6 +1162,7 @@ def reuse_conv2d(
     ``keep_parts``, the generic ``ids`` and ``inverse`` formed from them."""
     k, s, p, d = list(kernel_size), list(stride), list(padding), list(dilation)
     L, H = planes.shape
+    x = chain_input(x)
     fused = centroid == "norm" and norm_grad
     if per_pixel is None:
         per_pixel = kernels.use_pixel_chain(x.shape[1], L, s, k, scope)
@@ -1215,3 +1216,34 @@ def _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_par
         parts["yc"] = yc
     parts["counts"] = counts
     return y, parts
+
+
+# --------------------------------------------------------------------------- autocast
+
+
+def chain_input(x: torch.Tensor) -> torch.Tensor:
+    """The chain's input: under ``torch.autocast`` a float16/bfloat16 ``x`` as float32, once
+    for every op of the chain (the rewrite emits this call first; without autocast, or for a
+    float32/64 ``x``, ``x`` itself). The chain runs in float32 under autocast: its C++ kernels
+    are float32/64, and its clustering sums would keep few bits in half precision; stock
+    convolutions there run in the lower precision (docs/architecture.md, "Mixed precision").
+    Traced symbolically (a pickled GraphModule re-traces its code when loaded) it records
+    itself as one call, as ``torch.fx.wrap`` would."""
+    if isinstance(x, torch.fx.Proxy):
+        return x.tracer.create_proxy("call_function", chain_input, (x,), {})
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return x.float()
+    return x
+
+
+def _register_autocast() -> None:
+    """Every ``reuse`` op, called under autocast, casts its half-precision inputs to float32
+    and runs with autocast off, so that the ATen ops inside it (the GEMMs, the fallbacks) stay
+    float32 as well (``torch.library.register_autocast``; float64 inputs are left as they are)."""
+    for op in list(globals().values()):  # the CustomOpDef objects (duck-typed: torch >= 2.5)
+        if getattr(op, "_namespace", None) == "reuse" and hasattr(op, "register_autocast"):
+            for device in ("cpu", "cuda"):
+                op.register_autocast(device, torch.float32)
+
+
+_register_autocast()

@@ -238,7 +238,8 @@ class LayerHash(nn.Module):
     @torch.no_grad()
     def _fit(self, xp, kernel_size, stride, dilation, collective: bool) -> torch.Tensor:
         if all_finite(xp):
-            planes = fit_to_input(xp, kernel_size, stride, dilation, self.planes, seed=self.fits)
+            with torch.autocast(xp.device.type, enabled=False):  # the fit in float32 under autocast too
+                planes = fit_to_input(xp, kernel_size, stride, dilation, self.planes, seed=self.fits)
         else:  # a diverged input: keep the planes (a stock convolution would not stop either)
             planes = self.planes.clone()
         d = distributed_group() if collective else None

@@ -114,7 +114,8 @@ class ClusterReuse(nn.Module):
     def forward(self, yc, centroids, ids, inverse, counts, weight, group: int = 0):
         store = self.stores.setdefault(group, ClusterStore(self.capacity, self.refresh))
         wb = Geometry.of_weight(weight.shape, centroids.shape[-1]).weight_blocks(weight)
-        return store.lookup(slot_keys(ids, inverse, counts), centroids, yc, wb, self.training)
+        with torch.autocast(yc.device.type, enabled=False):  # the stored outputs' refresh in float32
+            return store.lookup(slot_keys(ids, inverse, counts), centroids, yc, wb, self.training)
 
     def reuse_rate(self) -> float | None:
         rates = [s.last_rate for s in self.stores.values() if s.last_rate is not None]
