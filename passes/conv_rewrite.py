@@ -130,9 +130,10 @@ def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: b
     chain = {"record": record, "centroid": cfg.centroid, "hashing": cfg.hashing, "norm_grad": cfg.norm_grad}
     with graph.inserting_before(node):
         x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
-        if record:  # under autocast the chain runs in float32: its input cast once (runtime/ops.py)
+        if record:  # exported graphs leave both to the runtime
+            # under autocast the chain runs in float32: its input cast once (runtime/ops.py)
             x = _node(graph, chain_input, (x,), f"{base}_input")
-        if record:  # F.conv2d's checks of its input (exported graphs leave them to the runtime)
+            # F.conv2d's checks of its input
             _node(graph, _ops.check_input.default, (x, row.in_channels, row.name), f"{base}_check")
         g = row.groups
         if g == 1:
