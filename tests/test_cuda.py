@@ -132,3 +132,22 @@ def test_pixel_chain_on_cuda_equals_cpu(centroid, norm_grad):
         out[dev] = [t.detach().cpu() for t in (y, xx.grad, ww.grad, bb.grad, parts["counts"])]
     for a, c in zip(out["cpu"], out["cuda"]):
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-9)
+
+
+def test_compiled_model_under_cuda_autocast_runs_the_chain_in_float32():
+    """Mixed precision on the GPU (tests/test_autocast.py on the CPU): under bfloat16 and
+    float16 autocast the rewritten layer gives its float32 results, bit for bit."""
+    from reuse_compiler import set_stage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 6, 3, padding=1)).cuda()
+    x = torch.relu(torch.randn(4, 8, 7, 7, device="cuda"))
+    gm = reuse_compile(model, x, config=ReuseConfig(policy="paper", hashing="pca", norm_grad=False))
+    set_stage(gm, "0", L=4, H=5)
+    gm.eval()
+    with torch.no_grad():
+        ref = gm(x)
+        for dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cuda", dtype=dtype):
+                y = gm(x)
+            assert y.dtype == torch.float32 and torch.equal(y, ref), dtype
