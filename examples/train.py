@@ -162,12 +162,15 @@ def make_adam(params, lr: float, impl: str = "foreach") -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, **kw)
 
 
-def train_steps(model, opt, x, y, perm, batch_size: int):
+def train_steps(model, opt, x, y, perm, batch_size: int, autocast: bool = False):
     """One epoch of optimizer steps over the batches ``perm`` cuts from ``(x, y)`` (the last
-    incomplete batch dropped): cross-entropy, backward, step. Yields each step's loss."""
+    incomplete batch dropped): cross-entropy, backward, step. Yields each step's loss. With
+    ``autocast`` the forward and the loss run under bfloat16 autocast (mixed precision; the
+    backward after it, as PyTorch's recipe has it)."""
     for s in range(len(x) // batch_size):
         idx = perm[s * batch_size : (s + 1) * batch_size]
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -191,6 +194,7 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
     steps_per_epoch = len(x_tr) // args.batch_size
     rec = {"name": name, "epochs": [], "switches": [], "train_time": 0.0}
     stepping = True  # the controller steps (until --exact-after)
+    mixed = getattr(args, "autocast", "off") == "bf16"  # --autocast bf16: the forwards under autocast
     from tqdm import tqdm
 
     bar = tqdm(
@@ -208,7 +212,7 @@ def train_epochs(name, model, data, args, controller_factory=None, epochs=None, 
         epoch_loss = 0.0
         r_c_seen: dict[str, list[float]] = {}
         t0 = time.perf_counter()
-        for loss in train_steps(model, opt, x_tr, y_tr, perm, args.batch_size):
+        for loss in train_steps(model, opt, x_tr, y_tr, perm, args.batch_size, mixed):
             epoch_loss += loss
             if ctl is not None and stepping:  # r_c of this training batch (evaluation passes overwrite the plan's)
                 for r in model.reuse_plan:
@@ -403,6 +407,14 @@ def build_parser():
         default="channels_last",
         help="memory format of both runs' models and data (channels_last is the faster stock baseline here; "
         "the rewritten convs return channels-last outputs anyway)",
+    )
+    p.add_argument(
+        "--autocast",
+        choices=["off", "bf16"],
+        default="off",
+        help="bf16: both runs train with their forward under bfloat16 autocast (mixed precision; the reuse "
+        "chain itself stays float32, docs/architecture.md); evaluation stays float32. The measured policy "
+        "still compares the stages with the float32 exact convolution",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument(

@@ -310,3 +310,28 @@ def test_exact_after_outside_the_reuse_run_is_refused(argv, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert "--exact-after must be >= 0" in capsys.readouterr().err
+
+
+def test_train_run_under_autocast():
+    """examples/train.py --autocast bf16: both runs' forwards under bfloat16 autocast; a compiled
+    model trains (its losses finite and falling), the stock one too."""
+    import argparse
+    import copy
+
+    from examples.train import train_run
+    from reuse_compiler import ReuseConfig, reuse_compile
+    from reuse_compiler.models import cifarnet
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(96, 1, 12, 12, generator=g)
+    y = torch.randint(0, 10, (96,), generator=g)
+    data = ((x[:64], y[:64]), (x[64:], y[64:]))
+    torch.manual_seed(0)
+    model = cifarnet(in_channels=1, image_size=12, width=0.125)
+    gm = reuse_compile(copy.deepcopy(model), x[:16], config=ReuseConfig(L=4, H=4))
+    args = argparse.Namespace(epochs=3, seed=0, batch_size=16, lr=1e-2, adam="foreach", no_progress=True)
+    args.autocast = "bf16"
+    for m in (model, gm):
+        rec = train_run("run", m, data, args)
+        losses = [e["train_loss"] for e in rec["epochs"]]
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
