@@ -149,6 +149,17 @@ def _exact_fn(x, w, b, row, input_grad=True):
     return run
 
 
+def _autocast_tag(x: torch.Tensor) -> list:
+    """The autocast state the timings were taken under, for the cache key (empty without
+    autocast, so float32 keys stay as they were): compiled under ``torch.autocast``, the exact
+    convolution is timed in the lower precision, as training under it would run it, while the
+    chain stays float32 (docs/architecture.md, "Mixed precision")."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return []
+    return [("autocast", str(torch.get_autocast_dtype(dev)))]
+
+
 def calibrate(
     row,
     x: torch.Tensor,
@@ -206,6 +217,7 @@ def calibrate(
             sorted(CACHE_TAGS),
             hashing,
             norm_grad,
+            *_autocast_tag(x),
         ]
     )
     path = cache_path()

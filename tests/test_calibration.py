@@ -306,3 +306,25 @@ def test_the_rewrite_runs_the_chain_the_calibration_chose(cache, monkeypatch):
     rebuild(gm)
     assert not row.generic_chain and "reuse.cluster_pixels_norms.default" in targets()
     torch.testing.assert_close(gm(x), y_generic, rtol=0, atol=0)
+
+
+def test_calibration_under_autocast_has_its_own_cache_entries(cache, monkeypatch):
+    """Compiled under torch.autocast, the measured policy times the exact convolution in the
+    lower precision (as training under autocast runs it): those timings are cached apart from
+    the float32 ones, both ways, and the float32 key is as before."""
+    x = torch.randn(4, 1, 28, 28)
+    cfg = ReuseConfig(policy="measured", calibration_repeats=1)
+    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    timed = []
+    stage_fn = cal._stage_fn
+    monkeypatch.setattr(cal, "_stage_fn", lambda *a, **k: timed.append(a) or stage_fn(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    assert timed  # not the float32 entries
+    assert torch.isfinite(gm(x)).all()
+    timed.clear()
+    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    assert not timed  # each cached under its own key
+    assert cal._autocast_tag(x) == []
