@@ -137,21 +137,33 @@ def test_calibration_is_cached(cache, monkeypatch):
     assert [r.calibration for r in first.reuse_plan] == [r.calibration for r in second.reuse_plan]
 
 
-def test_calibration_is_redone_under_other_process_settings(cache, monkeypatch):
-    """Timings taken with glibc malloc tuned (examples/train.py's tune_malloc) are not reused by
-    a process without it, nor the other way round: the settings are part of the cache key."""
+def _cached_then_spied(monkeypatch):
+    """Compile a small CifarNet with the measured policy once (its timings cached), then record
+    every stage timed from then on: returns ``(compile, timed, x)``, ``compile()`` compiling it
+    again on ``x`` and ``timed`` the stages timed since the first compile."""
     x = torch.randn(4, 1, 28, 28)
     cfg = ReuseConfig(policy="measured", calibration_repeats=1)
-    monkeypatch.setattr(cal, "CACHE_TAGS", set())
-    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+
+    def compile_():
+        return reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+
+    compile_()
     timed = []
     stage_fn = cal._stage_fn
     monkeypatch.setattr(cal, "_stage_fn", lambda *a, **k: timed.append(a) or stage_fn(*a, **k))
+    return compile_, timed, x
+
+
+def test_calibration_is_redone_under_other_process_settings(cache, monkeypatch):
+    """Timings taken with glibc malloc tuned (examples/train.py's tune_malloc) are not reused by
+    a process without it, nor the other way round: the settings are part of the cache key."""
+    monkeypatch.setattr(cal, "CACHE_TAGS", set())
+    compile_, timed, _ = _cached_then_spied(monkeypatch)
     cal.CACHE_TAGS.add("glibc malloc tuned (test)")
-    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    compile_()
     assert timed
     timed.clear()
-    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    compile_()
     assert not timed  # the same settings: cached
 
 
@@ -168,14 +180,9 @@ def test_tune_malloc_tags_the_calibration(monkeypatch):
 def test_calibration_is_redone_when_the_kernels_change(cache, monkeypatch):
     from reuse_compiler.runtime import extension
 
-    x = torch.randn(4, 1, 28, 28)
-    cfg = ReuseConfig(policy="measured", calibration_repeats=1)
-    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
-    timed = []
-    stage_fn = cal._stage_fn
-    monkeypatch.setattr(cal, "_stage_fn", lambda *a, **k: timed.append(a) or stage_fn(*a, **k))
+    compile_, timed, _ = _cached_then_spied(monkeypatch)
     monkeypatch.setattr(extension, "fingerprint", lambda: "other kernels")
-    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    compile_()
     assert timed  # the cached timings belong to other kernels: measured again
 
 
@@ -312,19 +319,14 @@ def test_calibration_under_autocast_has_its_own_cache_entries(cache, monkeypatch
     """Compiled under torch.autocast, the measured policy times the exact convolution in the
     lower precision (as training under autocast runs it): those timings are cached apart from
     the float32 ones, both ways, and the float32 key is as before."""
-    x = torch.randn(4, 1, 28, 28)
-    cfg = ReuseConfig(policy="measured", calibration_repeats=1)
-    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
-    timed = []
-    stage_fn = cal._stage_fn
-    monkeypatch.setattr(cal, "_stage_fn", lambda *a, **k: timed.append(a) or stage_fn(*a, **k))
+    compile_, timed, x = _cached_then_spied(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+        gm = compile_()
     assert timed  # not the float32 entries
     assert torch.isfinite(gm(x)).all()
     timed.clear()
-    reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+    compile_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
+        compile_()
     assert not timed  # each cached under its own key
     assert cal._autocast_tag(x) == []
