@@ -156,6 +156,7 @@ def main(argv=None):
     # bfloat16), and below the main job's reuse model under it (its chain stays float32)
     bf16 = "stock under bfloat16 autocast"
     models[bf16] = copy.deepcopy(base)
+    autocast_rows = {bf16}
     configs = (
         (
             "reuse (main job: fitted planes, max error 0.32, norms constant in the backward)",
@@ -173,7 +174,7 @@ def main(argv=None):
         if name.startswith("reuse (main job"):
             auto = f"{name}, under bfloat16 autocast"
             models[auto] = copy.deepcopy(gm)
-            autocast_rows = (bf16, auto)
+            autocast_rows.add(auto)
         if with_exact:
             exact = copy.deepcopy(gm)
             set_stage(exact, exact=True)
