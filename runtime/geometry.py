@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 import torch
 
@@ -44,6 +44,22 @@ def _pieces_tensor(kh: int, kw: int, C: int, L: int, dw: int) -> torch.Tensor:
                     continue
             rows.append((b, t, c0, c1 - c0, e0))
     return torch.tensor(rows, dtype=torch.int64).view(-1, 5)
+
+
+@lru_cache(maxsize=256)
+def _block_pieces(K: int, C: int, L: int) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
+    """:attr:`Geometry.pieces` for a window of ``K`` values, ``C`` per tap, cut into blocks of ``L``."""
+    out = []
+    for b in range(math.ceil(K / L)):
+        lo, hi = b * L, min((b + 1) * L, K)
+        k, block = lo, []
+        while k < hi:
+            t, c0 = divmod(k, C)
+            c1 = min(C, c0 + hi - k)
+            block.append((t, c0, c1, k - lo))
+            k += c1 - c0
+        out.append(tuple(block))
+    return tuple(out)
 
 
 def conv_out_size(size: int, k: int, stride: int, dilation: int) -> int:
@@ -121,22 +137,14 @@ class Geometry:
     def kind(self) -> str:
         return block_kind(self.kh, self.kw, self.C, self.L)
 
-    @cached_property
+    @property
     def pieces(self) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
         """Per block, the tuple of ``(tap, c0, c1, e0)``: channels [c0, c1) of tap ``tap``
         sit at positions [e0, e0 + c1 - c0) of the sub-vector. Positions not covered (only
-        in the last block) are the zero padding."""
-        out = []
-        for b in range(self.nb):
-            lo, hi = b * self.L, min((b + 1) * self.L, self.K)
-            k, block = lo, []
-            while k < hi:
-                t, c0 = divmod(k, self.C)
-                c1 = min(self.C, c0 + hi - k)
-                block.append((t, c0, c1, k - lo))
-                k += c1 - c0
-            out.append(tuple(block))
-        return tuple(out)
+        in the last block) are the zero padding. (Cached per ``(K, C, L)`` by a plain
+        ``lru_cache``: a ``cached_property`` takes a lock on Python 3.11, which
+        ``torch.compile`` cannot trace, one graph break per layer.)"""
+        return _block_pieces(self.K, self.C, self.L)
 
     def tap_view(self, xp4: torch.Tensor, tap: int, c0: int = 0, c1: int | None = None) -> torch.Tensor:
         """Strided view (Nb, Oh, Ow, c1 - c0) of ``xp4`` (Nb, Hp, Wp, C): for every output
