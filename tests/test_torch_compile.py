@@ -1,8 +1,9 @@
 """``torch.compile`` over a compiled module: Dynamo and AOTAutograd trace the rewritten graph
 (the custom ops' fake-tensor kernels and autograd formulas), breaking the graph where the
 clustering's output size depends on the data and where the planes are fitted, and training
-goes on as in eager mode, across a stage switch too. The ``aot_eager`` backend keeps the test fast and compiler-free;
-inductor was checked ad hoc (docs/architecture.md, "torch.compile")."""
+goes on as in eager mode, across a stage switch too. The ``aot_eager`` backend keeps the
+test fast and compiler-free; inductor was checked ad hoc (docs/architecture.md,
+"torch.compile")."""
 
 import copy
 
