@@ -153,7 +153,7 @@ def main(argv=None):
     nchw = "stock fp32, NCHW (model and batch; every other row channels-last)"
     models[nchw] = copy.deepcopy(base).to(memory_format=torch.contiguous_format)
     # mixed precision: stock under bfloat16 autocast (its convolutions and linear layers in
-    # bfloat16), and below the main job's reuse model under it (its chain stays float32)
+    # bfloat16), and below the main job's reuse model under it (its chain runs in float32, its output in bfloat16)
     bf16 = "stock under bfloat16 autocast"
     models[bf16] = copy.deepcopy(base)
     autocast_rows = {bf16}

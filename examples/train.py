@@ -413,8 +413,9 @@ def build_parser():
         choices=["off", "bf16"],
         default="off",
         help="bf16: both runs train with their forward under bfloat16 autocast (mixed precision; the reuse "
-        "chain itself stays float32, docs/architecture.md); evaluation stays float32. The model is compiled "
-        "under autocast too, so that the measured policy compares the stages with the bfloat16 exact convolution",
+        "chain itself runs in float32 and returns bfloat16, docs/architecture.md); evaluation stays float32. "
+        "The model is compiled under autocast too, so that the measured policy compares the stages with the "
+        "bfloat16 exact convolution",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument(

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from ..runtime import kernels
-from ..runtime.ops import chain_input
+from ..runtime.ops import chain_input, chain_output
 from .analysis import conv_operands
 
 __all__ = ["emit_reuse_conv", "rebuild", "rewritten_graph", "state_path"]
@@ -147,6 +147,8 @@ def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: b
                 bi = None if b is None else _node(graph, torch.narrow, (b, 0, i * mg, mg), f"{base}_g{i}_b")
                 parts.append(emit_reuse_conv(graph, xi, wi, bi, row, scope, f"{base}_g{i}", group=i, **chain))
             out = _node(graph, torch.cat, (parts, 1), f"{base}_cat")
+        if record:  # under autocast the output in autocast's dtype, as F.conv2d's (runtime/ops.py)
+            out = _node(graph, chain_output, (out,), f"{base}_output")
     node.replace_all_uses_with(out)
     graph.erase_node(node)
 

@@ -153,11 +153,12 @@ def _autocast_tag(x: torch.Tensor) -> list:
     """The autocast state the timings were taken under, for the cache key (empty without
     autocast, so float32 keys stay as they were): compiled under ``torch.autocast``, the exact
     convolution is timed in the lower precision, as training under it would run it, while the
-    chain stays float32 (docs/architecture.md, "Mixed precision")."""
+    chain runs in float32 and casts its output (docs/architecture.md, "Mixed precision"; the
+    "output cast" tag since session 25, when that cast was added: older timings are not reused)."""
     dev = x.device.type
     if not torch.is_autocast_enabled(dev):
         return []
-    return [("autocast", str(torch.get_autocast_dtype(dev)))]
+    return [("autocast", str(torch.get_autocast_dtype(dev)), "output cast")]
 
 
 def calibrate(

@@ -1167,7 +1167,8 @@ def reuse_conv2d(
     if per_pixel is None:
         per_pixel = kernels.use_pixel_chain(x.shape[1], L, s, k, scope)
     if per_pixel:
-        return _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts, norm_grad)
+        y, parts = _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts, norm_grad)
+        return chain_output(y), parts
     parts = {}
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d)
@@ -1188,7 +1189,7 @@ def reuse_conv2d(
     if keep_parts:
         parts.update(inverse=inverse, yc=yc)
     parts["counts"] = counts
-    return y, parts
+    return chain_output(y), parts
 
 
 def _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts, norm_grad):
@@ -1234,6 +1235,19 @@ def chain_input(x: torch.Tensor) -> torch.Tensor:
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
         return x.float()
     return x
+
+
+def chain_output(y: torch.Tensor) -> torch.Tensor:
+    """The chain's output: under ``torch.autocast`` a float32 ``y`` in autocast's dtype
+    (bfloat16/float16), as ``F.conv2d`` gives it there, so that the layers after a rewritten one
+    run and keep their activations as they do after a stock convolution; the chain itself ran
+    in float32 (:func:`chain_input`). Without autocast, or for a float64 ``y``, ``y`` itself.
+    Traced symbolically it records itself as one call, as :func:`chain_input` does."""
+    if isinstance(y, torch.fx.Proxy):
+        return y.tracer.create_proxy("call_function", chain_output, (y,), {})
+    if y.dtype == torch.float32 and torch.is_autocast_enabled(y.device.type):
+        return y.to(torch.get_autocast_dtype(y.device.type))
+    return y
 
 
 def _register_autocast() -> None:

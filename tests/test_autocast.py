@@ -2,7 +2,8 @@
 convolutions run in bfloat16 there; the reuse chain runs in float32 (its C++ kernels are
 float32/64, and its clustering sums would lose most of their bits in bfloat16), so a
 rewritten layer under autocast gives what it gives without autocast on the same input cast
-to float32, and its gradients flow back in the input's dtype."""
+to float32, rounded to bfloat16 as a stock convolution's output is there, and its gradients
+flow back in the input's dtype."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _run(gm, x, autocast: bool):
     xx = x.detach().clone().requires_grad_()
     with torch.autocast(**BF16, enabled=autocast):
         y = gm(xx)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    # bfloat16 values, so the output gradient is the same whether y is float32 or bfloat16
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(y.dtype)
     y.backward(gy)
     conv = gm.get_submodule("0")
     return y.detach(), xx.grad, conv.weight.grad, conv.bias.grad
@@ -54,19 +56,21 @@ def _run(gm, x, autocast: bool):
 @pytest.mark.parametrize("name,config,stage", CASES, ids=[c[0] for c in CASES])
 def test_chain_under_autocast_runs_in_float32(name, config, stage):
     """A float32 input: under autocast the chain gives its float32 results bit for bit (the
-    hash planes' fit, the store's refresh and every op inside the chain stay float32). A
-    bfloat16 input: the results of its float32 copy, and the input's gradient in bfloat16."""
+    hash planes' fit, the store's refresh and every op inside the chain stay float32), the
+    output rounded to bfloat16 (as F.conv2d's is there). A bfloat16 input: the results of its
+    float32 copy, and the input's gradient in bfloat16."""
     gm, x = _conv_model(config, stage)
     plain = _run(gm, x, autocast=False)
     auto = _run(gm, x, autocast=True)
-    assert auto[0].dtype == torch.float32
-    for name_, u, v in zip(("y", "x.grad", "w.grad", "b.grad"), plain, auto):
+    assert plain[0].dtype == torch.float32 and auto[0].dtype == torch.bfloat16
+    assert torch.equal(auto[0], plain[0].to(torch.bfloat16))
+    for name_, u, v in zip(("x.grad", "w.grad", "b.grad"), plain[1:], auto[1:]):
         assert torch.equal(u, v), name_
     xb = x.to(torch.bfloat16)
     ref = _run(gm, xb.float(), autocast=False)
     got = _run(gm, xb, autocast=True)
     assert got[1].dtype == torch.bfloat16
-    assert torch.equal(got[0], ref[0])
+    assert torch.equal(got[0], ref[0].to(torch.bfloat16))
     assert torch.equal(got[1], ref[1].to(torch.bfloat16))
     assert torch.equal(got[2], ref[2]) and torch.equal(got[3], ref[3])
 
@@ -107,8 +111,9 @@ def test_compiled_cifarnet_trains_under_autocast():
 
 
 def test_pickled_module_keeps_the_float32_chain():
-    """torch.save / torch.load of the whole module re-traces its code: the chain's input cast
-    is one call again, and the loaded module gives the same outputs under autocast."""
+    """torch.save / torch.load of the whole module re-traces its code: the chain's input and
+    output casts are one call each again, and the loaded module gives the same outputs under
+    autocast."""
     import pickle
 
     gm, x = _conv_model(CASES[2][1], CASES[2][2])
@@ -116,5 +121,6 @@ def test_pickled_module_keeps_the_float32_chain():
     xb = x.to(torch.bfloat16)
     with torch.no_grad(), torch.autocast(**BF16):
         y, y2 = gm(xb), gm2(xb)
-    assert y.dtype == y2.dtype == torch.float32 and torch.equal(y, y2)
-    assert sum(n.target.__name__ == "chain_input" for n in gm2.graph.nodes if n.op == "call_function") == 1
+    assert y.dtype == y2.dtype == torch.bfloat16 and torch.equal(y, y2)
+    names = [n.target.__name__ for n in gm2.graph.nodes if n.op == "call_function"]
+    assert names.count("chain_input") == names.count("chain_output") == 1
