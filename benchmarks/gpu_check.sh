@@ -32,9 +32,11 @@ PY=python3
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   echo "setup done at ${SECONDS}s"
-  # 1. correctness on the device (CUDA chain == CPU chain, a compiled model trains)
+  # 1. correctness on the device (CUDA chain == CPU chain, a compiled model trains, mixed
+  # precision), and the autocast and torch.compile tests with that machine's torch
   # (the whole pytest output in $OUT/test_cuda.log; here its failures, short, and the summary)
-  timeout 150 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p no:warnings tests/test_cuda.py >"$OUT/test_cuda.log" 2>&1
+  timeout 200 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p no:warnings tests/test_cuda.py \
+    tests/test_autocast.py tests/test_torch_compile.py >"$OUT/test_cuda.log" 2>&1
   grep -E "^(E |FAILED|ERROR|[0-9]+ (passed|failed))|Error|assert" "$OUT/test_cuda.log" | tail -30
   echo "tests done at ${SECONDS}s"
   # 2. the per-layer benchmark with the cuDNN baseline (medians of 15 interleaved runs)
