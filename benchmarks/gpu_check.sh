@@ -35,7 +35,7 @@ PY=python3
   # 1. correctness on the device (CUDA chain == CPU chain, a compiled model trains, mixed
   # precision), and the autocast and torch.compile tests with that machine's torch
   # (the whole pytest output in $OUT/test_cuda.log; here its failures, short, and the summary)
-  timeout 200 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p no:warnings tests/test_cuda.py \
+  timeout 200 $PY -m pytest -rfE --tb=short -p no:cacheprovider -p no:warnings tests/test_cuda.py \
     tests/test_autocast.py tests/test_torch_compile.py >"$OUT/test_cuda.log" 2>&1
   grep -E "^(E |FAILED|ERROR|[0-9]+ (passed|failed))|Error|assert" "$OUT/test_cuda.log" | tail -30
   echo "tests done at ${SECONDS}s"
