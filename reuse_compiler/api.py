@@ -93,9 +93,12 @@ def _plan_row(site: ConvSite, first: bool, config: ReuseConfig) -> LayerPlan:
     return row
 
 
-def _layer_state(name: str, config: ReuseConfig) -> ReuseLayer:
-    """A rewritten layer's runtime state (measurements, hasher, across-batch store)."""
-    return ReuseLayer(name, config.seed, config.cache_size, config.refresh, config.hashing, config.hash_refresh)
+def _layer_state(name: str, config: ReuseConfig, device: torch.device) -> ReuseLayer:
+    """A rewritten layer's runtime state (measurements, hasher, across-batch store) on
+    ``device``, the device its stages are chosen on (a run on another type warns)."""
+    state = ReuseLayer(name, config.seed, config.cache_size, config.refresh, config.hashing, config.hash_refresh)
+    state.compiled_on = torch.device(device).type
+    return state.to(device)
 
 
 def _check_LH(row: LayerPlan, L, H, who: str) -> None:
@@ -206,7 +209,7 @@ def reuse_compile(
     device = next((t.device for t in target.parameters()), next(a.device for a in args if isinstance(a, torch.Tensor)))
     for row in rows:
         if row.rewritable:
-            state = _layer_state(row.name, config).to(device)
+            state = _layer_state(row.name, config, device)
             state.set_params(row.L, row.H)
             _register(gm, state_path(row.name), state)
     _warn_paper_policy_on_gpu(device, rows, config)
@@ -217,7 +220,7 @@ def reuse_compile(
 
 def _warn_paper_policy_on_gpu(device: torch.device, rows, config: ReuseConfig) -> None:
     """The runtime's CUDA path is plain PyTorch ops: on one H200 every stage measured was
-    6-67x slower than cuDNN (docs/performance.md, "On a GPU"), and the paper's FLOP model
+    6-113x slower than cuDNN (docs/performance.md, "On a GPU"), and the paper's FLOP model
     cannot see that, so a model compiled there with ``policy="paper"`` that reuses a layer
     gets a warning that names the way on (the measured policy, which keeps exact there)."""
     reused = [r.name for r in rows if r.rewritable and not r.exact]
@@ -225,7 +228,7 @@ def _warn_paper_policy_on_gpu(device: torch.device, rows, config: ReuseConfig) -
         return
     warnings.warn(
         f"reuse_compile: compiled on {device} with policy='paper', which reuses {', '.join(reused)} by the FLOP "
-        "model; on a GPU the reuse kernels are plain PyTorch ops and were measured 6-67x slower than cuDNN per "
+        "model; on a GPU the reuse kernels are plain PyTorch ops and were measured 6-113x slower than cuDNN per "
         "layer (one H200, docs/performance.md). Use ReuseConfig(policy='measured') to keep only the stages "
         "timed faster than the exact convolution on this device (on that GPU: none, so training runs at "
         "stock speed).",

@@ -235,7 +235,7 @@ def _restore_rows(gm, rows: dict, old: bool = False) -> None:
             f"{_describe(candidates, runs_reuse)} in the checkpoint)"
         )
         if runs_reuse and not row.rewritable:
-            _register(gm, state_path(name), _layer_state(name, gm.reuse_config).to(_device(gm)))
+            _register(gm, state_path(name), _layer_state(name, gm.reuse_config, _device(gm)))
             row.reason = None  # its stage comes with the checkpoint's stages
         elif not runs_reuse and row.rewritable:
             parent, _, leaf = state_path(name).rpartition(".")

@@ -10,6 +10,7 @@ measured, for the plan's r_c and R columns, and holds the across-batch store
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import torch
@@ -35,6 +36,21 @@ def layer_planes(seed: int, layer: str, L: int, H: int) -> torch.Tensor:
     return lsh_planes(L, H, planes_seed(seed, layer, L, H))
 
 
+def warn_moved(compiled_on: str, runs_on: str) -> None:
+    """A compiled module whose reused layers run on another device type than the one
+    ``reuse_compile`` chose their stages on (``gm.cuda()`` after compiling on the CPU, or a
+    pickled module loaded elsewhere): the stages are that device's choice. One warning per
+    layer and move, with the same text, so Python's default filter shows it once."""
+    warnings.warn(
+        f"reuse_compile chose this module's reuse stages on {compiled_on}, and its reused layers now run on "
+        f"{runs_on}, where those stages were neither timed nor chosen (on one H200 GPU the reuse kernels measured "
+        "6-113x slower than cuDNN per layer, docs/performance.md). Compile the model on the device it trains on: "
+        "reuse_compile(model.to(device), example_batch.to(device), config=ReuseConfig(policy='measured')).",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
 class ReuseLayer(nn.Module):
     """Hash planes and measurements of one rewritten convolution.
 
@@ -57,6 +73,10 @@ class ReuseLayer(nn.Module):
         self.last_counts: dict[int, torch.Tensor] = {}
         self.store = ClusterReuse(cache_size, refresh)
         self.hasher.on_fit.append(self.store.clear)  # new planes, new ids: stored outputs are stale
+        # the device type the stages were chosen on (reuse_compile sets it); a first run on
+        # another type warns once (warn_moved)
+        self.compiled_on: str | None = None
+        self._device_warned = False
 
     @property
     def planes(self) -> torch.Tensor:
@@ -78,6 +98,10 @@ class ReuseLayer(nn.Module):
 
     def forward(self, counts: torch.Tensor, group: int = 0) -> None:
         self.last_counts[group] = counts.detach()
+        compiled_on = getattr(self, "compiled_on", None)  # None: pickled before session 25
+        if compiled_on is not None and counts.device.type != compiled_on and not self._device_warned:
+            self._device_warned = True
+            warn_moved(compiled_on, counts.device.type)
 
     def remaining_ratio(self) -> float | None:
         """r_c of the last forward: mean over sub-matrices (and groups) of |C_b| / N."""

@@ -167,3 +167,12 @@ def test_compiled_model_under_cuda_autocast_runs_the_chain_in_float32():
     for a, b in zip(grads[None], grads[torch.bfloat16]):
         assert b.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+
+
+def test_compiled_on_the_cpu_then_moved_to_cuda_warns():
+    """Stages chosen on the CPU, run on the GPU (``gm.cuda()`` after compiling): a warning that
+    names both devices and says to compile on the device the model trains on."""
+    x = torch.rand(4, 1, 16, 16)
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=16, width=0.25), x).cuda()
+    with pytest.warns(UserWarning, match=r"stages on cpu, .* now run on cuda"):
+        gm(x.cuda())

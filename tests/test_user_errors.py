@@ -374,3 +374,35 @@ def test_checkpoint_rows_unknown_here_are_refused_by_name(tmp_path):
         load_checkpoint(ckpt, fresh)
     after = fresh.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+# --------------------------------------------------------------------- moved to another device
+
+
+def test_reused_layers_on_another_device_type_warn_once(recwarn):
+    """A module whose reused layers run on another device type than the one reuse_compile chose
+    their stages on (here: state marked as compiled on CUDA, as a module compiled on a GPU and
+    loaded on the CPU would be; tests/test_cuda.py moves one to the GPU) warns once, naming
+    both devices and the way on; on its own device, or pickled before session 25, it does not."""
+    import copy
+    import pickle
+    import warnings
+
+    x = torch.rand(4, 1, 16, 16)
+    gm = reuse_compile(cifarnet(in_channels=1, image_size=16, width=0.25), x)
+    states = [m for name, m in gm.named_modules() if name.startswith("reuse_state.") and hasattr(m, "compiled_on")]
+    assert states and all(s.compiled_on == "cpu" for s in states)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm(x)  # compiled here, runs here
+        old = copy.deepcopy(gm)
+        for s in [m for n, m in old.named_modules() if n.startswith("reuse_state.") and hasattr(m, "compiled_on")]:
+            del s.compiled_on  # as a module pickled before the attribute existed
+        pickle.loads(pickle.dumps(old))(x)
+    for s in states:
+        s.compiled_on = "cuda"
+    with pytest.warns(UserWarning, match=r"stages on cuda, .* now run on cpu.*reuse_compile\(model\.to\(device\)"):
+        gm(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm(x)  # once per layer
