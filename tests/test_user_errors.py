@@ -379,7 +379,7 @@ def test_checkpoint_rows_unknown_here_are_refused_by_name(tmp_path):
 # --------------------------------------------------------------------- moved to another device
 
 
-def test_reused_layers_on_another_device_type_warn_once(recwarn):
+def test_reused_layers_on_another_device_type_warn_once():
     """A module whose reused layers run on another device type than the one reuse_compile chose
     their stages on (here: state marked as compiled on CUDA, as a module compiled on a GPU and
     loaded on the CPU would be; tests/test_cuda.py moves one to the GPU) warns once, naming
