@@ -39,8 +39,9 @@ def layer_planes(seed: int, layer: str, L: int, H: int) -> torch.Tensor:
 def warn_moved(compiled_on: str, runs_on: str) -> None:
     """A compiled module whose reused layers run on another device type than the one
     ``reuse_compile`` chose their stages on (``gm.cuda()`` after compiling on the CPU, or a
-    pickled module loaded elsewhere): the stages are that device's choice. One warning per
-    layer and move, with the same text, so Python's default filter shows it once."""
+    pickled module loaded elsewhere): the stages are that device's choice. Each layer warns at
+    its first such forward only (not again after a later move), all with the same text, so
+    Python's default filter shows it once."""
     warnings.warn(
         f"reuse_compile chose this module's reuse stages on {compiled_on}, and its reused layers now run on "
         f"{runs_on}, where those stages were neither timed nor chosen (on one H200 GPU the reuse kernels measured "
