@@ -399,6 +399,15 @@ def build_parser():
         "off for cifarnet, where it trains as well, on for the other models, whose training off stalled "
         "(AlexNet; docs/performance.md)",
     )
+    p.add_argument(
+        "--zero-skip",
+        choices=["on", "off"],
+        default="on",
+        help="measured policy: an exact layer whose input is mostly one value per channel (conv1 on the "
+        "digits' blank background) computes its weight gradient without the products of that value where "
+        "this times faster than stock (on, the default; the same forward, gradients equal up to float "
+        "rounding; docs/policies.md); off: exact layers as stock's (the main job before session 26)",
+    )
     p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
     p.add_argument("--H", type=int, default=None, help="fixed H for every layer")
     p.add_argument(
@@ -488,6 +497,7 @@ def main(argv=None):
         hashing=args.hashing,
         hash_refresh=args.hash_refresh,
         norm_grad=args.norm_grad == "on" or args.centroid != "norm",
+        zero_skip=args.zero_skip == "on",
     )
     t0 = time.perf_counter()
     # under --autocast bf16 the measured policy times the exact convolutions as training runs them
@@ -496,7 +506,8 @@ def main(argv=None):
     log.info(
         f"reuse_compile: {time.perf_counter() - t0:.1f}s (policy {args.policy}, L values {args.l_values}, "
         f"centroid {args.centroid}, hashing {args.hashing}, max error {args.max_error or 'none'}, "
-        f"finish {args.finish}, norm grad {args.norm_grad if args.centroid == 'norm' else '-'}; "
+        f"finish {args.finish}, norm grad {args.norm_grad if args.centroid == 'norm' else '-'}, "
+        f"zero-skip {args.zero_skip}; "
         "not counted in the training time)"
     )
     g = torch.Generator().manual_seed(args.seed + 1)

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from ..runtime import kernels
-from ..runtime.ops import chain_input, chain_output
+from ..runtime.ops import chain_input, chain_output, exact_conv2d
 from .analysis import conv_operands
 
 __all__ = ["emit_reuse_conv", "rebuild", "rewritten_graph", "state_path"]
@@ -153,15 +153,33 @@ def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: b
     graph.erase_node(node)
 
 
+def _zero_skip_node(gm, graph: fx.Graph, node: fx.Node, row) -> None:
+    """An exact layer with the zero-skipping weight gradient (``row.exact_kernel``): the conv
+    node becomes a call of :func:`exact_conv2d` (``reuse.zero_skip_conv2d`` where it applies,
+    F.conv2d elsewhere), the same forward."""
+    t, _, left, _ = row.padding  # symmetric (the measured policy offers it only then)
+    with graph.inserting_before(node):
+        x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
+        skip = row.calibration["zero_skip"]["skip"]
+        args = (x, w, b, list(row.stride), [t, left], list(row.dilation), skip)
+        out = _node(graph, exact_conv2d, args, row.name.replace(".", "_").replace(":", "_call") + "_zero_skip")
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
 def rewritten_graph(gm: fx.GraphModule, record: bool = True) -> fx.Graph:
     """A new graph: ``gm``'s traced source with every non-exact row's conv rewritten at the
-    row's current stage. ``record=False`` leaves out the state-module calls (for export)."""
+    row's current stage, and every exact row with the zero-skipping weight gradient calling
+    it. ``record=False`` (for export) leaves out the state-module calls and keeps exact rows
+    as the source's convolutions."""
     graph = copy.deepcopy(gm._reuse_source)
     nodes = {n.name: n for n in graph.nodes}
     scope = "input" if gm.reuse_config.scope == "input" else "batch"
     for row in gm.reuse_plan.rows():
         if row.rewritable and not row.exact:
             _rewrite_node(gm, graph, nodes[row.node], row, scope, record)
+        elif record and row.exact and row.exact_kernel == "zero-skip":
+            _zero_skip_node(gm, graph, nodes[row.node], row)
     graph.lint()
     return graph
 

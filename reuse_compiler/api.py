@@ -326,12 +326,16 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
             config.seed,
             config.hashing,
             config.norm_grad,
+            config.zero_skip,
         )
         cands = row.calibration["candidates"]
         # "faster" with a margin (max_time_ratio < 1): a stage within timing noise of exact is not
         # kept; by the medians and by the fastest runs (noise only adds time: a slow phase of the
         # exact runs inflates their median, not their minimum)
         m = config.max_time_ratio
+        zs = row.calibration.get("zero_skip")  # the layer's exact runs, whenever it runs exact
+        if zs is not None and zs["ratio"] <= m and zs["ratio_min"] <= m:
+            row.exact_kernel = "zero-skip"
         faster = sorted((c for c in cands if c["ratio"] <= m and c["ratio_min"] <= m), key=lambda c: c["ms"])
         kept = faster if config.max_error is None else [c for c in faster if c["error"] <= config.max_error]
         if not kept:

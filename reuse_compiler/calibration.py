@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from reuse_compiler.runtime import extension, kernels
-from reuse_compiler.runtime.ops import im2col, reuse_conv2d
+from reuse_compiler.runtime.ops import im2col, reuse_conv2d, zero_skip_conv2d
 from reuse_compiler.runtime.planes import fit_to_input
 from reuse_compiler.runtime.state import layer_planes
 
@@ -111,10 +111,16 @@ def _chain(x, w, b, row, planes, centroid, norm_grad=True, per_pixel=None):
     return y, parts["counts"]
 
 
+def _trained(b):
+    """A fresh leaf of bias ``b`` that requires grad, as a trained layer's bias does (so that the
+    timed backward computes its gradient, as training's does), or None."""
+    return None if b is None else b.detach().requires_grad_()
+
+
 def _stage_fn(x, w, b, row, planes, centroid, input_grad=True, norm_grad=True, per_pixel=None):
     def run():
         xx, ww = x.detach().requires_grad_(input_grad), w.detach().requires_grad_()
-        y, _ = _chain(xx, ww, b, row, planes, centroid, norm_grad, per_pixel)
+        y, _ = _chain(xx, ww, _trained(b), row, planes, centroid, norm_grad, per_pixel)
         y.backward(torch.ones_like(y))
 
     return run
@@ -143,7 +149,62 @@ def _exact_out(x, w, b, row):
 
 def _exact_fn(x, w, b, row, input_grad=True):
     def run():
-        y = _exact_out(x.detach().requires_grad_(input_grad), w.detach().requires_grad_(), b, row)
+        y = _exact_out(x.detach().requires_grad_(input_grad), w.detach().requires_grad_(), _trained(b), row)
+        y.backward(torch.ones_like(y))
+
+    return run
+
+
+# An exact layer is timed with the zero-skipping weight gradient too where at least this
+# fraction of its input (on the example batch) equals its channel's most common value: below
+# it the skipped products do not pay for the kernel's per-input loop (docs/policies.md,
+# "Zero-skipping exact layers").
+ZERO_SKIP_MIN_SHARE = 0.5
+
+
+def common_values(x: torch.Tensor) -> tuple[list[float], float]:
+    """Each channel's most common value in ``x`` (N, C, H, W), and the share of ``x``'s entries
+    equal to their channel's: the values the zero-skipping weight gradient skips (zero after a
+    ReLU; a normalised digit's blank pixel)."""
+    per_channel = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
+    values = []
+    hits = 0
+    for row in per_channel:
+        u, counts = torch.unique(row, return_counts=True)
+        i = int(counts.argmax())
+        values.append(float(u[i]))
+        hits += int(counts[i])
+    return values, hits / max(x.numel(), 1)
+
+
+def zero_skip_values(row, x: torch.Tensor) -> list[float] | None:
+    """The values the measured policy times ``row``'s zero-skipping weight gradient with on its
+    input ``x`` (:func:`common_values`), or None where it is not timed: groups 1, a symmetric
+    padding, a float32/64 input on the CPU outside autocast (where :func:`exact_conv2d` runs
+    it), the C++ kernels built, and at least ``ZERO_SKIP_MIN_SHARE`` of ``x`` equal to its
+    channel's common value."""
+    t, bo, left, r = row.padding
+    if not (
+        row.groups == 1
+        and t == bo
+        and left == r
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+        and extension.get() is not None
+        and x.numel() > 0
+    ):
+        return None
+    values, share = common_values(x)
+    return values if share >= ZERO_SKIP_MIN_SHARE else None
+
+
+def _zero_skip_fn(x, w, b, row, skip, input_grad=True):
+    t, _, left, _ = row.padding
+
+    def run():
+        xx, ww = x.detach().requires_grad_(input_grad), w.detach().requires_grad_()
+        y = zero_skip_conv2d(xx, ww, _trained(b), list(row.stride), [t, left], list(row.dilation), skip)
         y.backward(torch.ones_like(y))
 
     return run
@@ -172,13 +233,15 @@ def calibrate(
     seed: int = 0,
     hashing: str = "random",
     norm_grad: bool = True,
+    zero_skip: bool = False,
 ) -> dict:
     """Time exact and every candidate of ``row`` (with the given centroid) on input ``x`` (first
     group only for grouped convs), forward + backward, in ``repeats`` interleaved rounds after a
     warm-up round (more rounds for a short layer: enough for ~0.1 s of the exact convolution,
     at most 15); the backward computes the input gradient only if ``input_grad`` (as training
-    does: a first layer's input needs none). Returns ``{"exact_ms", "input_grad", "candidates":
-    [{"L", "H", "ms", "ratio", "ratio_min", "r_c", "predicted", "error", "chain"}]}`` in the
+    does: a first layer's input needs none), and the bias's gradient (since session 26; before,
+    the bias was a constant of the timed runs, which training's is not). Returns ``{"exact_ms",
+    "input_grad", "candidates": [{"L", "H", "ms", "ratio", "ratio_min", "r_c", "predicted", "error", "chain"}]}`` in the
     row's candidate order (``ms`` and ``ratio``: medians; ``ratio_min``: the fastest runs' ratio;
     ``chain``: "pixel" or "generic", which chain the stage runs: where the per-pixel chain fits
     both are timed and the generic one is kept only if it takes at most ``GENERIC_MARGIN`` of
@@ -187,7 +250,9 @@ def calibrate(
     with the layer's own hash planes for ``seed``, as are r_c and the timings; with
     ``hashing="pca"`` the planes are fitted to ``x`` as training fits them, and the fits are
     not timed: training refits every ``hash_refresh`` steps; ``norm_grad`` as in ReuseConfig).
-    Uses and updates the on-disk cache."""
+    With ``zero_skip`` and where :func:`zero_skip_values` gives values to skip, the exact layer
+    with the zero-skipping weight gradient is timed in the same rounds: ``"zero_skip": {"ms",
+    "ratio", "ratio_min", "skip"}`` (else ``None``). Uses and updates the on-disk cache."""
     g = row.groups
     cg, mg = row.in_channels // g, row.out_channels // g
     # the layer's input as training sees it: same memory format (channels-last stays so)
@@ -195,6 +260,7 @@ def calibrate(
     x = x[:, :cg].contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     w = weight.detach()[:mg]
     b = None if bias is None else bias.detach()[:mg]
+    skip = zero_skip_values(row, x) if zero_skip else None
     key = json.dumps(
         [
             _device_id(x),
@@ -213,12 +279,13 @@ def calibrate(
             input_grad,
             seed,
             row.name,
-            ("rounds", MAX_ROUNDS, MIN_EXACT_S, "ratio_min", "exact: conv2d's own padding"),
+            ("rounds", MAX_ROUNDS, MIN_EXACT_S, "ratio_min", "exact: conv2d's own padding", "bias grad"),
             ("chains", GENERIC_MARGIN),
             sorted(CACHE_TAGS),
             hashing,
             norm_grad,
             *_autocast_tag(x),
+            ("zero-skip", skip),
         ]
     )
     path = cache_path()
@@ -243,6 +310,9 @@ def calibrate(
         if _pixel_fits(row, cg, L):
             generic[i] = len(fns)
             fns.append(_stage_fn(x, w, b, row, p, centroid, input_grad, norm_grad, per_pixel=False))
+    if skip is not None:  # last: index -> its fn
+        zs_index = len(fns)
+        fns.append(_zero_skip_fn(x, w, b, row, skip, input_grad))
     times = [[] for _ in fns]
     # on CUDA the work is asynchronous: each timing waits for the device before and after
     sync = (lambda: torch.cuda.synchronize(x.device)) if x.device.type == "cuda" else (lambda: None)
@@ -292,7 +362,12 @@ def calibrate(
                     **extra,
                 }
             )
-    result = {"exact_ms": exact_ms, "input_grad": input_grad, "rounds": rounds, "candidates": out}
+    zs = None
+    if skip is not None:
+        t = times[zs_index]
+        zs = {"ms": statistics.median(t) * 1e3, "ratio_min": min(t) / min(times[0]), "skip": skip}
+        zs["ratio"] = zs["ms"] / exact_ms
+    result = {"exact_ms": exact_ms, "input_grad": input_grad, "rounds": rounds, "candidates": out, "zero_skip": zs}
     cache[key] = result
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

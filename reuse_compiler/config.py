@@ -107,6 +107,12 @@ class ReuseConfig:
             cluster the same input gradient. It trained CifarNet like True did, but AlexNet
             stalled at chance with it (docs/performance.md, session 14): use it only where
             it was measured to train.
+        zero_skip: measured policy only: an exact layer (groups 1, symmetric padding) whose
+            input on the example batch is at least half zeros is also timed with a weight
+            gradient that skips the products of zero inputs (the same forward, bit for bit;
+            the same gradients up to float rounding), and runs so where that is faster than
+            stock (default True; docs/policies.md, "Zero-skipping exact layers"). False: exact
+            layers are always stock's.
     """
 
     L: int | dict[str, int] | None = None
@@ -125,6 +131,7 @@ class ReuseConfig:
     hashing: str = "random"
     hash_refresh: int = 20
     norm_grad: bool = True
+    zero_skip: bool = True
 
     def __post_init__(self):
         _check_int_or_map("L", self.L, 1, None)
@@ -146,6 +153,8 @@ class ReuseConfig:
             )
         if not isinstance(self.norm_grad, bool):
             raise ValueError(f"ReuseConfig.norm_grad must be True or False; got {self.norm_grad!r}")
+        if not isinstance(self.zero_skip, bool):
+            raise ValueError(f"ReuseConfig.zero_skip must be True or False; got {self.zero_skip!r}")
         if not self.norm_grad and self.centroid != "norm":
             raise ValueError(
                 "ReuseConfig.norm_grad=False applies to the norm centroid's member norms; "

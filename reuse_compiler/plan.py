@@ -49,6 +49,9 @@ class LayerPlan:
     # measured policy: compile-time timings of exact and every candidate
     calibration: dict | None = None
     node: str = ""  # the conv node in the traced source graph
+    # how the layer runs when exact: "stock" (F.conv2d) or "zero-skip" (the same forward, a weight
+    # gradient that skips the input's zeros; the measured policy picks it where it times faster)
+    exact_kernel: str = "stock"
 
     @property
     def rewritable(self) -> bool:
@@ -84,7 +87,10 @@ class LayerPlan:
 
     @property
     def time_ratio(self) -> float | None:
-        """Measured forward+backward time of the current stage / exact (measured policy)."""
+        """Measured forward+backward time of the current stage / exact (measured policy); for an
+        exact layer with the zero-skipping weight gradient, its time / stock's."""
+        if self.exact and self.exact_kernel == "zero-skip" and self.calibration is not None:
+            return self.calibration["zero_skip"]["ratio"]
         c = self._calibrated()
         return None if c is None else c["ratio"]
 
@@ -136,7 +142,7 @@ _COLUMNS = [
 
 def _stage(r: LayerPlan) -> str:
     if r.exact:
-        return "exact"
+        return "exact, zero-skip" if r.exact_kernel == "zero-skip" else "exact"
     s = f"L={r.L} H={r.H}"
     if r.stage is not None:
         s += f" ({r.stage + 1}/{len(r.candidates)})"

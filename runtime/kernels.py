@@ -40,6 +40,7 @@ __all__ = [
     "unit_rows_backward_torch",
     "pad_channels_last",
     "pad_nhwc_torch",
+    "zero_skip_weight_grad",
 ]
 
 # Above this many table slots the clustering sorts instead of counting.
@@ -820,3 +821,36 @@ def fold_taps(rows: torch.Tensor, g: Geometry) -> torch.Tensor:
     for t in range(rows.shape[0]):
         g.tap_view(out.unsqueeze(-1), t).squeeze(-1).add_(rows[t])
     return out
+
+
+def zero_skip_weight_grad(x, dy, weight, stride, padding, dilation, skip=None):
+    """The weight and bias gradients (dW, db) of the exact ``F.conv2d(x, W, b, stride, padding,
+    dilation)`` (groups 1; ``padding`` (top, left) of a symmetric padding) for the output
+    gradient ``dy``. The C++ kernel skips the inputs equal to their channel's common value
+    ``skip`` (C floats, default zeros): it sums (x - skip) * dy over the other inputs and adds
+    skip times each tap's sum of dy over its in-image outputs (the same sums, regrouped). Without
+    it, or off the CPU, ``aten.convolution_backward``'s, which are stock's. A non-finite db (an
+    inf or NaN in ``dy``) takes stock's gradients as well, so that a NaN or inf in ``dy`` shows
+    in dW as it does there, wherever it meets a skipped input."""
+    ext = _ext(x, dy) if x.dtype in (torch.float32, torch.float64) and x.dtype == dy.dtype else None
+    if ext is not None:
+        kh, kw = weight.shape[2:]
+        gy = dy.permute(0, 2, 3, 1).contiguous()  # (Nb, Oh, Ow, M): free for a channels-last dy
+        sk = x.new_zeros(x.shape[1]) if skip is None else torch.tensor(skip, dtype=x.dtype)
+        dw, db = ext.zero_skip_weight_grad(x, gy, sk, [kh, kw, *stride, *padding, *dilation])
+        if bool(torch.isfinite(db).all()):
+            return dw, db
+    _, dw, db = torch.ops.aten.convolution_backward(
+        dy,
+        x,
+        weight,
+        [weight.shape[0]],
+        list(stride),
+        list(padding),
+        list(dilation),
+        False,
+        [0, 0],
+        1,
+        [False, True, True],
+    )
+    return dw, db

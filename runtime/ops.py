@@ -54,6 +54,9 @@ __all__ = [
     "cluster_input_grad",
     "reconstruct_grad_scaled",
     "reconstruct_grad",
+    "zero_skip_conv2d",
+    "zero_skip_conv2d_grad",
+    "exact_conv2d",
     "SCOPES",
 ]
 
@@ -1217,6 +1220,101 @@ def _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_par
         parts["yc"] = yc
     parts["counts"] = counts
     return y, parts
+
+
+# --------------------------------------------------------------------------- zero_skip_conv2d
+
+
+@torch.library.custom_op("reuse::zero_skip_conv2d", mutates_args=())
+def zero_skip_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    skip: list[float] | None = None,
+) -> torch.Tensor:
+    """An exact layer (not a reuse stage): ``F.conv2d(x, weight, bias, stride, padding,
+    dilation)`` (groups 1, ``padding`` (top, left) of a symmetric padding), whose forward is
+    ATen's convolution, bit for bit, and whose weight and bias gradients skip the inputs equal
+    to their channel's common value ``skip`` (C floats; None: zeros) (:func:`kernels.zero_skip_weight_grad`:
+    the same sums, regrouped). The input gradient, where one is needed, is ATen's. The measured
+    policy picks it for an exact layer whose input is mostly one value per channel, where it
+    times faster (docs/policies.md, "Zero-skipping exact layers"); the rewrite emits it through
+    :func:`exact_conv2d`."""
+    if skip is not None and len(skip) != x.shape[1]:
+        raise ValueError(f"reuse.zero_skip_conv2d: {len(skip)} skip values for an input of {x.shape[1]} channels")
+    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], 1)
+
+
+@zero_skip_conv2d.register_fake
+def _(x, weight, bias, stride, padding, dilation, skip=None):
+    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], 1)
+
+
+@torch.library.custom_op("reuse::zero_skip_conv2d_grad", mutates_args=())
+def zero_skip_conv2d_grad(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    skip: list[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias gradients of :func:`zero_skip_conv2d` (an op of its own, so that
+    compiled backward graphs call it as one)."""
+    return kernels.zero_skip_weight_grad(x, dy, weight, stride, padding, dilation, skip)
+
+
+@zero_skip_conv2d_grad.register_fake
+def _(x, dy, weight, stride, padding, dilation, skip=None):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), dy.new_empty(dy.shape[1])
+
+
+def _zero_skip_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, skip = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conv = (stride, padding, dilation, skip)
+    ctx.has_bias = bias is not None
+
+
+def _zero_skip_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation, skip = ctx.conv
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.aten.convolution_backward(
+            dy, x, weight, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False]
+        )[0]
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dw, db = zero_skip_conv2d_grad(x.detach(), dy, weight.detach(), stride, padding, dilation, skip)
+    return dx, dw, db if ctx.has_bias else None, None, None, None, None
+
+
+zero_skip_conv2d.register_autograd(_zero_skip_backward, setup_context=_zero_skip_setup)
+
+
+def exact_conv2d(x, weight, bias, stride: list[int], padding: list[int], dilation: list[int], skip=None):
+    """What the rewrite emits for an exact layer with the zero-skipping weight gradient:
+    :func:`zero_skip_conv2d` for a float32/64 ``x`` on the CPU, else (another device or dtype,
+    or under ``torch.autocast``, which casts a stock convolution's inputs) ``F.conv2d`` itself,
+    so that the layer computes what the stock layer computes there. Traced symbolically it
+    records itself as one call, as :func:`chain_input` does."""
+    if isinstance(x, torch.fx.Proxy):
+        args = (x, weight, bias, stride, padding, dilation, skip)
+        return x.tracer.create_proxy("call_function", exact_conv2d, args, {})
+    dev = x.device.type
+    if (
+        dev == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dtype == weight.dtype
+        and x.dim() == 4
+        and not torch.is_autocast_enabled(dev)
+    ):
+        return zero_skip_conv2d(x, weight, bias, stride, padding, dilation, skip)
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
 
 
 # --------------------------------------------------------------------------- autocast

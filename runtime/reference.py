@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lsh_planes", "pack_bits", "reference_reuse_conv2d"]
+__all__ = ["lsh_planes", "pack_bits", "reference_reuse_conv2d", "reference_weight_grad"]
 
 
 def lsh_planes(L: int, H: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -115,3 +115,13 @@ def reference_reuse_conv2d(
     if bias is not None:
         y = y + bias
     return y.view(Nb, Oh, Ow, M).permute(0, 3, 1, 2), info
+
+
+def reference_weight_grad(x, dy, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """The exact convolution's weight and bias gradients from the im2col matrix, written
+    plainly: dW = dy^T . X over all N rows (Eq. 10 with every row its own cluster), db = the
+    column sums of dy. The oracle of the zero-skipping weight gradient (``reuse.zero_skip_conv2d``)."""
+    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (Nb, K, L)
+    g = dy.flatten(2)  # (Nb, M, L)
+    dw = torch.einsum("bml,bkl->mk", g, cols).reshape(dy.shape[1], x.shape[1], *kernel_size)
+    return dw, dy.sum((0, 2, 3))

@@ -77,7 +77,9 @@ def test_max_error_filters_candidates(cache, monkeypatch):
     """Faster-than-exact candidates with error > max_error are dropped (timings and errors
     injected, so the test does not depend on this machine's speed)."""
 
-    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True):
+    def fake(
+        row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True, zero_skip=False
+    ):
         n = len(row.candidates)
         return {
             "exact_ms": 10.0,
@@ -194,7 +196,9 @@ def test_bad_policy():
 def test_max_time_ratio_is_the_margin(cache, monkeypatch):
     """Candidates measured slower than max_time_ratio x exact are dropped (injected timings)."""
 
-    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True):
+    def fake(
+        row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True, zero_skip=False
+    ):
         ratios = [0.5, 0.9, 0.97, 1.2] + [1.5] * (len(row.candidates) - 4)
         cands = [
             {"L": L, "H": H, "ms": 10 * r, "ratio": r, "ratio_min": r, "r_c": 0.1, "predicted": 0.5, "error": 0.3}
@@ -217,7 +221,9 @@ def test_a_slow_phase_of_the_exact_runs_keeps_nothing(cache, monkeypatch):
     the margin: an inflated exact median (a slow phase of the machine) makes a candidate look
     fast by the medians only (injected timings)."""
 
-    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True):
+    def fake(
+        row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True, zero_skip=False
+    ):
         pairs = [(0.8, 1.25), (0.9, 0.9)] + [(1.5, 1.5)] * (len(row.candidates) - 2)
         cands = [
             {"L": L, "H": H, "ms": 10 * r, "ratio": r, "ratio_min": rm, "r_c": 0.1, "predicted": 0.5, "error": 0.3}
@@ -284,7 +290,9 @@ def test_the_rewrite_runs_the_chain_the_calibration_chose(cache, monkeypatch):
     if extension.get() is None:
         pytest.skip("the rewrite emits the per-pixel chain only with the C++ kernels")
 
-    def fake(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True):
+    def fake(
+        row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True, zero_skip=False
+    ):
         cands = [
             {"L": L, "H": H, "ms": 1.0, "ratio": 0.5, "ratio_min": 0.5, "r_c": 0.1, "predicted": 0.5, "error": 0.3}
             | {"chain": "generic" if L == row.in_channels // row.groups else "pixel"}

@@ -196,7 +196,9 @@ def _fake_calibration(ratios):
     """A stand-in for calibration.calibrate: ``ratios(layer, n)`` gives the measured time
     ratio of each of the layer's candidates (the same on every run: no timing)."""
 
-    def calibrate(row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True):
+    def calibrate(
+        row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True, zero_skip=False
+    ):
         rs = ratios(row.name, len(row.candidates))
         cands = [
             {"L": L, "H": H, "ms": 10 * r, "ratio": r, "ratio_min": r, "r_c": 0.1, "predicted": 0.5, "error": 0.3}

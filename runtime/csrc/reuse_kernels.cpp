@@ -1631,7 +1631,207 @@ std::vector<char> covered_axis(int64_t Pn, int64_t k, int64_t d, int64_t O) {
   return c;
 }
 
+// ----------------------------------------------------------------------------- zero-skip
+// The weight and bias gradients of an exact convolution (groups 1) that skip the inputs equal
+// to their channel's common value s[c] (zero after a ReLU; a digit's normalised blank pixel).
+// With x' = x - s (zero where x == s), for tap (i, j) and the output positions o whose input
+// at that tap lies inside the image (the zero padding outside contributes nothing):
+//   dW[m, c, i, j] = sum over non-zero x'[b, c, y, x] of x' * dy[b, m, o]  +  s[c] * R_ij[m],
+//   R_ij[m] = sum of S[o, m] over those o,   S[o, m] = sum_b dy[b, m, o],   db[m] = sum_o S[o, m].
+// The same sums as F.conv2d's weight gradient, regrouped (each thread adds its images in turn,
+// the threads' sums are added in thread order): on an input that is mostly its common value
+// (a first layer on digits: ~75% of the pixels) most products are not formed.
+// x: (Nb, C, H, W), any strides; gy: (Nb, Oh, Ow, M) contiguous (the channels-last memory of
+// dy); skip: (C,) of x's dtype; p: kh, kw, sh, sw, pt, pl, dh, dw. Returns (dW (M, C, kh, kw), db (M)).
+// Stride 1, a kernel row i of KW taps and 64 output channels at a time in registers: every
+// listed input (y, x, v) adds v * dy[o] to tap j's accumulator, o = (y + pt - i*dh, x + pl - j*dw).
+template <typename T, int KW>
+void zero_skip_row(const T* __restrict Gb, const int32_t* ys, const int32_t* xs, const T* vs, int64_t n, int64_t i,
+                   int64_t pt, int64_t pl, int64_t dh, int64_t dw, int64_t Oh, int64_t Ow, int64_t M, int64_t m0,
+                   T* __restrict drow) {
+  constexpr int MB = 64;
+  T acc[KW][MB];
+  for (int j = 0; j < KW; ++j)
+#pragma omp simd
+    for (int q = 0; q < MB; ++q) acc[j][q] = T(0);
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t oy = ys[e] + pt - i * dh;
+    if (oy < 0 || oy >= Oh) continue;
+    const int64_t ox0 = xs[e] + pl;  // tap j's output column: ox0 - j * dw
+    const T v = vs[e];
+    const T* grow = Gb + oy * Ow * M + m0;
+    if (ox0 - (KW - 1) * dw >= 0 && ox0 < Ow) {  // every tap of the row inside
+#pragma GCC unroll 8
+      for (int j = 0; j < KW; ++j) {
+        const T* g = grow + (ox0 - j * dw) * M;
+#pragma omp simd
+        for (int q = 0; q < MB; ++q) acc[j][q] += v * g[q];
+      }
+    } else {
+      for (int j = 0; j < KW; ++j) {
+        const int64_t ox = ox0 - j * dw;
+        if (ox < 0 || ox >= Ow) continue;
+        const T* g = grow + ox * M;
+#pragma omp simd
+        for (int q = 0; q < MB; ++q) acc[j][q] += v * g[q];
+      }
+    }
+  }
+  for (int j = 0; j < KW; ++j)
+#pragma omp simd
+    for (int q = 0; q < MB; ++q) drow[j * M + m0 + q] += acc[j][q];
+}
+
+template <typename T>
+using ZeroSkipRow = void (*)(const T*, const int32_t*, const int32_t*, const T*, int64_t, int64_t, int64_t, int64_t,
+                             int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
+
+template <typename T>
+ZeroSkipRow<T> zero_skip_row_for(int64_t kw) {
+  switch (kw) {
+    case 1: return zero_skip_row<T, 1>;
+    case 2: return zero_skip_row<T, 2>;
+    case 3: return zero_skip_row<T, 3>;
+    case 4: return zero_skip_row<T, 4>;
+    case 5: return zero_skip_row<T, 5>;
+    case 6: return zero_skip_row<T, 6>;
+    case 7: return zero_skip_row<T, 7>;
+    default: return nullptr;
+  }
+}
+
+template <typename T>
+void zero_skip_impl(const T* __restrict X, const T* __restrict G, const T* Sk, T* P, int64_t Nb, int64_t C, int64_t H,
+                    int64_t W, int64_t Oh, int64_t Ow, int64_t M, const int64_t* st, const std::vector<int64_t>& p,
+                    int64_t nt, bool shifted) {
+  const int64_t kh = p[0], kw = p[1], sh = p[2], sw = p[3], pt = p[4], pl = p[5], dh = p[6], dw = p[7];
+  const int64_t s0 = st[0], s1 = st[1], s2 = st[2], s3 = st[3];
+  const std::vector<T> skip(Sk, Sk + C);
+  const int64_t K = C * kh * kw, O = Oh * Ow;
+  const int64_t part = (K + 1 + (shifted ? O : 0)) * M;  // dW (K, M), db (M), S (O, M) if shifted
+  // stride 1 and a kernel row of at most 7 taps: the register-blocked rows for the 64-channel
+  // blocks of M; the channels past them (and any other shape) one (input, tap) at a time
+  const ZeroSkipRow<T> row = sh == 1 && sw == 1 ? zero_skip_row_for<T>(kw) : nullptr;
+  const int64_t mblocked = row ? M / 64 * 64 : 0;
+  at::parallel_for(0, nt, 1, [&](int64_t th0, int64_t th1) {
+    std::vector<int32_t> ys(H * W), xs(H * W);
+    std::vector<T> vs(H * W);
+    for (int64_t th = th0; th < th1; ++th) {
+      T* dW = P + th * part;
+      T* db = dW + K * M;
+      T* S = db + M;
+      for (int64_t b = Nb * th / nt; b < Nb * (th + 1) / nt; ++b) {
+        const T* Gb = G + b * O * M;
+        if (shifted) {
+          for (int64_t r = 0; r < O; ++r) {
+            const T* g = Gb + r * M;
+            T* sr = S + r * M;
+#pragma omp simd
+            for (int64_t m = 0; m < M; ++m) sr[m] += g[m];
+          }
+        } else {
+          for (int64_t r = 0; r < O; ++r) {
+            const T* g = Gb + r * M;
+#pragma omp simd
+            for (int64_t m = 0; m < M; ++m) db[m] += g[m];
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          int64_t n = 0;  // the channel's inputs other than its common value, as x - s
+          for (int64_t iy = 0; iy < H; ++iy)
+            for (int64_t ix = 0; ix < W; ++ix) {
+              const T xv = X[b * s0 + c * s1 + iy * s2 + ix * s3];
+              ys[n] = (int32_t)iy;
+              xs[n] = (int32_t)ix;
+              vs[n] = xv - skip[c];
+              n += xv != skip[c];
+            }
+          for (int64_t i = 0; i < kh; ++i) {
+            T* drow = dW + (c * kh + i) * kw * M;
+            for (int64_t m0 = 0; m0 < mblocked; m0 += 64)
+              row(Gb, ys.data(), xs.data(), vs.data(), n, i, pt, pl, dh, dw, Oh, Ow, M, m0, drow);
+            if (mblocked == M) continue;
+            for (int64_t e = 0; e < n; ++e) {
+              int64_t oy = ys[e] + pt - i * dh;  // = oy * sh
+              if (oy < 0 || oy % sh) continue;
+              oy /= sh;
+              if (oy >= Oh) continue;
+              for (int64_t j = 0; j < kw; ++j) {
+                int64_t ox = xs[e] + pl - j * dw;
+                if (ox < 0 || ox % sw) continue;
+                ox /= sw;
+                if (ox >= Ow) continue;
+                const T* __restrict g = Gb + (oy * Ow + ox) * M;
+                T* __restrict d = drow + j * M;
+                const T v = vs[e];
+#pragma omp simd
+                for (int64_t m = mblocked; m < M; ++m) d[m] += v * g[m];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// With a shifted input: the threads' S summed (in thread order), db from it, and each tap's
+// s[c] * R_ij added to dW (the sum over the tap's in-image output positions).
+template <typename T>
+void zero_skip_finish(T* sum, const T* Sk, int64_t C, int64_t H, int64_t W, int64_t Oh, int64_t Ow, int64_t M,
+                      const std::vector<int64_t>& p) {
+  const int64_t kh = p[0], kw = p[1], sh = p[2], sw = p[3], pt = p[4], pl = p[5], dh = p[6], dw = p[7];
+  const int64_t K = C * kh * kw;
+  T* dW = sum;
+  T* db = sum + K * M;
+  const T* S = db + M;
+  for (int64_t r = 0; r < Oh * Ow; ++r)
+    for (int64_t m = 0; m < M; ++m) db[m] += S[r * M + m];
+  std::vector<T> R(M);
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j) {
+      std::fill(R.begin(), R.end(), T(0));
+      for (int64_t oy = 0; oy < Oh; ++oy) {
+        const int64_t iy = oy * sh - pt + i * dh;
+        if (iy < 0 || iy >= H) continue;
+        for (int64_t ox = 0; ox < Ow; ++ox) {
+          const int64_t ix = ox * sw - pl + j * dw;
+          if (ix < 0 || ix >= W) continue;
+          for (int64_t m = 0; m < M; ++m) R[m] += S[(oy * Ow + ox) * M + m];
+        }
+      }
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t m = 0; m < M; ++m) dW[((c * kh + i) * kw + j) * M + m] += Sk[c] * R[m];
+    }
+}
+
+std::vector<torch::Tensor> zero_skip_weight_grad(const torch::Tensor& x, const torch::Tensor& gy,
+                                                 const torch::Tensor& skip, const std::vector<int64_t>& p) {
+  TORCH_CHECK(p.size() == 8, "zero_skip_weight_grad: needs kh, kw, sh, sw, pt, pl, dh, dw");
+  TORCH_CHECK(x.dim() == 4 && gy.dim() == 4 && gy.is_contiguous() && x.scalar_type() == gy.scalar_type() &&
+                  x.size(0) == gy.size(0) && skip.dim() == 1 && skip.size(0) == x.size(1) &&
+                  skip.scalar_type() == x.scalar_type(),
+              "zero_skip_weight_grad: x (Nb, C, H, W), a contiguous gy (Nb, Oh, Ow, M) and skip (C,), of x's dtype");
+  const int64_t Nb = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Oh = gy.size(1), Ow = gy.size(2), M = gy.size(3), K = C * p[0] * p[1];
+  auto sk = skip.contiguous();
+  const bool shifted = bool(sk.ne(0).any().item<bool>());
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), Nb));
+  const int64_t rows = K + 1 + (shifted ? Oh * Ow : 0);
+  auto part = torch::zeros({nt, rows, M}, gy.options());  // each thread's dW (K, M), db and S
+  const int64_t s[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  auto sum = part.select(0, 0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zero_skip_weight_grad", [&] {
+    zero_skip_impl<scalar_t>(x.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(),
+                             part.data_ptr<scalar_t>(), Nb, C, H, W, Oh, Ow, M, s, p, nt, shifted);
+    for (int64_t th = 1; th < nt; ++th) sum.add_(part.select(0, th));  // in thread order
+    if (shifted) zero_skip_finish<scalar_t>(sum.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), C, H, W, Oh, Ow, M, p);
+  });
+  return {sum.narrow(0, 0, K).t().contiguous().view({M, C, p[0], p[1]}), sum.select(0, K).clone()};
+}
+
 }  // namespace
+
 
 // ids (Nb, Hp, Wp) int64 -> (ranks (Nb, Hp, Wp) int32, slot_map (nb, G) int32, counts (nb,
 // Cmax) int64): compact's slots and counts for the blocks of the per-pixel chain.
@@ -2084,4 +2284,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pixel_reconstruct", &pixel_reconstruct, "per-pixel chain: y[n] = bias + sum_b w * yc[b, slot_map[b, rank]]");
   m.def("pixel_reconstruct_backward", &pixel_reconstruct_backward, "per-pixel chain: dyc of the reconstruction");
   m.def("pixel_scales_backward", &pixel_scales_backward, "per-pixel chain: the per-pixel scales' gradient");
+  m.def("zero_skip_weight_grad", &zero_skip_weight_grad,
+        "an exact convolution's weight and bias gradients without the products of zero inputs");
 }
