@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.layers import machine, machine_phase  # noqa: E402
 from benchmarks.step import stages  # noqa: E402
-from benchmarks.timeline import _Conv2, main_job_conv2  # noqa: E402
+from benchmarks.timeline import _Conv, main_job_conv2  # noqa: E402
 from examples.train import make_adam  # noqa: E402
 from reuse_compiler import reuse_compile  # noqa: E402
 from reuse_compiler.runtime import extension  # noqa: E402
@@ -136,7 +136,7 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=25, help="rows of the op table (0: all)")
     args = ap.parse_args(argv)
     x, y, model, conv2_input, config = main_job_conv2(args.batch_size)
-    conv2 = reuse_compile(_Conv2(copy.deepcopy(model.conv2)), conv2_input, config=config, inplace=True)
+    conv2 = reuse_compile(_Conv(copy.deepcopy(model.conv2)), conv2_input, config=config, inplace=True)
     phase = machine_phase()
     print(
         f"# the main job's conv2 chain inside training steps ({stages(conv2)}, batch {args.batch_size}, "

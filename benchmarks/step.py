@@ -58,9 +58,17 @@ from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tu
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
 
 
+def stage_of(row) -> str:
+    """A plan row's stage: ``exact``, ``exact, zero-skip`` (its weight gradient skipping its
+    input's common value, docs/policies.md) or ``L=64 H=8``."""
+    if row.exact:
+        return "exact, zero-skip" if row.exact_kernel == "zero-skip" else "exact"
+    return f"L={row.L} H={row.H}"
+
+
 def stages(gm) -> str:
-    """A compiled model's stages, one per layer: ``conv1 exact, conv2 L=64 H=8``."""
-    return ", ".join(f"{r.name} " + ("exact" if r.exact else f"L={r.L} H={r.H}") for r in gm.reuse_plan)
+    """A compiled model's stages, one per layer: ``conv1 exact, zero-skip; conv2 L=64 H=8``."""
+    return "; ".join(f"{r.name} {stage_of(r)}" for r in gm.reuse_plan)
 
 
 def time_interleaved(steps: dict, repeats: int, n: int, warmup: int = 2) -> dict:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.layers import machine, machine_phase  # noqa: E402
 from benchmarks.ops import time_round_robin  # noqa: E402
-from benchmarks.step import main_job_batch, stages  # noqa: E402
+from benchmarks.step import main_job_batch, stage_of  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, MODELS, make_adam, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile  # noqa: E402
 
@@ -59,21 +59,21 @@ SEGMENTS = (
     ("b_pool2", "backward: ReLU + pool2"),
     ("b_conv2", "backward: conv2 (input and weight gradients)"),
     ("b_pool1", "backward: ReLU + pool1"),
-    ("b_conv1", "backward: conv1 (weight gradient)"),
+    ("b_conv1", "backward: conv1 (weight and bias gradients)"),
     ("adam", "Adam step"),
 )
 CONV2 = ("f_conv2", "b_conv2")
 
 
-class _Conv2(nn.Module):
-    """CifarNet's conv2 alone, so that it can be compiled by itself."""
+class _Conv(nn.Module):
+    """One of CifarNet's convolutions alone, so that it can be compiled by itself."""
 
-    def __init__(self, conv2):
+    def __init__(self, conv):
         super().__init__()
-        self.conv2 = conv2
+        self.conv = conv
 
     def forward(self, x):
-        return self.conv2(x)
+        return self.conv(x)
 
 
 def main_job_conv2(batch_size: int, max_error: float = DEFAULT_MAX_ERROR):
@@ -91,9 +91,9 @@ def main_job_conv2(batch_size: int, max_error: float = DEFAULT_MAX_ERROR):
     return x, y, model, conv2_input, config
 
 
-def make_timed_step(model, conv2, x, y, marks: dict):
-    """One training step of ``model`` (CifarNet, ``pool_first``) with ``conv2`` in place of its
-    conv2, appending ``time.perf_counter()`` to ``marks[name]`` at every segment boundary."""
+def make_timed_step(model, conv1, conv2, x, y, marks: dict):
+    """One training step of ``model`` (CifarNet, ``pool_first``) with ``conv1`` and ``conv2`` in
+    place of its own, appending ``time.perf_counter()`` to ``marks[name]`` at every segment boundary."""
     opt = make_adam(model.parameters(), 1e-3, "foreach")
 
     def mark(name):
@@ -108,7 +108,7 @@ def make_timed_step(model, conv2, x, y, marks: dict):
     def step():
         opt.zero_grad(set_to_none=True)
         mark("start")
-        a = model.conv1(x)
+        a = conv1(x)
         mark("f_conv1")
         b = F.relu(model.pool1(a))
         mark("f_pool1")
@@ -150,12 +150,14 @@ def main(argv=None):
     runs, marks = {}, {}
     for name in ("stock", "reuse"):
         model = copy.deepcopy(base)
-        conv2 = _Conv2(model.conv2)
-        if name == "reuse":
+        conv1, conv2 = _Conv(model.conv1), _Conv(model.conv2)
+        if name == "reuse":  # each compiled alone, with the main job's config
+            conv1 = reuse_compile(conv1, x, config=config, inplace=True)
             conv2 = reuse_compile(conv2, conv2_input, config=config, inplace=True)
-            stage = stages(conv2)
+            row1, row2 = conv1.reuse_plan["conv"], conv2.reuse_plan["conv"]
+            stage = f"conv1 {stage_of(row1)}; conv2 {stage_of(row2)}"
         marks[name] = {}
-        runs[name] = make_timed_step(model, conv2, x, y, marks[name])
+        runs[name] = make_timed_step(model, conv1, conv2, x, y, marks[name])
     phase = machine_phase()
     # the benchmarks' interleaving loop; its per-round spans are not used: the steps' marks are
     time_round_robin(runs, args.repeats, args.steps, args.warmup)
@@ -163,7 +165,7 @@ def main(argv=None):
     s, r = ms["stock"], ms["reuse"]
     print(
         f"# training step of examples/train.py's CifarNet (batch {args.batch_size}, channels-last, foreach Adam), "
-        f"segments timed without a profiler, on {machine('cpu')}; reuse: {stage}, conv1 exact"
+        f"segments timed without a profiler, on {machine('cpu')}; reuse: {stage}"
     )
     print(
         f"# medians over {args.repeats} interleaved rounds of {args.steps} steps; machine phase "
