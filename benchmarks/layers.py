@@ -6,6 +6,9 @@ round calls every variant once, round-robin) and reports medians, of:
 
 - stock fp32 ``F.conv2d`` (the baseline every ratio divides by), stock under bf16 autocast;
 - the reuse chain at the first, middle and last Policy-3 candidate (and any extra --LH),
+- on the CPU, where the measured policy would time it (an input at least half its channels'
+  common values: conv1 on the digits), the exact layer with the zero-skipping weight gradient
+  (``reuse.zero_skip_conv2d``: the same forward; docs/policies.md),
 
 each for the forward alone and forward+backward (weight gradient, and the input gradient
 except for a model's first layer: its input is the batch, and training computes no
@@ -47,8 +50,10 @@ import reuse_compiler  # noqa: E402,F401
 from benchmarks.ops import median_ms, time_round_robin  # noqa: E402
 from examples.train import tune_malloc  # noqa: E402
 from reuse_compiler import policies  # noqa: E402
+from reuse_compiler.calibration import common_values, zero_skip_values  # noqa: E402
+from reuse_compiler.plan import LayerPlan  # noqa: E402
 from reuse_compiler.runtime import extension, kernels, ops  # noqa: E402
-from reuse_compiler.runtime.ops import reuse_conv2d  # noqa: E402
+from reuse_compiler.runtime.ops import reuse_conv2d, zero_skip_conv2d  # noqa: E402
 from reuse_compiler.runtime.planes import fit_to_input  # noqa: E402
 from reuse_compiler.runtime.reference import lsh_planes  # noqa: E402
 
@@ -198,7 +203,10 @@ def bench_layer(name, spec, args, device):
     if args.memory_format == "channels_last":  # the input's layout, for stock and reuse alike
         x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.randn(M, C, k, k, generator=g) * (2 / (C * k * k)) ** 0.5).to(device)
-    b = torch.zeros(M, device=device)
+    if args.memory_format == "channels_last":  # the weight too, as model.to(memory_format=...) lays it out:
+        # with one input channel the input's strides alone leave the output NCHW (session 26)
+        w = w.to(memory_format=torch.channels_last)  # (.contiguous keeps a C=1 weight's NCHW strides)
+    b = torch.zeros(M, device=device).requires_grad_(args.bias_grad == "on")  # a leaf: its .grad only grows
     oh = (Hh + 2 * p - k) // s + 1
     N = Nb * oh * oh
     lo, hi = policies.l_range(k, C, first)
@@ -221,7 +229,7 @@ def bench_layer(name, spec, args, device):
             xx = x.detach().requires_grad_(train and x_grad)
             ww = w.detach().requires_grad_(train)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                y = F.conv2d(xx, ww, b, stride=s, padding=p)
+                y = F.conv2d(xx, ww, b if train else b.detach(), stride=s, padding=p)
             if train:
                 y.backward(torch.ones_like(y))
             return y
@@ -240,7 +248,7 @@ def bench_layer(name, spec, args, device):
         def run():
             xx = x.detach().requires_grad_(train and x_grad)
             ww = w.detach().requires_grad_(train)
-            y, _ = chain(xx, ww, b, k, s, p, planes)
+            y, _ = chain(xx, ww, b if train else b.detach(), k, s, p, planes)
             if train:
                 y.backward(torch.ones_like(y))
             return y
@@ -250,6 +258,26 @@ def bench_layer(name, spec, args, device):
     variants["stock fp32"] = (stock(False), stock(True))
     variants["stock bf16 autocast"] = (stock(False, True), stock(True, True))
     info = {}
+    # the exact layer with the weight gradient that skips its input's common values (where the
+    # measured policy would time it: docs/policies.md, "Zero-skipping exact layers")
+    row = LayerPlan("layer", C, M, (k, k), (s, s), (p,) * 4, K=C * k * k, N=0)
+    skip = zero_skip_values(row, x) if device == "cpu" else None
+    if skip is not None:
+
+        def zero_skip(train):
+            def run():
+                xx = x.detach().requires_grad_(train and x_grad)
+                ww = w.detach().requires_grad_(train)
+                y = zero_skip_conv2d(xx, ww, b if train else b.detach(), [s, s], [p, p], [1, 1], skip)
+                if train:
+                    y.backward(torch.ones_like(y))
+                return y
+
+            return run
+
+        key = "exact, zero-skip weight gradient"
+        variants[key] = (zero_skip(False), zero_skip(True))
+        info[key] = {"rel_error": 0.0, "skipped_share": common_values(x)[1]}
     for label, (L, H) in picks.items():
         key = f"reuse {label} (L={L},H={H})"
         planes = planes_for(L, H)
@@ -394,6 +422,13 @@ def main(argv=None):
         action="store_true",
         help="time the generic chain where the per-pixel chain would run (L = C, stride 1; kernels.PIXEL_CHAIN off)",
     )
+    ap.add_argument(
+        "--bias-grad",
+        default="off",
+        choices=["off", "on"],
+        help="on: every variant's backward computes the bias's gradient too, as training does (off, the default "
+        "and the only mode before session 26: the bias is a constant of the timed runs)",
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument(
         "--synthetic",
@@ -413,7 +448,8 @@ def main(argv=None):
         f"# per-layer benchmark on {machine(args.device)}; medians of {args.repeats} interleaved runs "
         f"(after one warm-up call of each variant); "
         f"ratios are against stock fp32 F.conv2d in the same run; L values {args.l_values}, centroid {args.centroid}, "
-        f"hashing {args.hashing}, norms' gradient {args.norm_grad}, input {args.memory_format}, malloc {malloc}, "
+        f"hashing {args.hashing}, norms' gradient {args.norm_grad}, bias gradient {args.bias_grad}, "
+        f"input {args.memory_format}, malloc {malloc}, "
         f"{'generic chain everywhere' if args.generic_chain else 'per-pixel chain where it applies'}; "
         f"peak growth: the peak of one "
         f"forward+backward above what was allocated before it (input and weight excluded)"
