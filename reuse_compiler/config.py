@@ -108,11 +108,12 @@ class ReuseConfig:
             stalled at chance with it (docs/performance.md, session 14): use it only where
             it was measured to train.
         zero_skip: measured policy only: an exact layer (groups 1, symmetric padding) whose
-            input on the example batch is at least half zeros is also timed with a weight
-            gradient that skips the products of zero inputs (the same forward, bit for bit;
-            the same gradients up to float rounding), and runs so where that is faster than
-            stock (default True; docs/policies.md, "Zero-skipping exact layers"). False: exact
-            layers are always stock's.
+            input on the example batch is at least half its channels' most common values (zero
+            after a ReLU; a normalised digit's blank pixel) is also timed with a weight gradient
+            that skips the products of those values (the same forward, bit for bit; the same
+            gradients up to float rounding), and runs so where that is faster than stock's
+            (default True; docs/policies.md, "Zero-skipping exact layers"). False: exact layers
+            are always stock's.
     """
 
     L: int | dict[str, int] | None = None

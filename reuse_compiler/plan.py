@@ -50,7 +50,8 @@ class LayerPlan:
     calibration: dict | None = None
     node: str = ""  # the conv node in the traced source graph
     # how the layer runs when exact: "stock" (F.conv2d) or "zero-skip" (the same forward, a weight
-    # gradient that skips the input's zeros; the measured policy picks it where it times faster)
+    # gradient that skips its input's common values, calibration["zero_skip"]["skip"]; the measured
+    # policy picks it where it times faster)
     exact_kernel: str = "stock"
 
     @property
