@@ -62,7 +62,7 @@ def stage_of(row) -> str:
     """A plan row's stage: ``exact``, ``exact, zero-skip`` (its weight gradient skipping its
     input's common value, docs/policies.md) or ``L=64 H=8``."""
     if row.exact:
-        return "exact, zero-skip" if row.exact_kernel == "zero-skip" else "exact"
+        return "exact, zero-skip" if row.zero_skipping else "exact"
     return f"L={row.L} H={row.H}"
 
 

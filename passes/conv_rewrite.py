@@ -25,9 +25,14 @@ __all__ = ["emit_reuse_conv", "rebuild", "rewritten_graph", "state_path"]
 _ops = torch.ops.reuse
 
 
+def _ident(layer: str) -> str:
+    """A layer's name as a Python identifier (``features.0:1`` -> ``features_0_call1``)."""
+    return layer.replace(".", "_").replace(":", "_call")
+
+
 def state_path(layer: str) -> str:
     """Attribute path of a layer's :class:`ReuseLayer` inside the compiled module."""
-    return "reuse_state." + layer.replace(".", "_").replace(":", "_call")
+    return "reuse_state." + _ident(layer)
 
 
 def _node(graph: fx.Graph, target, args, name: str) -> fx.Node:
@@ -125,7 +130,7 @@ def emit_reuse_conv(
 
 
 def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool) -> None:
-    base = row.name.replace(".", "_").replace(":", "_call")
+    base = _ident(row.name)
     cfg = gm.reuse_config
     chain = {"record": record, "centroid": cfg.centroid, "hashing": cfg.hashing, "norm_grad": cfg.norm_grad}
     with graph.inserting_before(node):
@@ -162,7 +167,7 @@ def _zero_skip_node(gm, graph: fx.Graph, node: fx.Node, row) -> None:
         x, w, b = conv_operands(gm, graph, node, "module" if node.op == "call_module" else "function")
         skip = row.calibration["zero_skip"]["skip"]
         args = (x, w, b, list(row.stride), [t, left], list(row.dilation), skip)
-        out = _node(graph, exact_conv2d, args, row.name.replace(".", "_").replace(":", "_call") + "_zero_skip")
+        out = _node(graph, exact_conv2d, args, _ident(row.name) + "_zero_skip")
     node.replace_all_uses_with(out)
     graph.erase_node(node)
 
@@ -178,7 +183,7 @@ def rewritten_graph(gm: fx.GraphModule, record: bool = True) -> fx.Graph:
     for row in gm.reuse_plan.rows():
         if row.rewritable and not row.exact:
             _rewrite_node(gm, graph, nodes[row.node], row, scope, record)
-        elif record and row.exact and row.exact_kernel == "zero-skip":
+        elif record and row.zero_skipping:
             _zero_skip_node(gm, graph, nodes[row.node], row)
     graph.lint()
     return graph

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from reuse_compiler.runtime import extension, kernels
-from reuse_compiler.runtime.ops import im2col, reuse_conv2d, zero_skip_conv2d
+from reuse_compiler.runtime.ops import im2col, reuse_conv2d, zero_skip_conv2d, zero_skip_runs
 from reuse_compiler.runtime.planes import fit_to_input
 from reuse_compiler.runtime.state import layer_planes
 
@@ -180,17 +180,15 @@ def common_values(x: torch.Tensor) -> tuple[list[float], float]:
 def zero_skip_values(row, x: torch.Tensor) -> list[float] | None:
     """The values the measured policy times ``row``'s zero-skipping weight gradient with on its
     input ``x`` (:func:`common_values`), or None where it is not timed: groups 1, a symmetric
-    padding, a float32/64 input on the CPU outside autocast (where :func:`exact_conv2d` runs
-    it), the C++ kernels built, and at least ``ZERO_SKIP_MIN_SHARE`` of ``x`` equal to its
-    channel's common value."""
+    padding, an input :func:`exact_conv2d` runs it on (:func:`zero_skip_runs`: float32/64 on
+    the CPU, outside autocast), the C++ kernels built, and at least ``ZERO_SKIP_MIN_SHARE`` of
+    ``x`` equal to its channel's common value."""
     t, bo, left, r = row.padding
     if not (
         row.groups == 1
         and t == bo
         and left == r
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and not torch.is_autocast_enabled("cpu")
+        and zero_skip_runs(x)
         and extension.get() is not None
         and x.numel() > 0
     ):

@@ -60,6 +60,11 @@ class LayerPlan:
         return self.reason is None
 
     @property
+    def zero_skipping(self) -> bool:
+        """Whether the layer runs exact with the zero-skipping weight gradient now."""
+        return self.exact and self.exact_kernel == "zero-skip"
+
+    @property
     def M(self) -> int:
         """Output channels per group (the M of the GEMM)."""
         return self.out_channels // self.groups
@@ -90,7 +95,7 @@ class LayerPlan:
     def time_ratio(self) -> float | None:
         """Measured forward+backward time of the current stage / exact (measured policy); for an
         exact layer with the zero-skipping weight gradient, its time / stock's."""
-        if self.exact and self.exact_kernel == "zero-skip" and self.calibration is not None:
+        if self.zero_skipping and self.calibration is not None:
             return self.calibration["zero_skip"]["ratio"]
         c = self._calibrated()
         return None if c is None else c["ratio"]
@@ -143,7 +148,7 @@ _COLUMNS = [
 
 def _stage(r: LayerPlan) -> str:
     if r.exact:
-        return "exact, zero-skip" if r.exact_kernel == "zero-skip" else "exact"
+        return "exact, zero-skip" if r.zero_skipping else "exact"
     s = f"L={r.L} H={r.H}"
     if r.stage is not None:
         s += f" ({r.stage + 1}/{len(r.candidates)})"

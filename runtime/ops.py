@@ -57,6 +57,7 @@ __all__ = [
     "zero_skip_conv2d",
     "zero_skip_conv2d_grad",
     "exact_conv2d",
+    "zero_skip_runs",
     "SCOPES",
 ]
 
@@ -1296,6 +1297,17 @@ def _zero_skip_backward(ctx, dy):
 zero_skip_conv2d.register_autograd(_zero_skip_backward, setup_context=_zero_skip_setup)
 
 
+def zero_skip_runs(x: torch.Tensor) -> bool:
+    """Whether :func:`exact_conv2d` runs :func:`zero_skip_conv2d` for input ``x`` (with a weight
+    of its dtype): a 4-D float32/64 tensor on the CPU, outside autocast."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dim() == 4
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
 def exact_conv2d(x, weight, bias, stride: list[int], padding: list[int], dilation: list[int], skip=None):
     """What the rewrite emits for an exact layer with the zero-skipping weight gradient:
     :func:`zero_skip_conv2d` for a float32/64 ``x`` on the CPU, else (another device or dtype,
@@ -1305,14 +1317,7 @@ def exact_conv2d(x, weight, bias, stride: list[int], padding: list[int], dilatio
     if isinstance(x, torch.fx.Proxy):
         args = (x, weight, bias, stride, padding, dilation, skip)
         return x.tracer.create_proxy("call_function", exact_conv2d, args, {})
-    dev = x.device.type
-    if (
-        dev == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and x.dtype == weight.dtype
-        and x.dim() == 4
-        and not torch.is_autocast_enabled(dev)
-    ):
+    if zero_skip_runs(x) and x.dtype == weight.dtype:
         return zero_skip_conv2d(x, weight, bias, stride, padding, dilation, skip)
     return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
 
