@@ -43,7 +43,11 @@ training (epochs 6-12 of 12), which is less noisy than one epoch on a 1,000-digi
 With ``--epochs`` above 12 the report adds, against ``stock`` (or the first variant): each
 variant's mean per epoch window (6-12, then 6 epochs each: 13-18, 19-24, ...) with its
 difference and the number of seeds below; the median training loss at each window's end;
-and per seed the first epoch at which each run reaches stock's epoch-12 accuracy.
+and per seed the first epoch at which each run reaches stock's epoch-12 accuracy. With
+``--epoch-ratios REUSE EXACT`` it also estimates, for ``reuse`` and ``tail:E``, the
+end-to-end figure (time to stock's epoch-12 accuracy over stock's) from those epoch counts,
+with a reuse epoch REUSE and an exact one EXACT of a stock epoch: arithmetic on measured
+epoch ratios, not a timing (benchmarks/end_to_end.py times it).
 ``--report-only`` prints the report of a saved ``--out`` JSON without training.
 Timing is not measured here (the variants with an exact convolution beside the chain are
 slower by construction). Deterministic: a variant's curves repeat exactly.
@@ -352,7 +356,7 @@ def seed_line(v: str, seed: int, r: dict, epochs: int) -> str:
     )
 
 
-def report(results: dict, seeds, variants, epochs: int) -> str:
+def report(results: dict, seeds, variants, epochs: int, epoch_ratios=None) -> str:
     """The summary table (each variant's mean accuracy over the second half of training,
     per seed, against the first variant) and, for runs longer than 12 epochs, the long-run
     tables (:func:`long_report`)."""
@@ -369,7 +373,7 @@ def report(results: dict, seeds, variants, epochs: int) -> str:
         diff = 100 * (statistics.mean(m) - ref)
         lines.append(f"| {v} | {' | '.join(f'{a:.4f}' for a in m)} | {statistics.mean(m):.4f} | {diff:+.2f} pts |")
     if epochs > REF_EPOCH:
-        lines += ["", long_report(results, seeds, variants, epochs)]
+        lines += ["", long_report(results, seeds, variants, epochs, epoch_ratios)]
     return "\n".join(lines)
 
 
@@ -378,13 +382,13 @@ def first_epoch(accs, target: float) -> int | None:
     return next((i for i, a in enumerate(accs, 1) if a >= target - 1e-9), None)
 
 
-def long_report(results: dict, seeds, variants, epochs: int) -> str:
+def long_report(results: dict, seeds, variants, epochs: int, epoch_ratios=None) -> str:
     """For runs longer than 12 epochs, against ``stock`` (or the first variant where there
     is no ``stock``): each variant's mean test accuracy per epoch window (:func:`windows`),
     its difference to the reference and the number of seeds below the reference's mean in
     that window; the median training loss over the seeds at each window's last epoch; and
     per seed the first epoch at which each variant reaches the reference's epoch-12
-    accuracy."""
+    accuracy; with ``epoch_ratios`` (reuse, exact) also :func:`time_to_target`."""
     ref = "stock" if "stock" in variants else variants[0]
     others = [v for v in variants if v != ref]
     wins = windows(epochs)
@@ -430,6 +434,40 @@ def long_report(results: dict, seeds, variants, epochs: int) -> str:
             reached[v] += h is not None
         lines.append(f"| {s} | {target:.4f} | " + " | ".join("-" if h is None else str(h) for h in hits) + " |")
     lines.append("reached in: " + ", ".join(f"{v} {reached[v]} of {len(seeds)} seeds" for v in variants))
+    timed = [v for v in others if v == "reuse" or v.startswith("tail:")]
+    if ref == "stock" and timed and epoch_ratios:
+        lines += ["", time_to_target(results, seeds, timed, *epoch_ratios)]
+    return "\n".join(lines)
+
+
+def time_to_target(results: dict, seeds, variants, reuse_ratio: float, exact_ratio: float) -> str:
+    """The end-to-end figure (benchmarks/end_to_end.py's) *estimated* from epoch counts: the
+    time at which each run first reaches stock's epoch-12 accuracy over the time stock
+    first does, with a stock epoch 1, a reuse epoch ``reuse_ratio`` and an exact epoch of
+    the compiled model ``exact_ratio`` (``tail:E``: reuse for E epochs, exact after). Not a
+    timing: the ratios are what the end-to-end runs measured (``--epoch-ratios``)."""
+    lines = [
+        f"time to stock's epoch-{REF_EPOCH} accuracy, estimated from the epoch counts (a reuse epoch "
+        f"{reuse_ratio:g}, an exact one {exact_ratio:g} of a stock epoch; not timed):",
+        "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | reached | median, counting misses |",
+        "|---|" + "---:|" * (len(seeds) + 2),
+    ]
+    for v in variants:
+        tail = int(v.split(":")[1]) if v.startswith("tail:") else None
+        ratios = []
+        for s in seeds:
+            stock_acc = results[f"stock/{s}"]["test_acc"]
+            k_stock = first_epoch(stock_acc, stock_acc[REF_EPOCH - 1])
+            k = first_epoch(results[f"{v}/{s}"]["test_acc"], stock_acc[REF_EPOCH - 1])
+            if k is None:
+                ratios.append(math.inf)
+                continue
+            reuse_epochs = k if tail is None else min(k, tail)
+            ratios.append((reuse_ratio * reuse_epochs + exact_ratio * (k - reuse_epochs)) / k_stock)
+        med = statistics.median(ratios)
+        cells = " | ".join("-" if math.isinf(r) else f"{r:.2f}" for r in ratios)
+        reached = sum(not math.isinf(r) for r in ratios)
+        lines.append(f"| {v} | {cells} | {reached} of {len(seeds)} | {'-' if math.isinf(med) else f'{med:.2f}x'} |")
     return "\n".join(lines)
 
 
@@ -454,9 +492,21 @@ def main(argv=None):
         "--report-only",
         action="store_true",
         help="re-read the --out JSON of an earlier run and print its report (its own saved seeds, variants and "
-        "epochs; the other flags are ignored)",
+        "epochs; the other flags but --epoch-ratios are ignored)",
+    )
+    ap.add_argument(
+        "--epoch-ratios",
+        type=float,
+        nargs=2,
+        metavar=("REUSE", "EXACT"),
+        default=None,
+        help="with --epochs above 12: also estimate each reuse and tail:E run's time to stock's epoch-12 "
+        "accuracy from its epoch counts, a reuse epoch REUSE and an exact one EXACT of a stock epoch (e.g. "
+        "0.42 0.97, session 26's; not a timing). Read with --report-only too",
     )
     args = ap.parse_args(argv)
+    if args.epoch_ratios and not all(0 < r for r in args.epoch_ratios):
+        ap.error("--epoch-ratios: both ratios must be positive")
     if args.report_only:
         if not args.out:
             ap.error("--report-only reads the JSON that --out names")
@@ -471,7 +521,7 @@ def main(argv=None):
         for seed in sa["seeds"]:
             for v in sa["variants"]:
                 print(seed_line(v, seed, results[f"{v}/{seed}"], sa["epochs"]))
-        print(report(results, sa["seeds"], sa["variants"], sa["epochs"]))
+        print(report(results, sa["seeds"], sa["variants"], sa["epochs"], args.epoch_ratios))
         return
     if args.centroid == "mean" and args.norm_grad == "off":
         ap.error("--centroid mean has no member norms: use --norm-grad on")
@@ -501,7 +551,7 @@ def main(argv=None):
         for v in args.variants:
             r = results[f"{v}/{seed}"] = run(v, seed, args)
             print(seed_line(v, seed, r, args.epochs), flush=True)
-    print(report(results, args.seeds, args.variants, args.epochs))
+    print(report(results, args.seeds, args.variants, args.epochs, args.epoch_ratios))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

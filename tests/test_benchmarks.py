@@ -305,6 +305,43 @@ def test_accuracy_gap_long_report_windows_and_report_only(tmp_path, capsys):
     assert "--seeds 0 1 --variants stock reuse --epochs 24" in printed and "| 19-24 |" in printed
 
 
+def test_accuracy_gap_time_to_target_estimate_from_epoch_counts(tmp_path, capsys):
+    """--epoch-ratios: reuse and tail:E runs' time to stock's epoch-12 accuracy over stock's
+    own, from the epochs each needs (a reuse epoch R, an exact one X of a stock epoch),
+    misses counted as infinitely late in the median."""
+    # stock reaches its epoch-12 accuracy (0.912) at epoch 12 on both seeds; reuse at 14
+    # on seed 0 and never on seed 1; tail:10 at epoch 13 on both
+    results = _gap_results(
+        [0, 1],
+        {
+            "stock": lambda s, e: 0.9 + e / 1000,
+            "reuse": lambda s, e: 0.9 + (e - 2) / 1000 if s == 0 else 0.9,
+        },
+        {"stock": 0.12, "reuse": 0.24},
+    )
+    for s in (0, 1):
+        results[f"tail:10/{s}"] = {
+            "test_acc": [0.9] * 12 + [0.95] * 12,
+            "train_loss": [0.1] * 24,
+            "stages": {},
+        }
+    text = accuracy_gap.time_to_target(results, [0, 1], ["reuse", "tail:10"], 0.5, 0.9)
+    # reuse, seed 0: 14 reuse epochs = 7.0 stock epochs, over stock's 12
+    assert f"| reuse | {7.0 / 12:.2f} | - | 1 of 2 | - |" in text
+    # tail:10: 10 reuse epochs and 3 exact ones = 5.0 + 2.7 = 7.7 over 12, both seeds
+    assert f"| tail:10 | {7.7 / 12:.2f} | {7.7 / 12:.2f} | 2 of 2 | {7.7 / 12:.2f}x |" in text
+    # the report prints it only when asked, and --report-only reads the flag
+    out = tmp_path / "gap.json"
+    saved_args = {"model": "cifarnet", "seeds": [0, 1], "variants": ["stock", "reuse", "tail:10"], "epochs": 24}
+    out.write_text(json.dumps({"args": saved_args, "results": results}))
+    accuracy_gap.main(["--out", str(out), "--report-only"])
+    assert "estimated from the epoch counts" not in capsys.readouterr().out
+    accuracy_gap.main(["--out", str(out), "--report-only", "--epoch-ratios", "0.5", "0.9"])
+    assert "a reuse epoch 0.5, an exact one 0.9 of a stock epoch" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        accuracy_gap.main(["--out", str(out), "--report-only", "--epoch-ratios", "0", "0.9"])
+
+
 def test_end_to_end_labels_runs_with_their_saved_arguments(tmp_path, capsys):
     """--report-only: the header and summary.json's "args" are the runs' saved training flags
     (those not at examples/train.py's defaults), not the command line's; the per-seed table
