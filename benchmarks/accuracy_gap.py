@@ -44,7 +44,7 @@ With ``--epochs`` above 12 the report adds, against ``stock`` (or the first vari
 variant's mean per epoch window (6-12, then 6 epochs each: 13-18, 19-24, ...) with its
 difference and the number of seeds below; the median training loss at each window's end;
 and per seed the first epoch at which each run reaches stock's epoch-12 accuracy. With
-``--epoch-ratios REUSE EXACT`` it also estimates, for ``reuse`` and ``tail:E``, the
+``--epoch-ratios REUSE EXACT`` (any number of epochs) it also estimates, for ``reuse`` and ``tail:E``, the
 end-to-end figure (time to stock's epoch-12 accuracy over stock's) from those epoch counts,
 with a reuse epoch REUSE and an exact one EXACT of a stock epoch: arithmetic on measured
 epoch ratios, not a timing (benchmarks/end_to_end.py times it).
@@ -359,7 +359,8 @@ def seed_line(v: str, seed: int, r: dict, epochs: int) -> str:
 def report(results: dict, seeds, variants, epochs: int, epoch_ratios=None) -> str:
     """The summary table (each variant's mean accuracy over the second half of training,
     per seed, against the first variant) and, for runs longer than 12 epochs, the long-run
-    tables (:func:`long_report`)."""
+    tables (:func:`long_report`); with ``epoch_ratios`` (reuse, exact) and a ``stock`` variant,
+    :func:`time_to_target` for the ``reuse`` and ``tail:E`` variants."""
     half = max(1, epochs // 2)
     lines = [
         f"\nmean test accuracy over epochs {half}-{epochs}:",
@@ -373,7 +374,10 @@ def report(results: dict, seeds, variants, epochs: int, epoch_ratios=None) -> st
         diff = 100 * (statistics.mean(m) - ref)
         lines.append(f"| {v} | {' | '.join(f'{a:.4f}' for a in m)} | {statistics.mean(m):.4f} | {diff:+.2f} pts |")
     if epochs > REF_EPOCH:
-        lines += ["", long_report(results, seeds, variants, epochs, epoch_ratios)]
+        lines += ["", long_report(results, seeds, variants, epochs)]
+    timed = [v for v in variants if v == "reuse" or v.startswith("tail:")]
+    if epoch_ratios and "stock" in variants and timed:
+        lines += ["", time_to_target(results, seeds, timed, *epoch_ratios)]
     return "\n".join(lines)
 
 
@@ -382,13 +386,13 @@ def first_epoch(accs, target: float) -> int | None:
     return next((i for i, a in enumerate(accs, 1) if a >= target - 1e-9), None)
 
 
-def long_report(results: dict, seeds, variants, epochs: int, epoch_ratios=None) -> str:
+def long_report(results: dict, seeds, variants, epochs: int) -> str:
     """For runs longer than 12 epochs, against ``stock`` (or the first variant where there
     is no ``stock``): each variant's mean test accuracy per epoch window (:func:`windows`),
     its difference to the reference and the number of seeds below the reference's mean in
     that window; the median training loss over the seeds at each window's last epoch; and
     per seed the first epoch at which each variant reaches the reference's epoch-12
-    accuracy; with ``epoch_ratios`` (reuse, exact) also :func:`time_to_target`."""
+    accuracy."""
     ref = "stock" if "stock" in variants else variants[0]
     others = [v for v in variants if v != ref]
     wins = windows(epochs)
@@ -434,9 +438,6 @@ def long_report(results: dict, seeds, variants, epochs: int, epoch_ratios=None) 
             reached[v] += h is not None
         lines.append(f"| {s} | {target:.4f} | " + " | ".join("-" if h is None else str(h) for h in hits) + " |")
     lines.append("reached in: " + ", ".join(f"{v} {reached[v]} of {len(seeds)} seeds" for v in variants))
-    timed = [v for v in others if v == "reuse" or v.startswith("tail:")]
-    if ref == "stock" and timed and epoch_ratios:
-        lines += ["", time_to_target(results, seeds, timed, *epoch_ratios)]
     return "\n".join(lines)
 
 
@@ -500,7 +501,7 @@ def main(argv=None):
         nargs=2,
         metavar=("REUSE", "EXACT"),
         default=None,
-        help="with --epochs above 12: also estimate each reuse and tail:E run's time to stock's epoch-12 "
+        help="also estimate each reuse and tail:E run's time to stock's epoch-12 "
         "accuracy from its epoch counts, a reuse epoch REUSE and an exact one EXACT of a stock epoch (e.g. "
         "0.42 0.97, session 26's; not a timing). Read with --report-only too",
     )
