@@ -33,6 +33,7 @@ batch; what this benchmark printed as its peak before).
     python benchmarks/step.py
     python benchmarks/step.py --repeats 9 --steps 4
     python benchmarks/step.py --device cuda --malloc default   # on a GPU (benchmarks/gpu_check.sh)
+    python benchmarks/step.py --force 32,8 32,13   # also conv2 at later candidates of its walk
 
 With ``--device cuda`` each timed step ends with a device synchronisation, the stages are
 the ones the measured policy times on that device, and one more variant forces the CPU main
@@ -148,8 +149,24 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--malloc", default="tuned", choices=["tuned", "default"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--force",
+        nargs="+",
+        default=None,
+        metavar="L,H",
+        help="also the main job's model with conv2 forced to each of these stages (the stages its "
+        "controller could walk to, e.g. 32,8 32,13; conv1 as the measured policy keeps it); on cuda "
+        "default 64,8, the CPU main job's stage (the measured policy keeps no stage there)",
+    )
     args = ap.parse_args(argv)
     dev = args.device
+    force = []
+    for f in args.force or (["64,8"] if dev == "cuda" else []):
+        try:
+            L, H = (int(v) for v in f.split(","))
+        except ValueError:
+            ap.error(f"--force: expected L,H (two integers), got {f!r}")
+        force.append((L, H))
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
@@ -187,10 +204,17 @@ def main(argv=None):
             exact = copy.deepcopy(gm)
             set_stage(exact, exact=True)
             models[f"{name}, every layer exact"] = exact
-    if dev == "cuda":  # the CPU main job's stages, forced (the measured policy may keep none there)
-        gm = reuse_compile(copy.deepcopy(base), x, config=ReuseConfig(hashing="pca", norm_grad=False))
-        set_stage(gm, exact=True)
-        set_stage(gm, "conv2", L=64, H=8, exact=False)
+    for L, H in force:  # conv2 forced (on cuda the measured policy may keep no stage at all)
+        if dev == "cpu":  # the main job's config (its conv2 runs with reuse, so any stage can be set)
+            config = ReuseConfig(
+                policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False
+            )
+        else:  # the paper's policy: the measured one keeps conv2 exact there, with no stage to set
+            config = ReuseConfig(hashing="pca", norm_grad=False)
+        gm = reuse_compile(copy.deepcopy(base), x, config=config)
+        if dev == "cuda":
+            set_stage(gm, exact=True)
+        set_stage(gm, "conv2", L=L, H=H, exact=False)
         models[f"reuse (fitted planes, norms constant), forced: {stages(gm)}"] = gm
 
     phase_before = machine_phase()
