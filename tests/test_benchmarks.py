@@ -418,3 +418,13 @@ def test_chain_ops_times_the_chain_ops_and_kernels(capsys):
         assert kernels["reconstruct"] == 1 and kernels["reconstruct_backward"] == 1
     assert out["step_ms"] > 0
     assert "| call | ms per step | calls per step |" in capsys.readouterr().out
+
+
+def test_step_force_takes_stages_as_L_comma_H(capsys):
+    """step.py --force L,H: a malformed stage is a usage error before anything is built."""
+    from benchmarks import step
+
+    for bad in ("32", "32,x", "32,8,1"):
+        with pytest.raises(SystemExit):
+            step.main(["--force", bad])
+        assert "--force: expected L,H" in capsys.readouterr().err
