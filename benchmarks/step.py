@@ -197,6 +197,7 @@ def main(argv=None):
         gm = reuse_compile(copy.deepcopy(base), x, config=config)
         models[f"{name}: {stages(gm)}"] = gm
         if name.startswith("reuse (main job"):
+            main_job = gm
             auto = f"{name}, under bfloat16 autocast"
             models[auto] = copy.deepcopy(gm)
             autocast_rows.add(auto)
@@ -205,14 +206,10 @@ def main(argv=None):
             set_stage(exact, exact=True)
             models[f"{name}, every layer exact"] = exact
     for L, H in force:  # conv2 forced (on cuda the measured policy may keep no stage at all)
-        if dev == "cpu":  # the main job's config (its conv2 runs with reuse, so any stage can be set)
-            config = ReuseConfig(
-                policy="measured", l_values="extended", hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False
-            )
+        if dev == "cpu":  # a copy of the main job's model (its conv2 runs with reuse: any stage can be set)
+            gm = copy.deepcopy(main_job)
         else:  # the paper's policy: the measured one keeps conv2 exact there, with no stage to set
-            config = ReuseConfig(hashing="pca", norm_grad=False)
-        gm = reuse_compile(copy.deepcopy(base), x, config=config)
-        if dev == "cuda":
+            gm = reuse_compile(copy.deepcopy(base), x, config=ReuseConfig(hashing="pca", norm_grad=False))
             set_stage(gm, exact=True)
         set_stage(gm, "conv2", L=L, H=H, exact=False)
         models[f"reuse (fitted planes, norms constant), forced: {stages(gm)}"] = gm
