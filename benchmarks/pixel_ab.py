@@ -12,6 +12,12 @@ rounding, so the check prints the largest relative difference of each tensor ins
     python benchmarks/pixel_ab.py
     python benchmarks/pixel_ab.py --repeats 21 --steps 3
     python benchmarks/pixel_ab.py --repeats 21 --norm-grad on
+    python benchmarks/pixel_ab.py --repeats 7 --stage 32,8   # conv2 forced: two chains on channel slices
+
+``--stage L,H`` forces conv2 to a stage (the per-pixel chain pinned, whatever the calibration
+chose; where L divides C it runs on channel slices, and the check then prints the largest
+relative differences: the slices' outputs are added after their own sums). The table adds
+each step's peak memory (``benchmarks.layers.memory_peaks``).
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.layers import machine, machine_phase  # noqa: E402
+from benchmarks.layers import machine, machine_phase, memory_peaks  # noqa: E402
 from benchmarks.step import main_job_compiled, make_step, print_ab, stages, time_interleaved  # noqa: E402
 from examples.train import make_adam, tune_malloc  # noqa: E402
+from reuse_compiler import set_stage  # noqa: E402
 from reuse_compiler.passes import rebuild  # noqa: E402
 from reuse_compiler.runtime import kernels  # noqa: E402
 
@@ -87,9 +94,22 @@ def main(argv=None):
         default="off",
         help="off: the main job's config (norms constant); on: with the norms' gradient (the library's default)",
     )
+    ap.add_argument("--stage", help="conv2 forced to this stage, L,H (default: the main job's stage)")
     args = ap.parse_args(argv)
+    stage = None
+    if args.stage:
+        try:
+            L, H = (int(v) for v in args.stage.split(","))
+        except ValueError:
+            ap.error(f"--stage: expected L,H (two integers), got {args.stage!r}")
+        stage = (L, H)
     tune_malloc()
     x, y, stock, gm = main_job_compiled(norm_grad=args.norm_grad == "on")
+    if stage:
+        set_stage(gm, "conv2", L=stage[0], H=stage[1], exact=False)
+        for c in gm.reuse_plan["conv2"].calibration["candidates"]:
+            c["chain"] = "pixel"  # the per-pixel chain, whichever the calibration timed faster
+        rebuild(gm)
     generic = generic_copy(gm)
     ops_pixel, ops_generic = chain_ops(gm), chain_ops(generic)
     print(f"# per-pixel graph: {sorted(ops_pixel - ops_generic)}; generic graph: {sorted(ops_generic - ops_pixel)}")
@@ -110,7 +130,12 @@ def main(argv=None):
         f"medians of {args.repeats} interleaved rounds of {args.steps} steps"
     )
     med = print_ab(times, title, phase, "reuse, generic chain", "reuse, per-pixel chain", "per-pixel vs generic")
-    return {"diffs": diffs, "medians": med}
+    peaks = {name: memory_peaks(step, "cpu")[0] for name, step in steps.items()}
+    print(
+        "\npeak memory one step allocates (MB; x stock): "
+        + ", ".join(f"{name} {p / 2**20:.1f} ({p / peaks['stock']:.2f})" for name, p in peaks.items())
+    )
+    return {"diffs": diffs, "medians": med, "peaks": peaks}
 
 
 if __name__ == "__main__":

@@ -70,24 +70,54 @@ def emit_reuse_conv(
     k = list(row.kernel_size)
     s = list(row.stride)
     d = list(row.dilation)
-    xp = _node(graph, _ops.im2col.default, (x, k, s, list(row.padding), d), f"{base}_xp")
-    if record and hashing == "pca":  # the layer's hasher refits its planes to xp now and then
-        planes = graph.call_module(state_path(row.name) + ".hasher", (xp, k, s, d, group))
-        planes.name = f"{base}_planes"
-    else:
-        planes = graph.get_attr(state_path(row.name) + ".hasher.planes")
-    fused = centroid == "norm" and norm_grad
     pad = list(row.padding)
     # The per-pixel chain (docs/architecture.md) where each sub-vector is one whole pixel: the
     # ids, the inverse index and the member norms kept per pixel (lsh_hash(per_pixel=True),
     # cluster_pixels, member_norms(per_pixel=True), reconstruct with the slot map), the same
-    # values as the chain below without its (sub-matrices x rows) tensors. Not with the
+    # values as the generic chain without its (sub-matrices x rows) tensors. Not with the
     # across-batch store, in exported graphs (record=False), or where the measured policy timed
-    # the generic chain clearly faster for the stage (row.generic_chain). With the norms'
-    # gradient its clustering op returns the norms too (cluster_pixels_norms, as cluster_norms).
+    # the generic chain clearly faster for the stage (row.generic_chain). Where L divides C, one
+    # per-pixel chain per channel slice of L (kernels.pixel_slices), their outputs added.
     C = row.in_channels // row.groups
     fits = kernels.use_pixel_chain(C, row.L, s, k, scope)
     pixel = record and not row.cluster_reuse and fits and not row.generic_chain
+    slices = C // row.L if pixel else 1
+    if slices > 1:
+        xs = _node(graph, kernels.split_channels, (x, row.L), f"{base}_slices")
+        ws = _node(graph, torch.split, (weight, row.L, 1), f"{base}_weight_slices")
+        xs = [_node(graph, operator.getitem, (xs, j), f"{base}_s{j}_x") for j in range(slices)]
+        ws = [_node(graph, operator.getitem, (ws, j), f"{base}_s{j}_w") for j in range(slices)]
+        bases = [f"{base}_s{j}" for j in range(slices)]
+    else:
+        xs, ws, bases = [x], [weight], [base]
+    xps = [_node(graph, _ops.im2col.default, (xj, k, s, pad, d), f"{b}_xp") for xj, b in zip(xs, bases)]
+    if record and hashing == "pca":  # the layer's hasher refits its planes to xp now and then
+        # (to the slices' xp together where there are several: the layer's padded input)
+        fit_on = xps[0] if slices == 1 else xps
+        planes = graph.call_module(state_path(row.name) + ".hasher", (fit_on, k, s, d, group))
+        planes.name = f"{base}_planes"
+    else:
+        planes = graph.get_attr(state_path(row.name) + ".hasher.planes")
+    chain = {"k": k, "s": s, "d": d, "pad": pad, "scope": scope, "pixel": pixel, "centroid": centroid}
+    chain["fused"] = centroid == "norm" and norm_grad
+    ys, counts = [], []
+    for j in range(slices):
+        b = bias if j == 0 else None
+        y, c = _emit_chain(graph, xs[j], xps[j], planes, ws[j], b, row, bases[j], group, **chain)
+        ys.append(y)
+        counts.append(c)
+    if slices > 1:
+        y = _node(graph, kernels.add_outputs, (ys,), f"{base}_y")
+        counts = _node(graph, kernels.join_blocks, (counts,), f"{base}_counts")
+    else:
+        y, counts = ys[0], counts[0]
+    if record:
+        graph.call_module(state_path(row.name), (counts, group))
+    return y
+
+
+def _emit_chain(graph, x, xp, planes, weight, bias, row, base, group, *, k, s, d, pad, scope, pixel, centroid, fused):
+    """One chain from its padded input ``xp`` and planes: its output and counts nodes."""
     hash_args = (xp, planes, k, s, d) + ((True, x, pad) if pixel else ())
     ids = _node(graph, _ops.lsh_hash.default, hash_args, f"{base}_ids")
     # x too: with a channels-last x the backward writes x's gradient directly (reuse.cluster)
@@ -124,9 +154,7 @@ def emit_reuse_conv(
     else:
         args = (yc, out["inverse"], bias) if scales is None else (yc, out["inverse"], bias, scales)
     y = _node(graph, _ops.reconstruct.default, args, f"{base}_y")
-    if record:
-        graph.call_module(state_path(row.name), (counts, group))
-    return y
+    return y, counts
 
 
 def _rewrite_node(gm, graph: fx.Graph, node: fx.Node, row, scope: str, record: bool) -> None:

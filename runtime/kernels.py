@@ -596,13 +596,80 @@ def check_pixel_chain(C: int, L: int, stride, kernel_size, op: str) -> None:
         )
 
 
+# The most channel slices a layer's stage is split into for the per-pixel chain (L dividing C,
+# below): each slice is a chain of its own in the graph, with its own op calls, so more slices
+# than this leave the stage to the generic chain.
+MAX_PIXEL_SLICES = 8
+
+
+def pixel_slices(C: int, L: int, stride, kernel_size) -> int:
+    """How many per-pixel chains a layer's stage runs as, or 0 where it runs none. Where L = C,
+    one. Where L divides C (at most :data:`MAX_PIXEL_SLICES` times), C / L: sub-vector
+    (tap, chunk j) is one whole pixel of the input's channel slice j, so the convolution is the
+    sum over slices j of the slices' convolutions, each with the slice's rows of W, and each a
+    per-pixel chain with its blocks the generic chain's blocks of chunk j (the same clusters;
+    :func:`join_blocks`). Stride 1 and a kernel of more than one tap, as
+    :func:`pixel_chain_fits`."""
+    C, L = int(C), int(L)
+    if L <= 0 or C % L or C // L > MAX_PIXEL_SLICES:
+        return 0
+    return C // L if pixel_chain_fits(L, L, stride, kernel_size) else 0
+
+
 def use_pixel_chain(C: int, L: int, stride, kernel_size, scope: str) -> bool:
-    """Whether to emit the per-pixel chain for a layer: it fits, the scope is "batch",
-    :data:`PIXEL_CHAIN` is on and the C++ kernels are there (elsewhere, e.g. on a GPU, its
-    plain-PyTorch fallbacks form the generic chain's tensors anyway; they are tested, not
-    chosen)."""
-    fits = pixel_chain_fits(C, L, stride, kernel_size)
+    """Whether to emit the per-pixel chain for a layer (:func:`pixel_slices` chains): it fits,
+    the scope is "batch", :data:`PIXEL_CHAIN` is on and the C++ kernels are there (elsewhere,
+    e.g. on a GPU, its plain-PyTorch fallbacks form the generic chain's tensors anyway; they
+    are tested, not chosen)."""
+    fits = pixel_slices(C, L, stride, kernel_size) > 0
     return PIXEL_CHAIN and scope == "batch" and fits and extension.get() is not None
+
+
+def split_channels(x: torch.Tensor, L: int) -> list[torch.Tensor]:
+    """The per-pixel chains' inputs where L divides C (:func:`pixel_slices`): ``x``'s channel
+    slices of L, each a channels-last copy (the chain's kernels read whole pixels). One split,
+    so the backward joins the slices' input gradients in one concatenation. Traced
+    symbolically (a pickled GraphModule re-traces its code when loaded) this and the other
+    helpers the rewrite calls record themselves as one call, as ``torch.fx.wrap`` would."""
+    if isinstance(x, torch.fx.Proxy):
+        return x.tracer.create_proxy("call_function", split_channels, (x, L), {})
+    return [t.contiguous(memory_format=torch.channels_last) for t in torch.split(x, L, dim=1)]
+
+
+def join_blocks(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One per-block tensor of a stage run as per-pixel chains on channel slices
+    (:func:`split_channels`) from the slices' (taps, n_j, ...) tensors, in the generic chain's
+    block order: block (tap t, chunk j) is row t of slice j's, at t * slices + j. Dim 1 is
+    padded to the largest n_j with zeros (the counts' and centroids' Cmax: empty slots, as the
+    generic chain's). The counts (nb, Cmax) this way; with ``keep_parts`` the inverse, ids,
+    centroids and centroid outputs too (``ops.reuse_conv2d``)."""
+    proxy = _traced(parts)
+    if proxy is not None:
+        return proxy.tracer.create_proxy("call_function", join_blocks, (parts,), {})
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    n = max(t.shape[1] for t in parts)
+    out = first.new_zeros(first.shape[0], len(parts), n, *first.shape[2:])
+    for j, t in enumerate(parts):
+        out[:, j, : t.shape[1]] = t
+    return out.reshape(first.shape[0] * len(parts), n, *first.shape[2:])
+
+
+def _traced(ts: list):
+    """The first ``torch.fx.Proxy`` among ``ts`` (symbolic tracing), else None."""
+    return next((t for t in ts if isinstance(t, torch.fx.Proxy)), None)
+
+
+def add_outputs(ys: list[torch.Tensor]) -> torch.Tensor:
+    """The layer's output from its slices' chains: their sum, in slice order."""
+    proxy = _traced(ys)
+    if proxy is not None:
+        return proxy.tracer.create_proxy("call_function", add_outputs, (ys,), {})
+    y = ys[0]
+    for t in ys[1:]:
+        y = y + t
+    return y
 
 
 def pixel_geometry(ranks_shape, window) -> Geometry:

@@ -1198,7 +1198,30 @@ def reuse_conv2d(
 
 def _reuse_conv2d_pixels(x, weight, bias, planes, k, s, p, d, centroid, keep_parts, norm_grad):
     """:func:`reuse_conv2d`'s per-pixel chain, as the rewrite emits it (``cluster_pixels_norms``
-    with the norms' gradient)."""
+    with the norms' gradient). Where L divides C (``kernels.pixel_slices``), one chain per
+    channel slice of L, their outputs added (the bias in the first); the parts are then the
+    generic chain's, joined from the slices' (``kernels.join_blocks``), and ``slices`` holds
+    each slice's own."""
+    L = planes.shape[0]
+    C = x.shape[1]
+    if C == L or C % L:  # one chain (its ops check the geometry)
+        return _pixel_chain(x, weight, bias, planes, k, s, p, d, centroid, keep_parts, norm_grad)
+    chains = [
+        _pixel_chain(xj, wj, bias if j == 0 else None, planes, k, s, p, d, centroid, keep_parts, norm_grad)
+        for j, (xj, wj) in enumerate(zip(kernels.split_channels(x, L), torch.split(weight, L, dim=1)))
+    ]
+    y = kernels.add_outputs([c[0] for c in chains])
+    slices = [c[1] for c in chains]
+    per_block = ("ids", "centroids", "inverse", "yc", "counts")
+    parts = {name: kernels.join_blocks([sl[name] for sl in slices]) for name in per_block if name in slices[0]}
+    if keep_parts:
+        parts["slices"] = slices
+        parts["xp"] = im2col(x, k, s, p, d)
+    return y, parts
+
+
+def _pixel_chain(x, weight, bias, planes, k, s, p, d, centroid, keep_parts, norm_grad):
+    """One per-pixel chain (L = C)."""
     L, H = planes.shape
     xp = im2col(x, k, s, p, d)
     ids = lsh_hash(xp, planes, k, s, d, True, x, p)

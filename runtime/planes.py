@@ -211,7 +211,10 @@ class LayerHash(nn.Module):
             self.planes.copy_(self.train_planes)
             self.source = "train"
 
-    def forward(self, xp: torch.Tensor, kernel_size, stride, dilation, group: int = 0) -> torch.Tensor:
+    def forward(self, xp, kernel_size, stride, dilation, group: int = 0) -> torch.Tensor:
+        """The planes for a chain with padded input ``xp``, fitted to it when due; a list of
+        tensors: a layer's channel slices' padded inputs (``kernels.split_channels``), fitted
+        to together."""
         if self.hashing != "pca" or group != 0:  # groups share the planes of group 0's fit
             return self.planes
         if self.training:
@@ -237,6 +240,8 @@ class LayerHash(nn.Module):
 
     @torch.no_grad()
     def _fit(self, xp, kernel_size, stride, dilation, collective: bool) -> torch.Tensor:
+        if isinstance(xp, (list, tuple)):  # the channel slices' padded inputs (per-pixel chains)
+            xp = torch.cat(xp, -1)  # the layer's padded input, as the generic chain has it
         if all_finite(xp):
             with torch.autocast(xp.device.type, enabled=False):  # the fit in float32 under autocast too
                 planes = fit_to_input(xp, kernel_size, stride, dilation, self.planes, seed=self.fits)

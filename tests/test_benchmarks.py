@@ -420,6 +420,16 @@ def test_chain_ops_times_the_chain_ops_and_kernels(capsys):
     assert "| call | ms per step | calls per step |" in capsys.readouterr().out
 
 
+def test_pixel_ab_stage_takes_L_comma_H(capsys):
+    """pixel_ab.py --stage L,H: a malformed stage is a usage error before anything is built."""
+    from benchmarks import pixel_ab
+
+    for bad in ("32", "32,x", "32,8,1"):
+        with pytest.raises(SystemExit):
+            pixel_ab.main(["--stage", bad])
+        assert "--stage: expected L,H" in capsys.readouterr().err
+
+
 def test_step_force_takes_stages_as_L_comma_H(capsys):
     """step.py --force L,H: a malformed stage is a usage error before anything is built."""
     from benchmarks import step

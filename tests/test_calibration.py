@@ -259,20 +259,23 @@ def test_max_error_needs_the_measured_policy():
 
 
 def test_calibration_times_both_chains_where_the_per_pixel_chain_fits(cache):
-    """At L = C (the per-pixel chain fits) both chains are timed and the entry says which one
-    the stage runs (the generic chain only if clearly faster: GENERIC_MARGIN); elsewhere only
-    the generic chain exists."""
-    from reuse_compiler.runtime import extension
+    """Where the per-pixel chain fits (L = C, or L dividing C: one chain per channel slice)
+    both chains are timed and the entry says which one the stage runs (the generic chain only
+    if clearly faster: GENERIC_MARGIN); elsewhere only the generic chain exists."""
+    from reuse_compiler.runtime import extension, kernels
 
     x = torch.randn(8, 1, 28, 28)
     config = ReuseConfig(policy="measured", l_values="extended")
     gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=config)
     row = gm.reuse_plan["conv2"]  # 16 -> 16 channels, 5x5
     cands = {(c["L"], c["H"]): c for c in row.calibration["candidates"]}
-    pixel_stages = [c for (L, _), c in cands.items() if L == row.in_channels]
-    assert pixel_stages, cands.keys()
+
+    def fits(L):
+        return kernels.pixel_slices(row.in_channels, L, row.stride, row.kernel_size) > 0
+
+    assert any(L == row.in_channels for L, _ in cands) and any(L < row.in_channels and fits(L) for L, _ in cands)
     for (L, _), c in cands.items():
-        if L == row.in_channels and extension.get() is not None:
+        if fits(L) and extension.get() is not None:
             assert c["ms_pixel"] > 0 and c["ms_generic"] > 0
             want = "generic" if c["ms_generic"] <= cal.GENERIC_MARGIN * c["ms_pixel"] else "pixel"
             assert c["chain"] == want and c["ms"] == pytest.approx(c[f"ms_{want}"])

@@ -11,6 +11,7 @@ from torch import nn
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage
 from reuse_compiler.cli import main as cli_main
 from reuse_compiler.models import alexnet, cifarnet, functional_net, vgg19
+from reuse_compiler.runtime import kernels
 
 REUSE_OPS = {
     torch.ops.reuse.im2col.default,
@@ -45,6 +46,19 @@ def _reuse_nodes(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in REUSE_OPS]
 
 
+def _chains(gm) -> int:
+    """How many chains the rewrite emits: one per group, and where a per-pixel stage's L
+    divides C, one per channel slice of L."""
+    chains = 0
+    for r in gm.reuse_plan:
+        if r.exact:
+            continue
+        C = r.in_channels // r.groups
+        pixel = kernels.use_pixel_chain(C, r.L, r.stride, r.kernel_size, "batch") and not r.generic_chain
+        chains += r.groups * (C // r.L if pixel else 1)
+    return chains
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_conv_rewritten_and_trains(name):
     factory, shape, n_convs = MODELS[name]
@@ -56,8 +70,9 @@ def test_every_conv_rewritten_and_trains(name):
     assert all(not r.exact and r.reason is None for r in gm.reuse_plan)
     assert _conv_nodes(gm) == []
     # im2col, lsh_hash, cluster_norms (cluster_pixels_norms where L = C), unit_rows,
-    # centroid_gemm, reconstruct (default: norm centroid)
-    assert len(_reuse_nodes(gm)) == 6 * n_convs
+    # centroid_gemm, reconstruct (default: norm centroid), once per chain: a per-pixel stage
+    # with L dividing C runs one chain per channel slice of L
+    assert len(_reuse_nodes(gm)) == 6 * _chains(gm)
     assert gm(x).shape == model(x).shape
     opt = torch.optim.SGD(gm.parameters(), lr=0.01)
     w0 = [p.detach().clone() for p in gm.parameters()]
@@ -131,7 +146,8 @@ def test_set_stage_switches_without_touching_parameters():
         16,
         10,
     )
-    assert "16, 10, 'batch'" in gm.code
+    # the per-pixel chain on four channel slices of 16 (the generic chain without the C++ kernels)
+    assert ("16, 10, conv2_s3_x" if _chains(gm) == 5 else "16, 10, 'batch'") in gm.code
     set_stage(gm, exact=True)
     assert all(r.exact for r in gm.reuse_plan) and _reuse_nodes(gm) == []
     assert list(gm.parameters()) == params  # same Parameter objects: the optimizer still holds them
@@ -139,7 +155,7 @@ def test_set_stage_switches_without_touching_parameters():
     ref.load_state_dict({k: v for k, v in gm.state_dict().items() if not k.startswith("reuse_state")})
     torch.testing.assert_close(gm(x), ref(x))
     set_stage(gm, exact=False)
-    assert len(_reuse_nodes(gm)) == 12  # 6 ops per chain (norm centroid), two convs
+    assert len(_reuse_nodes(gm)) == 6 * _chains(gm)  # 6 ops per chain (norm centroid)
     F.cross_entropy(gm(x), torch.zeros(8, dtype=torch.long)).backward()
     opt.step()
 
@@ -306,7 +322,7 @@ def test_cli_inspect_prints_plan_and_graph(capsys):
     assert json.loads(capsys.readouterr().out)["layers"][1]["L"] == 5
     # --hashing pca: the graph asks the layer's hasher for its planes
     assert cli_main(["inspect", "examples.models:cifarnet", "--input-shape", "4,3,32,32", "--hashing", "pca"]) == 0
-    assert "reuse_state.conv2.hasher(conv2_xp" in capsys.readouterr().out
+    assert "reuse_state.conv2.hasher(" in capsys.readouterr().out
 
 
 def test_cli_inspect_measured_policy(capsys, tmp_path, monkeypatch):

@@ -523,3 +523,112 @@ def test_one_by_one_kernel_keeps_the_generic_chain():
     xp = ops.im2col(torch.randn(2, 8, 5, 5), [1, 1], [1, 1], [0, 0, 0, 0], [1, 1])
     with pytest.raises(ValueError, match=r"lsh_hash\(per_pixel=True\).*more than one tap \(got \(1, 1\)\)"):
         ops.lsh_hash(xp, lsh_planes(8, 3, seed=0), [1, 1], [1, 1], [1, 1], True)
+
+
+# (C, L, kernel, padding, dilation, input hw): L dividing C, one per-pixel chain per channel slice
+SLICED = [
+    (8, 4, (3, 3), (1, 1, 1, 1), (1, 1), (9, 9)),
+    (12, 4, (3, 3), (1, 0, 2, 1), (2, 1), (11, 9)),  # three slices, asymmetric padding, dilation
+    (16, 8, (5, 5), (2, 2, 2, 2), (1, 1), (12, 12)),  # CifarNet conv2-like
+    (8, 2, (2, 3), (0, 0, 0, 0), (3, 1), (9, 6)),  # four slices; pixels no tap reads
+]
+
+
+def test_pixel_slices():
+    """How many per-pixel chains a stage runs as: one at L = C, C / L where L divides C (up to
+    MAX_PIXEL_SLICES), none elsewhere (L not dividing C, stride 2, a 1 x 1 kernel)."""
+    assert kernels.pixel_slices(64, 64, [1, 1], [5, 5]) == 1
+    assert kernels.pixel_slices(64, 32, [1, 1], [5, 5]) == 2
+    assert kernels.pixel_slices(64, 8, [1, 1], [3, 3]) == kernels.MAX_PIXEL_SLICES == 8
+    assert kernels.pixel_slices(64, 4, [1, 1], [3, 3]) == 0  # 16 slices
+    assert kernels.pixel_slices(64, 48, [1, 1], [3, 3]) == 0
+    assert kernels.pixel_slices(64, 128, [1, 1], [3, 3]) == 0  # sub-vectors of two pixels
+    assert kernels.pixel_slices(64, 32, [2, 2], [3, 3]) == 0
+    assert kernels.pixel_slices(64, 32, [1, 1], [1, 1]) == 0
+
+
+@pytest.mark.parametrize("norm_grad", [False, True])
+@pytest.mark.parametrize("centroid", ["norm", "mean"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("C,L,k,p,d,hw", SLICED)
+def test_sliced_pixel_chain_as_generic(C, L, k, p, d, hw, layout, centroid, norm_grad):
+    """Where L divides C the per-pixel chain runs once per channel slice of L: the same clusters
+    as the generic chain's, block for block (counts, inverse, ids, centroids and their outputs
+    joined in the generic chain's block order, bit for bit), and the same output and gradients
+    up to rounding (the slices' outputs added after their own sums)."""
+    if extension.get() is None:
+        pytest.skip("C++ kernels unavailable")
+    x, w, b = _data(C, hw, layout), torch.randn(6, C, *k), torch.randn(6)
+    planes = lsh_planes(L, 6, seed=3)
+    args = (x, w, b, planes, list(k), list(p), list(d), centroid)
+    generic = _chain(False, *args, norm_grad=norm_grad)
+    pixel = _chain(True, *args, norm_grad=norm_grad)
+    assert len(pixel[4]["slices"]) == C // L and "ranks" in pixel[4]["slices"][0]
+    for name in ("counts", "inverse", "ids", "centroids", "yc"):
+        assert torch.equal(generic[4][name], pixel[4][name]), name
+    for u, v in zip(generic[:4], pixel[:4]):
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6 * float(u.abs().max()))
+    assert pixel[1].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("centroid", ["mean", "norm, fused"])
+def test_gradcheck_sliced_pixel_chain_float64(centroid):
+    """float64 gradcheck of the per-pixel chains on channel slices (reuse_conv2d, L = C / 2)
+    w.r.t. input, weight and bias; with the norm centroid, with the norms' gradient (with the
+    norms constant the backward leaves their share out by design)."""
+    if extension.get() is None:
+        pytest.skip("C++ kernels unavailable")
+    C, L, k, p, d = 4, 2, [3, 3], [1, 1, 1, 0], [1, 2]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, C, 5, 6, generator=g, dtype=torch.float64) + 0.1).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, C, *k, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    planes = lsh_planes(L, 4, seed=4, dtype=torch.float64)
+    kind = "mean" if centroid == "mean" else "norm"
+
+    def f(x, w, b):
+        y, parts = ops.reuse_conv2d(
+            x, w, b, planes, k, [1, 1], p, d, centroid=kind, norm_grad=centroid == "norm, fused", per_pixel=True
+        )
+        assert len(parts["slices"]) == 2
+        return y
+
+    assert torch.autograd.gradcheck(f, tuple(t.requires_grad_() for t in (x, w, b)))
+
+
+def test_rewrite_emits_sliced_pixel_chains_and_trains_as_generic():
+    """At L = C / 2 the rewrite emits two per-pixel chains on the input's channel slices,
+    their outputs added; with fitted planes (refitted to the slices' padded inputs together,
+    i.e. the layer's) three Adam steps give the generic chain's loss, gradients and
+    parameters up to rounding, the same planes and the same r_c."""
+    if extension.get() is None:
+        pytest.skip("the rewrite emits the per-pixel chain only with the C++ kernels")
+    from benchmarks.pixel_ab import chain_ops, generic_copy, same_step
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    model = _Net().to(memory_format=torch.channels_last)
+    cfg = ReuseConfig(policy="paper", centroid="norm", norm_grad=False, hashing="pca", hash_refresh=2)
+    gm = reuse_compile(model, x, config=cfg)
+    set_stage(gm, "conv1", exact=True)
+    set_stage(gm, "conv2", L=4, H=4)
+    t = _targets(gm)
+    assert t.count("reuse.cluster_pixels.default") == 2 and "reuse.cluster.default" not in t
+    assert any("split_channels" in n for n in t) and any("add_outputs" in n for n in t)
+    generic = generic_copy(gm)
+    assert "reuse.cluster.default" in chain_ops(generic)
+    y = torch.randint(0, 10, (x.shape[0],))
+    a, b = copy.deepcopy(generic), copy.deepcopy(gm)
+    for _ in range(3):
+        rel = {}
+        diffs = same_step(a, b, x, y, rel)
+        assert all(r < 1e-5 for r in rel.values()), rel
+        assert diffs == [] or "loss" not in diffs or rel["loss"] < 1e-6
+        ha, hb = (m.get_submodule("reuse_state.conv2.hasher") for m in (a, b))
+        torch.testing.assert_close(hb.planes, ha.planes, rtol=1e-5, atol=1e-6)
+        assert a.reuse_plan["conv2"].r_c == b.reuse_plan["conv2"].r_c
+    assert ha.fits >= 2  # refitted during the steps, to the same input
+    torch.save(b, io := __import__("io").BytesIO())  # the graph pickles (its helpers importable)
+    io.seek(0)
+    loaded = torch.load(io, weights_only=False)
+    torch.testing.assert_close(loaded(x), b(x), rtol=0, atol=0)

@@ -15,15 +15,17 @@ from reuse_compiler import ReuseConfig, reuse_compile, set_stage
 from reuse_compiler.models import cifarnet
 
 
+@pytest.mark.parametrize("L", [16, 8])
 @pytest.mark.parametrize("norm_grad", [False, True])
-def test_torch_compile_trains_as_eager(norm_grad):
+def test_torch_compile_trains_as_eager(norm_grad, L):
+    """L = C = 16: the per-pixel chain; L = 8: two of them, on the input's channel slices."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     x = torch.rand(16, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (16,))
     cfg = ReuseConfig(policy="paper", hashing="pca", norm_grad=norm_grad)
     gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=cfg)
-    set_stage(gm, "conv2", L=16, H=6)  # L = C: the per-pixel chain
+    set_stage(gm, "conv2", L=L, H=6)
     runs = {}
     for name in ("eager", "compiled"):
         m = copy.deepcopy(gm).train()
@@ -32,7 +34,7 @@ def test_torch_compile_trains_as_eager(norm_grad):
         losses = []
         for i in range(4):  # the first call fits the planes (a graph break), the others reuse them
             if i == 2:  # a stage switch regenerates the module's code: Dynamo compiles it anew
-                set_stage(m, "conv2", L=16, H=8)
+                set_stage(m, "conv2", L=L, H=8)
             loss = F.cross_entropy(f(x.roll(i, 0)), y.roll(i, 0))
             opt.zero_grad()
             loss.backward()
