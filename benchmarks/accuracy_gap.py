@@ -222,11 +222,17 @@ def dithered(eps: float, seed: int):
         _planes.LayerHash.forward = fwd0
 
 
+def variant_arg(variant: str, kind: str, default: int | None = None) -> int | None:
+    """N of a ``kind:N`` variant (``tail:E``, ``warmup:S``, ``refresh:N``), else ``default``."""
+    name, _, n = variant.partition(":")
+    return int(n) if name == kind else default
+
+
 def build(variant: str, base, example, args, seed: int):
     if variant == "stock":
         return copy.deepcopy(base)
     LH = {}
-    refresh = int(variant.split(":")[1]) if variant.startswith("refresh:") else 20
+    refresh = variant_arg(variant, "refresh", 20)
     if variant.startswith("stage:"):
         _, L, H = variant.split(":")
         LH = {"L": {args.layer: int(L)}, "H": {args.layer: int(H)}}
@@ -306,11 +312,11 @@ def run(variant: str, seed: int, args) -> dict:
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     opt = make_adam([p for p in model.parameters() if p.requires_grad], 1e-3)
-    warm = int(variant.split(":")[1]) if variant.startswith("warmup:") else 0
+    warm = variant_arg(variant, "warmup", 0)
     warm_layers = [r.name for r in model.reuse_plan if not r.exact] if warm else []
     for name in warm_layers:  # warmup:S: exact until step S (set_stage keeps parameters and Adam's state)
         set_stage(model, name, exact=True)
-    tail = int(variant.split(":")[1]) if variant.startswith("tail:") else None
+    tail = variant_arg(variant, "tail")
     losses, accs, steps = [], [], 0
     for epoch in range(args.epochs):
         if epoch == tail:  # tail:E: exact from epoch E+1 on (every layer, one rebuild)
@@ -454,7 +460,7 @@ def time_to_target(results: dict, seeds, variants, reuse_ratio: float, exact_rat
         "|---|" + "---:|" * (len(seeds) + 2),
     ]
     for v in variants:
-        tail = int(v.split(":")[1]) if v.startswith("tail:") else None
+        tail = variant_arg(v, "tail")
         ratios = []
         for s in seeds:
             stock_acc = results[f"stock/{s}"]["test_acc"]
