@@ -420,7 +420,8 @@ def main(argv=None):
     ap.add_argument(
         "--generic-chain",
         action="store_true",
-        help="time the generic chain where the per-pixel chain would run (L dividing C, stride 1; kernels.PIXEL_CHAIN off)",
+        help="time the generic chain where the per-pixel chain would run (L dividing C, stride 1; "
+        "kernels.PIXEL_CHAIN off)",
     )
     ap.add_argument(
         "--bias-grad",
