@@ -98,8 +98,8 @@ def emit_reuse_conv(
         planes.name = f"{base}_planes"
     else:
         planes = graph.get_attr(state_path(row.name) + ".hasher.planes")
-    chain = {"k": k, "s": s, "d": d, "pad": pad, "scope": scope, "pixel": pixel, "centroid": centroid}
-    chain["fused"] = centroid == "norm" and norm_grad
+    fused = centroid == "norm" and norm_grad
+    chain = {"k": k, "s": s, "d": d, "pad": pad, "scope": scope, "pixel": pixel, "centroid": centroid, "fused": fused}
     ys, counts = [], []
     for j in range(slices):
         b = bias if j == 0 else None

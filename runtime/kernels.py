@@ -11,6 +11,7 @@ equals ``torch.unique``'s. Slots past a block's cluster count are empty (count 0
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -625,17 +626,32 @@ def use_pixel_chain(C: int, L: int, stride, kernel_size, scope: str) -> bool:
     return PIXEL_CHAIN and scope == "batch" and fits and extension.get() is not None
 
 
+def one_call_when_traced(fn):
+    """``fn`` (a function the rewritten graph calls), recording itself as one call node when
+    traced symbolically, as ``torch.fx.wrap`` would: a pickled GraphModule re-traces its code
+    when loaded, and these functions must stay single calls in it, not be traced through.
+    Traced means a ``torch.fx.Proxy`` among the arguments (or inside a list argument)."""
+
+    @functools.wraps(fn)
+    def call(*args):
+        for a in args:
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                if isinstance(t, torch.fx.Proxy):
+                    return t.tracer.create_proxy("call_function", call, args, {})
+        return fn(*args)
+
+    return call
+
+
+@one_call_when_traced
 def split_channels(x: torch.Tensor, L: int) -> list[torch.Tensor]:
     """The per-pixel chains' inputs where L divides C (:func:`pixel_slices`): ``x``'s channel
     slices of L, each a channels-last copy (the chain's kernels read whole pixels). One split,
-    so the backward joins the slices' input gradients in one concatenation. Traced
-    symbolically (a pickled GraphModule re-traces its code when loaded) this and the other
-    helpers the rewrite calls record themselves as one call, as ``torch.fx.wrap`` would."""
-    if isinstance(x, torch.fx.Proxy):
-        return x.tracer.create_proxy("call_function", split_channels, (x, L), {})
+    so the backward joins the slices' input gradients in one concatenation."""
     return [t.contiguous(memory_format=torch.channels_last) for t in torch.split(x, L, dim=1)]
 
 
+@one_call_when_traced
 def join_blocks(parts: list[torch.Tensor]) -> torch.Tensor:
     """One per-block tensor of a stage run as per-pixel chains on channel slices
     (:func:`split_channels`) from the slices' (taps, n_j, ...) tensors, in the generic chain's
@@ -643,9 +659,6 @@ def join_blocks(parts: list[torch.Tensor]) -> torch.Tensor:
     padded to the largest n_j with zeros (the counts' and centroids' Cmax: empty slots, as the
     generic chain's). The counts (nb, Cmax) this way; with ``keep_parts`` the inverse, ids,
     centroids and centroid outputs too (``ops.reuse_conv2d``)."""
-    proxy = _traced(parts)
-    if proxy is not None:
-        return proxy.tracer.create_proxy("call_function", join_blocks, (parts,), {})
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
@@ -656,16 +669,9 @@ def join_blocks(parts: list[torch.Tensor]) -> torch.Tensor:
     return out.reshape(first.shape[0] * len(parts), n, *first.shape[2:])
 
 
-def _traced(ts: list):
-    """The first ``torch.fx.Proxy`` among ``ts`` (symbolic tracing), else None."""
-    return next((t for t in ts if isinstance(t, torch.fx.Proxy)), None)
-
-
+@one_call_when_traced
 def add_outputs(ys: list[torch.Tensor]) -> torch.Tensor:
     """The layer's output from its slices' chains: their sum, in slice order."""
-    proxy = _traced(ys)
-    if proxy is not None:
-        return proxy.tracer.create_proxy("call_function", add_outputs, (ys,), {})
     y = ys[0]
     for t in ys[1:]:
         y = y + t

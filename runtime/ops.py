@@ -1331,15 +1331,13 @@ def zero_skip_runs(x: torch.Tensor) -> bool:
     )
 
 
+@kernels.one_call_when_traced
 def exact_conv2d(x, weight, bias, stride: list[int], padding: list[int], dilation: list[int], skip=None):
     """What the rewrite emits for an exact layer with the zero-skipping weight gradient:
     :func:`zero_skip_conv2d` for a float32/64 ``x`` on the CPU, else (another device or dtype,
     or under ``torch.autocast``, which casts a stock convolution's inputs) ``F.conv2d`` itself,
     so that the layer computes what the stock layer computes there. Traced symbolically it
-    records itself as one call, as :func:`chain_input` does."""
-    if isinstance(x, torch.fx.Proxy):
-        args = (x, weight, bias, stride, padding, dilation, skip)
-        return x.tracer.create_proxy("call_function", exact_conv2d, args, {})
+    records itself as one call (``kernels.one_call_when_traced``)."""
     if zero_skip_runs(x) and x.dtype == weight.dtype:
         return zero_skip_conv2d(x, weight, bias, stride, padding, dilation, skip)
     return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
@@ -1348,6 +1346,7 @@ def exact_conv2d(x, weight, bias, stride: list[int], padding: list[int], dilatio
 # --------------------------------------------------------------------------- autocast
 
 
+@kernels.one_call_when_traced
 def chain_input(x: torch.Tensor) -> torch.Tensor:
     """The chain's input: under ``torch.autocast`` a float16/bfloat16 ``x`` as float32, once
     for every op of the chain (the rewrite emits this call first; without autocast, or for a
@@ -1355,22 +1354,19 @@ def chain_input(x: torch.Tensor) -> torch.Tensor:
     are float32/64, and its clustering sums would keep few bits in half precision; stock
     convolutions there run in the lower precision (docs/architecture.md, "Mixed precision").
     Traced symbolically (a pickled GraphModule re-traces its code when loaded) it records
-    itself as one call, as ``torch.fx.wrap`` would."""
-    if isinstance(x, torch.fx.Proxy):
-        return x.tracer.create_proxy("call_function", chain_input, (x,), {})
+    itself as one call (``kernels.one_call_when_traced``)."""
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
         return x.float()
     return x
 
 
+@kernels.one_call_when_traced
 def chain_output(y: torch.Tensor) -> torch.Tensor:
     """The chain's output: under ``torch.autocast`` a float32 ``y`` in autocast's dtype
     (bfloat16/float16), as ``F.conv2d`` gives it there, so that the layers after a rewritten one
     run and keep their activations as they do after a stock convolution; the chain itself ran
     in float32 (:func:`chain_input`). Without autocast, or for a float64 ``y``, ``y`` itself.
     Traced symbolically it records itself as one call, as :func:`chain_input` does."""
-    if isinstance(y, torch.fx.Proxy):
-        return y.tracer.create_proxy("call_function", chain_output, (y,), {})
     if y.dtype == torch.float32 and torch.is_autocast_enabled(y.device.type):
         return y.to(torch.get_autocast_dtype(y.device.type))
     return y
