@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.layers import machine, machine_phase, memory_peaks  # noqa: E402
-from benchmarks.step import main_job_compiled, make_step, print_ab, stages, time_interleaved  # noqa: E402
+from benchmarks.step import main_job_compiled, make_step, parse_stage, print_ab, stages, time_interleaved  # noqa: E402
 from examples.train import make_adam, tune_malloc  # noqa: E402
 from reuse_compiler import set_stage  # noqa: E402
 from reuse_compiler.passes import rebuild  # noqa: E402
@@ -96,13 +96,7 @@ def main(argv=None):
     )
     ap.add_argument("--stage", help="conv2 forced to this stage, L,H (default: the main job's stage)")
     args = ap.parse_args(argv)
-    stage = None
-    if args.stage:
-        try:
-            L, H = (int(v) for v in args.stage.split(","))
-        except ValueError:
-            ap.error(f"--stage: expected L,H (two integers), got {args.stage!r}")
-        stage = (L, H)
+    stage = parse_stage(ap, "--stage", args.stage) if args.stage else None
     tune_malloc()
     x, y, stock, gm = main_job_compiled(norm_grad=args.norm_grad == "on")
     if stage:

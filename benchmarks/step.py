@@ -59,6 +59,15 @@ from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tu
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
 
 
+def parse_stage(ap, option: str, text: str) -> tuple[int, int]:
+    """A stage ``L,H`` given to ``option`` as ``(L, H)``; otherwise a usage error of ``ap``."""
+    try:
+        L, H = (int(v) for v in text.split(","))
+    except ValueError:
+        ap.error(f"{option}: expected L,H (two integers), got {text!r}")
+    return L, H
+
+
 def stage_of(row) -> str:
     """A plan row's stage: ``exact``, ``exact, zero-skip`` (its weight gradient skipping its
     input's common value, docs/policies.md) or ``L=64 H=8``."""
@@ -160,13 +169,7 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     dev = args.device
-    force = []
-    for f in args.force or (["64,8"] if dev == "cuda" else []):
-        try:
-            L, H = (int(v) for v in f.split(","))
-        except ValueError:
-            ap.error(f"--force: expected L,H (two integers), got {f!r}")
-        force.append((L, H))
+    force = [parse_stage(ap, "--force", f) for f in args.force or (["64,8"] if dev == "cuda" else [])]
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
