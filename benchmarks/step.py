@@ -12,7 +12,9 @@ warm-up steps, medians of ``--repeats`` rounds of ``--steps`` steps each:
   precision; the reuse chain itself runs in float32 there, docs/architecture.md);
 - reuse with the main job's default config at its first stages (measured policy, extended
   L values, norm centroid, fitted hash planes, max error 0.32, the member norms constant in
-  the backward), the same with the norms' gradient; the same with random planes
+  the backward; since session 29 its first block, conv1 + pool1 + ReLU, in one op), the
+  same without that fused block (session 28's main job), the same with the norms' gradient;
+  the same with random planes
   and no error filter (session 10's main job), and with the paper's L values
   (``--l-values fast``);
 - the random-planes model with every layer set exact (the rewrite's cost when it does not
@@ -57,6 +59,7 @@ from benchmarks.layers import machine, machine_phase, memory_peaks  # noqa: E402
 from benchmarks.ops import time_round_robin  # noqa: E402
 from examples.train import DEFAULT_MAX_ERROR, MODELS, load_digits, make_adam, tune_malloc  # noqa: E402
 from reuse_compiler import ReuseConfig, reuse_compile, set_stage  # noqa: E402
+from reuse_compiler.plan import exact_stage  # noqa: E402
 
 
 def parse_stage(ap, option: str, text: str) -> tuple[int, int]:
@@ -70,9 +73,10 @@ def parse_stage(ap, option: str, text: str) -> tuple[int, int]:
 
 def stage_of(row) -> str:
     """A plan row's stage: ``exact``, ``exact, zero-skip`` (its weight gradient skipping its
-    input's common value, docs/policies.md) or ``L=64 H=8``."""
+    input's common value, docs/policies.md), ``exact, fused with pool1`` (in one op with the
+    max-pool after it) or ``L=64 H=8``."""
     if row.exact:
-        return "exact, zero-skip" if row.zero_skipping else "exact"
+        return exact_stage(row)
     return f"L={row.L} H={row.H}"
 
 
@@ -189,6 +193,11 @@ def main(argv=None):
         (
             "reuse (main job: fitted planes, max error 0.32, norms constant in the backward)",
             dict(hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False),
+            False,
+        ),
+        (
+            "reuse (the main job without the fused first block, session 28's)",
+            dict(hashing="pca", max_error=DEFAULT_MAX_ERROR, norm_grad=False, fuse_pool=False),
             False,
         ),
         ("reuse (the same with the norms' gradient)", dict(hashing="pca", max_error=DEFAULT_MAX_ERROR), False),

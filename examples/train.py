@@ -408,6 +408,15 @@ def build_parser():
         "this times faster than stock (on, the default; the same forward, gradients equal up to float "
         "rounding; docs/policies.md); off: exact layers as stock's (the main job before session 26)",
     )
+    p.add_argument(
+        "--fuse-pool",
+        choices=["on", "off"],
+        default="on",
+        help="measured policy: an exact first layer (its input needs no gradient) and the max-pool and ReLU "
+        "after it run as one op where this times faster than the layers (on, the default: conv1 + pool1 + ReLU "
+        "here; the same values up to float rounding; docs/policies.md, \"The first block in one pass\"); "
+        "off: as the layers (the main job before session 29)",
+    )
     p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
     p.add_argument("--H", type=int, default=None, help="fixed H for every layer")
     p.add_argument(
@@ -498,6 +507,7 @@ def main(argv=None):
         hash_refresh=args.hash_refresh,
         norm_grad=args.norm_grad == "on" or args.centroid != "norm",
         zero_skip=args.zero_skip == "on",
+        fuse_pool=args.fuse_pool == "on",
     )
     t0 = time.perf_counter()
     # under --autocast bf16 the measured policy times the exact convolutions as training runs them
@@ -507,7 +517,7 @@ def main(argv=None):
         f"reuse_compile: {time.perf_counter() - t0:.1f}s (policy {args.policy}, L values {args.l_values}, "
         f"centroid {args.centroid}, hashing {args.hashing}, max error {args.max_error or 'none'}, "
         f"finish {args.finish}, norm grad {args.norm_grad if args.centroid == 'norm' else '-'}, "
-        f"zero-skip {args.zero_skip}; "
+        f"zero-skip {args.zero_skip}, fuse pool {args.fuse_pool}; "
         "not counted in the training time)"
     )
     g = torch.Generator().manual_seed(args.seed + 1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["ConvSite", "ReuseTraceError", "trace", "find_convs", "conv_operands"]
+__all__ = ["ConvSite", "ReuseTraceError", "trace", "find_convs", "conv_operands", "pool_block"]
 
 
 class ReuseTraceError(RuntimeError):
@@ -242,3 +242,68 @@ def conv_operands(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, kind: str)
         return node.args[0], w, b
     a = conv2d_arguments(node)
     return a["input"], a["weight"], a["bias"]
+
+
+_MAX_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_RELUS = (F.relu, torch.relu)
+
+
+def _square(v) -> int | None:
+    """One int for a square pooling parameter (an int or an equal pair), else None."""
+    if isinstance(v, int):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1] and isinstance(v[0], int):
+        return v[0]
+    return None
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def pool_block(gm: fx.GraphModule, conv: str) -> dict | None:
+    """The max-pool (and the ReLU after it) that the conv node ``conv`` feeds, where the three
+    can run as one op (``reuse.conv_pool``): the conv's only user an ``nn.MaxPool2d`` call or an
+    ``F.max_pool2d`` call on it (square window, dilation 1, floor mode, no indices returned),
+    and optionally that pool's only user a ReLU (``F.relu``, ``torch.relu``, ``nn.ReLU``,
+    ``.relu()``). Returns ``{"pool": node name, "relu": node name or None, "kernel", "stride",
+    "padding"}`` or None."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    pool = _only_user(nodes[conv])
+    if pool is None:
+        return None
+    if pool.op == "call_module" and type(gm.get_submodule(pool.target)) is nn.MaxPool2d and len(pool.args) == 1:
+        m = gm.get_submodule(pool.target)
+        a = {
+            "kernel_size": m.kernel_size,
+            "stride": m.stride,
+            "padding": m.padding,
+            "dilation": m.dilation,
+            "ceil_mode": m.ceil_mode,
+            "return_indices": m.return_indices,
+        }
+    elif pool.op == "call_function" and pool.target in (F.max_pool2d, torch.max_pool2d):
+        a = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+        a.update(zip(_MAX_POOL_ARGS, pool.args))
+        a.update(pool.kwargs)
+    else:
+        return None
+    if a.get("input", pool.args[0] if pool.args else None) is not nodes[conv]:
+        return None
+    k, p = _square(a["kernel_size"]), _square(a["padding"])
+    s = k if a["stride"] in (None, [], ()) else _square(a["stride"])
+    if None in (k, s, p) or _square(a["dilation"]) != 1 or a["ceil_mode"] or a["return_indices"]:
+        return None
+    if not (1 <= k <= 15 and s >= 1 and 0 <= 2 * p <= k):
+        return None
+    relu = _only_user(pool)
+    if relu is not None and not (
+        (relu.op == "call_function" and relu.target in _RELUS)
+        or (relu.op == "call_module" and type(gm.get_submodule(relu.target)) is nn.ReLU)
+        or (relu.op == "call_method" and relu.target == "relu")
+    ):
+        relu = None
+    if relu is not None and (relu.args[:1] != (pool,) or len(relu.args) > 2):
+        relu = None
+    return {"pool": pool.name, "relu": None if relu is None else relu.name, "kernel": k, "stride": s, "padding": p}

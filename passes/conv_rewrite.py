@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from ..runtime import kernels
-from ..runtime.ops import chain_input, chain_output, exact_conv2d
+from ..runtime.ops import chain_input, chain_output, conv_pool_block, exact_conv2d
 from .analysis import conv_operands
 
 __all__ = ["emit_reuse_conv", "rebuild", "rewritten_graph", "state_path"]
@@ -200,6 +200,27 @@ def _zero_skip_node(gm, graph: fx.Graph, node: fx.Node, row) -> None:
     graph.erase_node(node)
 
 
+def _conv_pool_node(gm, graph: fx.Graph, nodes: dict, row) -> None:
+    """An exact first block in one op (``row.fused_block``): the conv node, the max-pool after it
+    and its ReLU (``row.calibration["conv_pool"]["pool"]``) become one call of
+    :func:`conv_pool_block` (``reuse.conv_pool`` where it applies, the three layers elsewhere)."""
+    cal = row.calibration["conv_pool"]
+    block = cal["pool"]
+    conv, pool = nodes[row.node], nodes[block["pool"]]
+    relu = nodes[block["relu"]] if block["relu"] is not None else None
+    last = relu if relu is not None else pool
+    t, _, left, _ = row.padding  # symmetric (the measured policy fuses it only then)
+    with graph.inserting_before(conv):
+        x, w, b = conv_operands(gm, graph, conv, "module" if conv.op == "call_module" else "function")
+        spec = [block["kernel"], block["stride"], block["padding"]]
+        args = (x, w, b, [t, left], spec, relu is not None, cal["skip"])
+        out = _node(graph, conv_pool_block, args, _ident(row.name) + "_block")
+    last.replace_all_uses_with(out)
+    for n in (relu, pool, conv):
+        if n is not None:
+            graph.erase_node(n)
+
+
 def rewritten_graph(gm: fx.GraphModule, record: bool = True) -> fx.Graph:
     """A new graph: ``gm``'s traced source with every non-exact row's conv rewritten at the
     row's current stage, and every exact row with the zero-skipping weight gradient calling
@@ -213,6 +234,8 @@ def rewritten_graph(gm: fx.GraphModule, record: bool = True) -> fx.Graph:
             _rewrite_node(gm, graph, nodes[row.node], row, scope, record)
         elif record and row.zero_skipping:
             _zero_skip_node(gm, graph, nodes[row.node], row)
+        elif record and row.fused_block:
+            _conv_pool_node(gm, graph, nodes, row)
     graph.lint()
     return graph
 

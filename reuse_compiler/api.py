@@ -350,10 +350,33 @@ def _apply_measured_policy(gm, rows, args, config: ReuseConfig) -> None:
                     f"(lowest {min(c['error'] for c in faster):.3f})"
                 )
             row.reason, row.exact = f"measured policy: {why}", True
+            if config.fuse_pool:
+                _fuse_block(gm, row, x, input_grad, weight, bias, config)
             continue
         row.candidates = [(c["L"], c["H"]) for c in kept]
         row.L = _for_layer(config, "L", row.name) or row.candidates[0][0]
         row.H = _for_layer(config, "H", row.name) or row.candidates[0][1]
+
+
+def _fuse_block(gm, row, x, input_grad: bool, weight, bias, config: ReuseConfig) -> None:
+    """An exact layer followed by a max-pool (and a ReLU) that can run as one op
+    (``reuse.conv_pool``): time the block three ways (``calibration.calibrate_block``) and run it
+    as one op (``row.exact_kernel = "conv-pool"``) where that is faster, by ``max_time_ratio``
+    of stock's block and than the layers as the row would run them otherwise."""
+    from reuse_compiler.passes.analysis import pool_block
+
+    from .calibration import block_fits, calibrate_block, zero_skip_values
+
+    block = pool_block(gm, row.node)
+    if block is None or not block_fits(row, x, weight, input_grad):
+        return
+    skip = zero_skip_values(row, x) if config.zero_skip else None
+    cal = calibrate_block(row, x, weight, bias, block, skip, config.calibration_repeats)
+    row.calibration["conv_pool"] = cal
+    m = config.max_time_ratio
+    unfused = cal["ms_zero_skip"] if row.exact_kernel == "zero-skip" else cal["ms_stock"]
+    if cal["ratio"] <= m and cal["ratio_min"] <= m and cal["ms"] < unfused:
+        row.exact_kernel = "conv-pool"
 
 
 def _resolve(gm, node):

@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from torch import fx
 
 from reuse_compiler.runtime import extension, kernels
-from reuse_compiler.runtime.ops import im2col, reuse_conv2d, zero_skip_conv2d, zero_skip_runs
+from reuse_compiler.runtime.ops import conv_pool, conv_pool_runs, im2col, reuse_conv2d, zero_skip_conv2d, zero_skip_runs
 from reuse_compiler.runtime.planes import fit_to_input
 from reuse_compiler.runtime.state import layer_planes
 
 from .policies import expected_cost
 
-__all__ = ["calibrate", "capture_conv_inputs", "cache_path"]
+__all__ = ["calibrate", "calibrate_block", "capture_conv_inputs", "cache_path"]
 
 # Process settings that change how fast the timed calls run without changing the kernels,
 # part of the cache key: a process that sets one (examples/train.py's ``tune_malloc`` adds
@@ -64,6 +64,31 @@ def _device_id(t: torch.Tensor) -> str:
     except (OSError, StopIteration):
         pass
     return f"cpu:{cpu}:{torch.get_num_threads()}t:ext={extension.get() is not None}"
+
+
+def _cached(key: str):
+    """The cache's entry for ``key`` (None if none or no readable cache)."""
+    try:
+        return json.loads(cache_path().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _store(key: str, result: dict) -> None:
+    """Add ``result`` under ``key`` to the on-disk cache (atomically replaced)."""
+    path = cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache[key] = result
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a re-calibration next time
 
 
 def capture_conv_inputs(gm: fx.GraphModule, args: tuple, nodes: set[str]) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -286,13 +311,9 @@ def calibrate(
             ("zero-skip", skip),
         ]
     )
-    path = cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
+    cached = _cached(key)
+    if cached is not None:
+        return cached
     # each stage with the layer's own hash family (the one training will use), so r_c and the
     # error are its own; drawn once, outside the timed runs
     planes = [layer_planes(seed, row.name, L, H).to(x.device) for L, H in row.candidates]
@@ -366,12 +387,114 @@ def calibrate(
         zs = {"ms": statistics.median(t) * 1e3, "ratio_min": min(t) / min(times[0]), "skip": skip}
         zs["ratio"] = zs["ms"] / exact_ms
     result = {"exact_ms": exact_ms, "input_grad": input_grad, "rounds": rounds, "candidates": out, "zero_skip": zs}
-    cache[key] = result
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs a re-calibration next time
+    _store(key, result)
+    return result
+
+
+def block_fits(row, x: torch.Tensor, weight: torch.Tensor, input_grad: bool) -> bool:
+    """Whether ``row``'s layer and the max-pool after it can run as one op (:func:`conv_pool`):
+    groups 1, stride 1, dilation 1, a symmetric padding, an input that needs no gradient in
+    training, on which :func:`conv_pool_runs` (float32/64 on the CPU, outside autocast, the C++
+    kernels built)."""
+    t, bo, left, r = row.padding
+    return (
+        row.groups == 1
+        and tuple(row.stride) == (1, 1)
+        and tuple(row.dilation) == (1, 1)
+        and t == bo
+        and left == r
+        and not input_grad
+        and x.numel() > 0
+        and conv_pool_runs(x, weight)
+    )
+
+
+def _block_fn(x, w, b, row, block, skip=None, fused=False):
+    """Forward + backward (weight and bias gradients) of the block conv -> max-pool (-> ReLU):
+    the layers as training runs them unfused (stock's conv2d, or the zero-skipping one with
+    ``skip``), or in one op (``fused``)."""
+    t, _, left, _ = row.padding
+    pool = [block["kernel"], block["stride"], block["padding"]]
+
+    def run():
+        ww, bb = w.detach().requires_grad_(), _trained(b)
+        if fused:
+            y = conv_pool(x, ww, bb, [t, left], pool, block["relu"] is not None, skip)[0]
+        else:
+            if skip is None:
+                y = F.conv2d(x, ww, bb, 1, [t, left])
+            else:
+                y = zero_skip_conv2d(x, ww, bb, [1, 1], [t, left], [1, 1], skip)
+            y = F.max_pool2d(y, *pool)
+            if block["relu"] is not None:
+                y = F.relu(y)
+        y.backward(torch.ones_like(y))
+
+    return run
+
+
+def calibrate_block(row, x: torch.Tensor, weight: torch.Tensor, bias, block: dict, skip, repeats: int = 3) -> dict:
+    """Time ``row``'s first block (its conv, the max-pool ``block`` after it and the ReLU, if
+    any; :func:`reuse_compiler.passes.analysis.pool_block`) three ways, forward + backward with
+    the weight and bias gradients (the input needs none), interleaved rounds after a warm-up
+    round (as :func:`calibrate`): stock's layers, the same with the zero-skipping weight
+    gradient (``skip``: the common values, or None: not timed) and the block in one op
+    (:func:`conv_pool`, skipping ``skip``'s values where given). Returns ``{"ms", "ms_stock",
+    "ms_zero_skip", "ratio", "ratio_min", "rounds", "skip", "pool"}``: ``ratio`` the one op's
+    median over stock's, ``ratio_min`` over the fastest runs. Uses and updates the on-disk
+    cache."""
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    pool = [block["kernel"], block["stride"], block["padding"], block["relu"] is not None]
+    key = json.dumps(
+        [
+            "conv_pool",
+            _device_id(x),
+            torch.__version__,
+            extension.fingerprint(),
+            str(x.dtype),
+            list(x.shape),
+            list(x.stride()),
+            "channels_last" if cl else "contiguous",
+            list(w.shape),
+            list(w.stride()),
+            row.padding,
+            pool,
+            repeats,
+            row.name,
+            (MAX_ROUNDS, MIN_EXACT_S),
+            sorted(CACHE_TAGS),
+            skip,
+        ]
+    )
+    cached = _cached(key)
+    if cached is not None:
+        return cached
+    fns = [_block_fn(x, w, b, row, block), _block_fn(x, w, b, row, block, skip, fused=True)]
+    if skip is not None:
+        fns.append(_block_fn(x, w, b, row, block, skip))
+    for fn in fns:  # warm-up round
+        fn()
+    t0 = time.perf_counter()
+    fns[0]()
+    rounds = max(repeats, min(MAX_ROUNDS, math.ceil(MIN_EXACT_S / max(time.perf_counter() - t0, 1e-6))))
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    med = [statistics.median(t) * 1e3 for t in times]
+    result = {
+        "ms": med[1],
+        "ms_stock": med[0],
+        "ms_zero_skip": med[2] if skip is not None else None,
+        "ratio": med[1] / med[0],
+        "ratio_min": min(times[1]) / min(times[0]),
+        "rounds": rounds,
+        "skip": skip,
+        "pool": block,
+    }
+    _store(key, result)
     return result

@@ -114,6 +114,14 @@ class ReuseConfig:
             gradients up to float rounding), and runs so where that is faster than stock's
             (default True; docs/policies.md, "Zero-skipping exact layers"). False: exact layers
             are always stock's.
+        fuse_pool: measured policy only: an exact layer whose input needs no gradient (a
+            model's first layer; groups 1, stride 1, dilation 1, symmetric padding) and whose
+            output goes only to a max-pool (and that pool's only to a ReLU) is also timed as one
+            op with them (``reuse.conv_pool``: the convolution's output never in memory as a
+            whole, the pool's gradient routed inside the weight gradient, the input's common
+            values skipped as ``zero_skip`` does), and runs so where that is faster than the
+            layers it replaces (default True; docs/policies.md, "The first block in one pass").
+            The same values as stock's up to float rounding. False: never fused.
     """
 
     L: int | dict[str, int] | None = None
@@ -133,6 +141,7 @@ class ReuseConfig:
     hash_refresh: int = 20
     norm_grad: bool = True
     zero_skip: bool = True
+    fuse_pool: bool = True
 
     def __post_init__(self):
         _check_int_or_map("L", self.L, 1, None)
@@ -156,6 +165,8 @@ class ReuseConfig:
             raise ValueError(f"ReuseConfig.norm_grad must be True or False; got {self.norm_grad!r}")
         if not isinstance(self.zero_skip, bool):
             raise ValueError(f"ReuseConfig.zero_skip must be True or False; got {self.zero_skip!r}")
+        if not isinstance(self.fuse_pool, bool):
+            raise ValueError(f"ReuseConfig.fuse_pool must be True or False; got {self.fuse_pool!r}")
         if not self.norm_grad and self.centroid != "norm":
             raise ValueError(
                 "ReuseConfig.norm_grad=False applies to the norm centroid's member norms; "

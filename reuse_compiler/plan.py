@@ -53,6 +53,9 @@ class LayerPlan:
     # gradient that skips its input's common values, calibration["zero_skip"]["skip"]; the measured
     # policy picks it where it times faster)
     exact_kernel: str = "stock"
+    # ... or "conv-pool": the layer, the max-pool after it and its ReLU in one op (reuse.conv_pool;
+    # calibration["conv_pool"]: its timings, the pool's node and the skipped values), a first
+    # layer's input needing no gradient; the measured policy picks it where it times faster
 
     @property
     def rewritable(self) -> bool:
@@ -63,6 +66,11 @@ class LayerPlan:
     def zero_skipping(self) -> bool:
         """Whether the layer runs exact with the zero-skipping weight gradient now."""
         return self.exact and self.exact_kernel == "zero-skip"
+
+    @property
+    def fused_block(self) -> bool:
+        """Whether the layer runs exact, in one op with the max-pool (and ReLU) after it, now."""
+        return self.exact and self.exact_kernel == "conv-pool"
 
     @property
     def M(self) -> int:
@@ -97,6 +105,8 @@ class LayerPlan:
         exact layer with the zero-skipping weight gradient, its time / stock's."""
         if self.zero_skipping and self.calibration is not None:
             return self.calibration["zero_skip"]["ratio"]
+        if self.fused_block and self.calibration is not None:  # the block's time / stock block's
+            return self.calibration["conv_pool"]["ratio"]
         c = self._calibrated()
         return None if c is None else c["ratio"]
 
@@ -146,9 +156,17 @@ _COLUMNS = [
 ]
 
 
+def exact_stage(r: LayerPlan) -> str:
+    """An exact row's stage: "exact", "exact, zero-skip" or "exact, fused with pool1" (the
+    pool's node)."""
+    if r.fused_block:
+        return f"exact, fused with {r.calibration['conv_pool']['pool']['pool']}"
+    return "exact, zero-skip" if r.zero_skipping else "exact"
+
+
 def _stage(r: LayerPlan) -> str:
     if r.exact:
-        return "exact, zero-skip" if r.zero_skipping else "exact"
+        return exact_stage(r)
     s = f"L={r.L} H={r.H}"
     if r.stage is not None:
         s += f" ({r.stage + 1}/{len(r.candidates)})"

@@ -42,6 +42,8 @@ __all__ = [
     "pad_channels_last",
     "pad_nhwc_torch",
     "zero_skip_weight_grad",
+    "conv_pool_forward",
+    "conv_pool_weight_grad",
 ]
 
 # Above this many table slots the clustering sorts instead of counting.
@@ -925,5 +927,57 @@ def zero_skip_weight_grad(x, dy, weight, stride, padding, dilation, skip=None):
         [0, 0],
         1,
         [False, True, True],
+    )
+    return dw, db
+
+
+def conv_pool_forward(x, weight, bias, padding, pool, relu, skip=None):
+    """A first block, conv (stride 1, groups 1, ``padding`` (top, left) of a symmetric padding)
+    -> max_pool2d(``pool`` = k, s, p) (-> ReLU), without the convolution's output in memory:
+    (out (Nb, Ph, Pw, M), idx (Nb, Ph, Pw, M) uint8, the maximum's position in its window, 255
+    where the ReLU passes no gradient). The C++ kernel adds each input's difference from its
+    channel's common value ``skip`` (C floats; None: zeros) to a per-image table of the
+    common values' outputs (F.conv2d's sums, regrouped); without it, the reference's stock ops."""
+    ext = _ext(x, weight, bias)
+    if ext is not None and x.dtype == weight.dtype:
+        sk = x.new_zeros(x.shape[1]) if skip is None else torch.tensor(skip, dtype=x.dtype)
+        return tuple(ext.conv_pool_forward(x, weight, bias, sk, [*padding, *pool, int(relu)]))
+    from .reference import reference_conv_pool
+
+    out, idx = reference_conv_pool(x, weight, bias, padding, pool, relu)
+    return out.permute(0, 2, 3, 1).contiguous(), idx
+
+
+def _route_pooled(gp, idx, Oh, Ow, pool):
+    """max_pool2d's backward from conv_pool_forward's window positions: the convolution output's
+    gradient (Nb, M, Oh, Ow) from the pooled one gp (Nb, Ph, Pw, M)."""
+    k, s, p = pool
+    Nb, Ph, Pw, M = gp.shape
+    live = idx != 255
+    local = torch.where(live, idx, 0).long()
+    ih = (torch.arange(Ph) * s - p).view(1, Ph, 1, 1) + local // k
+    iw = (torch.arange(Pw) * s - p).view(1, 1, Pw, 1) + local % k
+    flat = torch.where(live, ih * Ow + iw, 0).permute(0, 3, 1, 2).reshape(Nb, M, Ph * Pw)
+    g = torch.where(live, gp, 0).permute(0, 3, 1, 2).reshape(Nb, M, Ph * Pw)
+    return gp.new_zeros(Nb, M, Oh * Ow).scatter_add_(2, flat, g).view(Nb, M, Oh, Ow)
+
+
+def conv_pool_weight_grad(x, gp, idx, weight, padding, pool, skip=None):
+    """The weight and bias gradients of :func:`conv_pool_forward`'s block from the pooled output's
+    gradient ``gp`` (Nb, Ph, Pw, M) and its window positions ``idx``. The C++ kernel routes each
+    image's pooled gradient to its maxima in a thread's scratch and sums as
+    :func:`zero_skip_weight_grad` does; without it, or where db is not finite (so that a NaN or
+    inf shows in dW as in stock's), the routed gradient in memory and ATen's weight gradient."""
+    kh, kw = weight.shape[2:]
+    ext = _ext(x, gp) if x.dtype in (torch.float32, torch.float64) and x.dtype == gp.dtype else None
+    if ext is not None:
+        sk = x.new_zeros(x.shape[1]) if skip is None else torch.tensor(skip, dtype=x.dtype)
+        dw, db = ext.conv_pool_weight_grad(x, gp.contiguous(), idx.contiguous(), sk, [kh, kw, *padding, *pool])
+        if bool(torch.isfinite(db).all()):
+            return dw, db
+    Oh, Ow = x.shape[2] + 2 * padding[0] - kh + 1, x.shape[3] + 2 * padding[1] - kw + 1
+    dy = _route_pooled(gp, idx, Oh, Ow, pool)
+    _, dw, db = torch.ops.aten.convolution_backward(
+        dy, x, weight, [weight.shape[0]], [1, 1], list(padding), [1, 1], False, [0, 0], 1, [False, True, True]
     )
     return dw, db

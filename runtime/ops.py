@@ -58,6 +58,10 @@ __all__ = [
     "zero_skip_conv2d_grad",
     "exact_conv2d",
     "zero_skip_runs",
+    "conv_pool",
+    "conv_pool_grad",
+    "conv_pool_block",
+    "conv_pool_runs",
     "SCOPES",
 ]
 
@@ -1341,6 +1345,138 @@ def exact_conv2d(x, weight, bias, stride: list[int], padding: list[int], dilatio
     if zero_skip_runs(x) and x.dtype == weight.dtype:
         return zero_skip_conv2d(x, weight, bias, stride, padding, dilation, skip)
     return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
+
+
+# --------------------------------------------------------------------------- conv_pool
+
+
+def _block_shapes(x, weight, padding, pool):
+    Nb, M, kh, kw = x.shape[0], weight.shape[0], weight.shape[2], weight.shape[3]
+    k, s, p = pool
+    Oh, Ow = x.shape[2] + 2 * padding[0] - kh + 1, x.shape[3] + 2 * padding[1] - kw + 1
+    return Nb, M, (Oh + 2 * p - k) // s + 1, (Ow + 2 * p - k) // s + 1
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels-last (its channel stride 1; a single channel's
+    tensor by its own strides, as ``model.to(memory_format=torch.channels_last)`` leaves them)."""
+    return t.dim() == 4 and t.stride(1) == 1 and t.shape[2] * t.shape[3] > 1
+
+
+def _block_output(out_nhwc: torch.Tensor, x, weight) -> torch.Tensor:
+    """The block's (Nb, M, Ph, Pw) output: channels-last memory where the input or the weight is
+    channels-last (as ATen's CPU convolution chooses), else contiguous."""
+    out = out_nhwc.permute(0, 3, 1, 2)
+    return out if _channels_last(x) or _channels_last(weight) else out.contiguous()
+
+
+@torch.library.custom_op("reuse::conv_pool", mutates_args=())
+def conv_pool(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: list[int],
+    pool: list[int],
+    relu: bool,
+    skip: list[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An exact first block in one op (not a reuse stage): ``F.conv2d(x, weight, bias, 1,
+    padding)`` (groups 1, ``padding`` (top, left) of a symmetric padding) -> ``F.max_pool2d(k,
+    s, p)`` (``pool`` = [k, s, p]; dilation 1, floor mode) -> ``F.relu`` if ``relu``, for an
+    input that needs no gradient (a model's first layer). Returns (out, idx): the block's output
+    and, per pooled value, its maximum's position in its window (uint8 (Nb, Ph, Pw, M), 255
+    where the ReLU passes no gradient), which the backward routes the gradient by. The
+    convolution's output is never in memory as a whole, and the inputs equal to their
+    channel's common value ``skip`` (C floats; None: zeros) are added once per position, not
+    once per occurrence (:func:`kernels.conv_pool_forward`: F.conv2d's sums, regrouped; the
+    max and its position as ATen's max_pool2d picks them). The weight and bias gradients are
+    :func:`zero_skip_conv2d`'s sums on the routed gradient. The measured policy picks it where
+    it times faster than the layers it replaces (docs/policies.md, "The first block in one
+    pass"); the rewrite emits it through :func:`conv_pool_block`."""
+    if skip is not None and len(skip) != x.shape[1]:
+        raise ValueError(f"reuse.conv_pool: {len(skip)} skip values for an input of {x.shape[1]} channels")
+    if len(pool) != 3 or len(padding) != 2:
+        raise ValueError(
+            f"reuse.conv_pool: pool must be [kernel, stride, padding] and padding [top, left]; got {pool}, {padding}"
+        )
+    out, idx = kernels.conv_pool_forward(x, weight, bias, padding, pool, relu, skip)
+    return _block_output(out, x, weight), idx
+
+
+@conv_pool.register_fake
+def _(x, weight, bias, padding, pool, relu, skip=None):
+    Nb, M, Ph, Pw = _block_shapes(x, weight, padding, pool)
+    out = x.new_empty(Nb, Ph, Pw, M)
+    return _block_output(out, x, weight), x.new_empty(Nb, Ph, Pw, M, dtype=torch.uint8)
+
+
+@torch.library.custom_op("reuse::conv_pool_grad", mutates_args=())
+def conv_pool_grad(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor,
+    padding: list[int],
+    pool: list[int],
+    skip: list[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias gradients of :func:`conv_pool` for its output's gradient ``g`` (an op
+    of its own, so that compiled backward graphs call it as one)."""
+    gp = g.permute(0, 2, 3, 1).contiguous()  # (Nb, Ph, Pw, M): free for a channels-last g
+    return kernels.conv_pool_weight_grad(x, gp, idx, weight, padding, pool, skip)
+
+
+@conv_pool_grad.register_fake
+def _(x, g, idx, weight, padding, pool, skip=None):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), g.new_empty(g.shape[1])
+
+
+def _conv_pool_setup(ctx, inputs, output):
+    x, weight, bias, padding, pool, relu, skip = inputs
+    ctx.save_for_backward(x, output[1], weight)
+    ctx.block = (padding, pool, skip)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _conv_pool_backward(ctx, g, _g_idx):
+    x, idx, weight = ctx.saved_tensors
+    padding, pool, skip = ctx.block
+    if ctx.needs_input_grad[0]:
+        raise RuntimeError(
+            "reuse.conv_pool computes no input gradient (it is a first block's op, whose input needs none); "
+            "call reuse_compiler.runtime.ops.conv_pool_block, which runs the stock layers for an input that "
+            "requires grad"
+        )
+    dw = db = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dw, db = conv_pool_grad(x.detach(), g, idx, weight.detach(), padding, pool, skip)
+    return None, dw, db if ctx.has_bias else None, None, None, None, None
+
+
+conv_pool.register_autograd(_conv_pool_backward, setup_context=_conv_pool_setup)
+
+
+def conv_pool_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`conv_pool_block` runs :func:`conv_pool` (the C++ kernels) for input ``x``:
+    :func:`zero_skip_runs`, ``weight``'s dtype, an input that needs no gradient, and the C++
+    kernels built."""
+    from . import extension
+
+    return zero_skip_runs(x) and x.dtype == weight.dtype and not x.requires_grad and extension.get() is not None
+
+
+@kernels.one_call_when_traced
+def conv_pool_block(x, weight, bias, padding: list[int], pool: list[int], relu: bool, skip=None):
+    """What the rewrite emits for an exact first block conv -> max_pool2d (-> ReLU) that the
+    measured policy runs in one pass: :func:`conv_pool` where :func:`conv_pool_runs`, else the
+    layers themselves (:func:`exact_conv2d`, ``F.max_pool2d``, ``F.relu``), which compute what
+    the stock block computes. Traced symbolically it records itself as one call."""
+    if conv_pool_runs(x, weight):
+        return conv_pool(x, weight, bias, padding, pool, relu, skip)[0]
+    y = exact_conv2d(x, weight, bias, [1, 1], padding, [1, 1], skip)
+    y = torch.nn.functional.max_pool2d(y, pool[0], pool[1], pool[2])
+    return torch.nn.functional.relu(y) if relu else y
 
 
 # --------------------------------------------------------------------------- autocast

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lsh_planes", "pack_bits", "reference_reuse_conv2d", "reference_weight_grad"]
+__all__ = ["lsh_planes", "pack_bits", "reference_conv_pool", "reference_reuse_conv2d", "reference_weight_grad"]
 
 
 def lsh_planes(L: int, H: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -125,3 +125,22 @@ def reference_weight_grad(x, dy, kernel_size, stride=(1, 1), padding=(0, 0), dil
     g = dy.flatten(2)  # (Nb, M, L)
     dw = torch.einsum("bml,bkl->mk", g, cols).reshape(dy.shape[1], x.shape[1], *kernel_size)
     return dw, dy.sum((0, 2, 3))
+
+
+def reference_conv_pool(x, weight, bias, padding, pool, relu=True):
+    """A first block, ``F.conv2d`` (stride 1) -> ``F.max_pool2d(k, s, p)`` (-> ``F.relu``),
+    written with stock ops: (out, idx), idx (Nb, Ph, Pw, M) uint8 the position of each pooled
+    value's maximum in its k x k window (row-major, from the unclipped window's corner), 255
+    where the ReLU passes no gradient. The oracle of ``reuse.conv_pool``."""
+    k, s, p = pool
+    y = F.conv2d(x, weight, bias, 1, list(padding))
+    out, flat = F.max_pool2d(y, k, s, p, return_indices=True)  # flat: index into (Oh, Ow)
+    Ow = y.shape[3]
+    Ph, Pw = out.shape[2:]
+    h0 = (torch.arange(Ph) * s - p).view(Ph, 1)
+    w0 = (torch.arange(Pw) * s - p).view(1, Pw)
+    local = (flat // Ow - h0) * k + (flat % Ow - w0)
+    if relu:
+        local = torch.where(out > 0, local, 255)
+        out = F.relu(out)
+    return out, local.permute(0, 2, 3, 1).to(torch.uint8).contiguous()

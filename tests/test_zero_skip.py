@@ -183,7 +183,7 @@ def test_the_measured_policy_picks_it_and_the_rewrite_emits_it(monkeypatch):
     torch.manual_seed(0)
     model = cifarnet(in_channels=1, image_size=28, width=0.25)
     x = _digits_like()
-    gm = reuse_compile(model, x, config=ReuseConfig(policy="measured"))
+    gm = reuse_compile(model, x, config=ReuseConfig(policy="measured", fuse_pool=False))
     row = gm.reuse_plan["conv1"]
     assert row.exact and row.exact_kernel == "zero-skip" and row.time_ratio == 0.6
     assert "exact, zero-skip" in str(gm.reuse_plan)
@@ -211,7 +211,7 @@ def test_it_is_not_picked_when_slow_or_off(monkeypatch, ratio, zero_skip, expect
     gm = reuse_compile(
         cifarnet(in_channels=1, image_size=28, width=0.25),
         _digits_like(),
-        config=ReuseConfig(policy="measured", zero_skip=zero_skip),
+        config=ReuseConfig(policy="measured", zero_skip=zero_skip, fuse_pool=False),
     )
     assert gm.reuse_plan["conv1"].exact_kernel == expected and "exact_conv2d" not in gm.code
 
@@ -230,7 +230,9 @@ def test_torch_compile_runs_it(monkeypatch, backend):
     torch._dynamo.reset()
     torch.manual_seed(0)
     x, y = _digits_like(), torch.arange(8) % 10
-    gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=ReuseConfig(policy="measured"))
+    gm = reuse_compile(
+        cifarnet(in_channels=1, image_size=28, width=0.25), x, config=ReuseConfig(policy="measured", fuse_pool=False)
+    )
     params = {}
     for name in ("eager", "compiled"):
         m = copy.deepcopy(gm)

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <string>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -1700,10 +1701,12 @@ ZeroSkipRow<T> zero_skip_row_for(int64_t kw) {
   }
 }
 
-template <typename T>
-void zero_skip_impl(const T* __restrict X, const T* __restrict G, const T* Sk, T* P, int64_t Nb, int64_t C, int64_t H,
-                    int64_t W, int64_t Oh, int64_t Ow, int64_t M, const int64_t* st, const std::vector<int64_t>& p,
-                    int64_t nt, bool shifted) {
+// grad_of(b, buf): image b's output gradient (Oh, Ow, M) contiguous: a pointer into gy, or
+// buf (a thread's Oh * Ow * M scratch, allocated when `scratch`) filled by the caller.
+template <typename T, typename GradOf>
+void zero_skip_impl(const T* __restrict X, GradOf grad_of, bool scratch, const T* Sk, T* P, int64_t Nb, int64_t C,
+                    int64_t H, int64_t W, int64_t Oh, int64_t Ow, int64_t M, const int64_t* st,
+                    const std::vector<int64_t>& p, int64_t nt, bool shifted) {
   const int64_t kh = p[0], kw = p[1], sh = p[2], sw = p[3], pt = p[4], pl = p[5], dh = p[6], dw = p[7];
   const int64_t s0 = st[0], s1 = st[1], s2 = st[2], s3 = st[3];
   const std::vector<T> skip(Sk, Sk + C);
@@ -1716,12 +1719,13 @@ void zero_skip_impl(const T* __restrict X, const T* __restrict G, const T* Sk, T
   at::parallel_for(0, nt, 1, [&](int64_t th0, int64_t th1) {
     std::vector<int32_t> ys(H * W), xs(H * W);
     std::vector<T> vs(H * W);
+    std::vector<T> buf(scratch ? O * M : 0);
     for (int64_t th = th0; th < th1; ++th) {
       T* dW = P + th * part;
       T* db = dW + K * M;
       T* S = db + M;
       for (int64_t b = Nb * th / nt; b < Nb * (th + 1) / nt; ++b) {
-        const T* Gb = G + b * O * M;
+        const T* Gb = grad_of(b, buf.data());
         if (shifted) {
           for (int64_t r = 0; r < O; ++r) {
             const T* g = Gb + r * M;
@@ -1822,12 +1826,244 @@ std::vector<torch::Tensor> zero_skip_weight_grad(const torch::Tensor& x, const t
   const int64_t s[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   auto sum = part.select(0, 0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zero_skip_weight_grad", [&] {
-    zero_skip_impl<scalar_t>(x.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(),
+    const scalar_t* G = gy.data_ptr<scalar_t>();
+    const int64_t OM = Oh * Ow * M;
+    auto grad_of = [G, OM](int64_t b, scalar_t*) { return G + b * OM; };
+    zero_skip_impl<scalar_t>(x.data_ptr<scalar_t>(), grad_of, false, sk.data_ptr<scalar_t>(),
                              part.data_ptr<scalar_t>(), Nb, C, H, W, Oh, Ow, M, s, p, nt, shifted);
     for (int64_t th = 1; th < nt; ++th) sum.add_(part.select(0, th));  // in thread order
     if (shifted) zero_skip_finish<scalar_t>(sum.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), C, H, W, Oh, Ow, M, p);
   });
   return {sum.narrow(0, 0, K).t().contiguous().view({M, C, p[0], p[1]}), sum.select(0, K).clone()};
+}
+
+// ----------------------------------------------------------------------------- conv + max-pool
+// A first block, conv -> max_pool2d (-> ReLU), in one pass per image, for an exact convolution
+// whose input needs no gradient (stride 1, dilation 1, groups 1). The convolution's output
+// (Oh, Ow, M) lives in a thread's scratch only; the block returns the pooled output and, per
+// pooled value, the position of its maximum in the pooling window (uint8, row-major in the
+// k x k window; 255 where the ReLU passes no gradient). With s[c] the input channel's common
+// value and x' = x - s (zero where x == s):
+//   y[o, m] = base[o, m] + sum over non-zero x'[c, y, x] of x' * W[m, c, i, j],  o = (y + pt - i, x + pl - j),
+//   base[o, m] = b[m] + sum over the taps of o inside the image of W[m, c, i, j] * s[c]
+// (F.conv2d's sums, regrouped). The max and its position follow ATen's max_pool2d on the CPU:
+// the window scanned row by row, a value taken if greater than the running max or NaN.
+// x: (Nb, C, H, W) any strides; wt: (C, kh, kw, M) contiguous; base: (Oh, Ow, M) contiguous;
+// skip: (C,); p: kh, kw, pt, pl, pool k, pool s, pool p, relu.
+// Returns (out (Nb, Ph, Pw, M), idx (Nb, Ph, Pw, M) uint8).
+template <typename T>
+void conv_pool_fwd_impl(const T* __restrict X, const int64_t* st, const T* __restrict Wt, const T* __restrict base,
+                        const T* Sk, T* __restrict out, uint8_t* __restrict idx, int64_t Nb, int64_t C, int64_t H,
+                        int64_t W, int64_t M, const std::vector<int64_t>& p) {
+  const int64_t kh = p[0], kw = p[1], pt = p[2], pl = p[3], pk = p[4], ps = p[5], pp = p[6];
+  const bool relu = p[7] != 0;
+  const int64_t Oh = H + 2 * pt - kh + 1, Ow = W + 2 * pl - kw + 1;
+  const int64_t Ph = (Oh + 2 * pp - pk) / ps + 1, Pw = (Ow + 2 * pp - pk) / ps + 1;
+  const int64_t O = Oh * Ow;
+  at::parallel_for(0, Nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> Y(O * M), mx(M), id(M);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::memcpy(Y.data(), base, sizeof(T) * O * M);
+      for (int64_t c = 0; c < C; ++c) {
+        const T s = Sk[c];
+        for (int64_t iy = 0; iy < H; ++iy)
+          for (int64_t ix = 0; ix < W; ++ix) {
+            const T xv = X[b * st[0] + c * st[1] + iy * st[2] + ix * st[3]];
+            if (xv == s) continue;
+            const T v = xv - s;
+            for (int64_t i = 0; i < kh; ++i) {
+              const int64_t oy = iy + pt - i;
+              if (oy < 0 || oy >= Oh) continue;
+              for (int64_t j = 0; j < kw; ++j) {
+                const int64_t ox = ix + pl - j;
+                if (ox < 0 || ox >= Ow) continue;
+                T* __restrict yr = Y.data() + (oy * Ow + ox) * M;
+                const T* __restrict wr = Wt + ((c * kh + i) * kw + j) * M;
+#pragma omp simd
+                for (int64_t m = 0; m < M; ++m) yr[m] += v * wr[m];
+              }
+            }
+          }
+      }
+      for (int64_t py = 0; py < Ph; ++py) {
+        const int64_t h0 = py * ps - pp, ha = std::max<int64_t>(h0, 0), he = std::min(h0 + pk, Oh);
+        for (int64_t px = 0; px < Pw; ++px) {
+          const int64_t w0 = px * ps - pp, wa = std::max<int64_t>(w0, 0), we = std::min(w0 + pk, Ow);
+          T* __restrict mxp = mx.data();
+          T* __restrict idp = id.data();  // the position as a T: one lane width, vectorised
+          const T first = T((ha - h0) * pk + (wa - w0));
+#pragma omp simd
+          for (int64_t m = 0; m < M; ++m) {
+            mxp[m] = -std::numeric_limits<T>::infinity();
+            idp[m] = first;
+          }
+          for (int64_t ih = ha; ih < he; ++ih)
+            for (int64_t iw = wa; iw < we; ++iw) {
+              const T* __restrict yr = Y.data() + (ih * Ow + iw) * M;
+              const T k = T((ih - h0) * pk + (iw - w0));
+#pragma omp simd
+              for (int64_t m = 0; m < M; ++m) {
+                const T v = yr[m];
+                const bool take = v > mxp[m] || v != v;
+                mxp[m] = take ? v : mxp[m];
+                idp[m] = take ? k : idp[m];
+              }
+            }
+          T* __restrict o = out + ((b * Ph + py) * Pw + px) * M;
+          uint8_t* __restrict q = idx + ((b * Ph + py) * Pw + px) * M;
+          if (relu) {
+#pragma omp simd
+            for (int64_t m = 0; m < M; ++m) {
+              const T v = mxp[m];
+              const bool pass = v > T(0);
+              o[m] = pass || v != v ? v : T(0);
+              idp[m] = pass ? idp[m] : T(255);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t m = 0; m < M; ++m) o[m] = mxp[m];
+          }
+#pragma omp simd
+          for (int64_t m = 0; m < M; ++m) q[m] = (uint8_t)(int32_t)idp[m];
+        }
+      }
+    }
+  });
+}
+
+// base (Oh, Ow, M) = b[m] + sum over the in-image taps (i, j) of o of sum_c W[m, c, i, j] * s[c]
+template <typename T>
+void conv_pool_base(const T* Wt, const T* bias, const T* Sk, T* base, int64_t C, int64_t H, int64_t W, int64_t M,
+                    int64_t kh, int64_t kw, int64_t pt, int64_t pl) {
+  const int64_t Oh = H + 2 * pt - kh + 1, Ow = W + 2 * pl - kw + 1;
+  std::vector<T> S(kh * kw * M, T(0));  // S[i, j, m] = sum_c W[m, c, i, j] * s[c]
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < kh * kw; ++t)
+      for (int64_t m = 0; m < M; ++m) S[t * M + m] += Wt[(c * kh * kw + t) * M + m] * Sk[c];
+  std::vector<T> A(kw * M);  // A[j, m] = sum over the in-image rows i of oy of S[i, j, m]
+  for (int64_t oy = 0; oy < Oh; ++oy) {
+    std::fill(A.begin(), A.end(), T(0));
+    for (int64_t i = 0; i < kh; ++i) {
+      const int64_t iy = oy - pt + i;
+      if (iy < 0 || iy >= H) continue;
+      for (int64_t t = 0; t < kw * M; ++t) A[t] += S[i * kw * M + t];
+    }
+    for (int64_t ox = 0; ox < Ow; ++ox) {
+      T* r = base + (oy * Ow + ox) * M;
+      for (int64_t m = 0; m < M; ++m) r[m] = bias ? bias[m] : T(0);
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t ix = ox - pl + j;
+        if (ix < 0 || ix >= W) continue;
+        for (int64_t m = 0; m < M; ++m) r[m] += A[j * M + m];
+      }
+    }
+  }
+}
+
+std::vector<torch::Tensor> conv_pool_forward(const torch::Tensor& x, const torch::Tensor& weight,
+                                             const c10::optional<torch::Tensor>& bias, const torch::Tensor& skip,
+                                             const std::vector<int64_t>& p) {
+  TORCH_CHECK(p.size() == 6, "conv_pool_forward: needs pt, pl, pool k, pool s, pool p, relu");
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && x.scalar_type() == weight.scalar_type() &&
+                  weight.size(1) == x.size(1) && skip.dim() == 1 && skip.size(0) == x.size(1) &&
+                  skip.scalar_type() == x.scalar_type() && x.device().is_cpu(),
+              "conv_pool_forward: x (Nb, C, H, W), weight (M, C, kh, kw) and skip (C,) of one dtype, on the CPU");
+  const int64_t Nb = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t M = weight.size(0), kh = weight.size(2), kw = weight.size(3);
+  const std::vector<int64_t> q = {kh, kw, p[0], p[1], p[2], p[3], p[4], p[5]};
+  const int64_t Oh = H + 2 * p[0] - kh + 1, Ow = W + 2 * p[1] - kw + 1;
+  TORCH_CHECK(Oh > 0 && Ow > 0 && p[2] >= 1 && p[2] <= 15 && p[3] >= 1 && 2 * p[4] <= p[2] && Oh + 2 * p[4] >= p[2] &&
+                  Ow + 2 * p[4] >= p[2],
+              "conv_pool_forward: a pooling window of 1-15 and a padding of at most half of it, inside the output");
+  const int64_t Ph = (Oh + 2 * p[4] - p[2]) / p[3] + 1, Pw = (Ow + 2 * p[4] - p[2]) / p[3] + 1;
+  auto wt = weight.permute({1, 2, 3, 0}).contiguous();  // (C, kh, kw, M)
+  auto sk = skip.contiguous();
+  auto base = torch::empty({Oh, Ow, M}, x.options());
+  auto out = torch::empty({Nb, Ph, Pw, M}, x.options());
+  auto idx = torch::empty({Nb, Ph, Pw, M}, x.options().dtype(torch::kUInt8));
+  torch::Tensor b;
+  if (bias.has_value()) b = bias->contiguous();
+  const int64_t s[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_pool_forward", [&] {
+    conv_pool_base<scalar_t>(wt.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                             sk.data_ptr<scalar_t>(), base.data_ptr<scalar_t>(), C, H, W, M, kh, kw, p[0], p[1]);
+    conv_pool_fwd_impl<scalar_t>(x.data_ptr<scalar_t>(), s, wt.data_ptr<scalar_t>(), base.data_ptr<scalar_t>(),
+                                 sk.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), Nb, C, H,
+                                 W, M, q);
+  });
+  return {out, idx};
+}
+
+// max_pool2d's backward for one image: buf (Oh, Ow, M) = 0, then each pooled gradient g
+// (Ph, Pw, M) added at its window's position id (255: none)
+template <typename T>
+void route_pooled(const T* __restrict G, const uint8_t* __restrict I, T* __restrict buf, int64_t Oh, int64_t Ow,
+                  int64_t Ph, int64_t Pw, int64_t M, int64_t pk, int64_t ps, int64_t pp) {
+  std::fill(buf, buf + Oh * Ow * M, T(0));
+  for (int64_t py = 0; py < Ph; ++py) {
+    const int64_t h0 = py * ps - pp;
+    for (int64_t px = 0; px < Pw; ++px) {
+      const int64_t w0 = px * ps - pp;
+      const T* __restrict g = G + (py * Pw + px) * M;
+      const uint8_t* __restrict id = I + (py * Pw + px) * M;
+      for (int64_t di = 0; di < pk; ++di) {
+        const int64_t ih = h0 + di;
+        if (ih < 0 || ih >= Oh) continue;
+        for (int64_t dj = 0; dj < pk; ++dj) {
+          const int64_t iw = w0 + dj;
+          if (iw < 0 || iw >= Ow) continue;
+          const uint8_t k = (uint8_t)(di * pk + dj);
+          T* __restrict r = buf + (ih * Ow + iw) * M;
+#pragma omp simd
+          for (int64_t m = 0; m < M; ++m) r[m] += id[m] == k ? g[m] : T(0);
+        }
+      }
+    }
+  }
+}
+
+// The weight and bias gradients of conv_pool_forward's block from the pooled output's gradient
+// gp (Nb, Ph, Pw, M) contiguous and idx: each image's convolution-output gradient is routed
+// into a thread's scratch (what max_pool2d's backward writes, never in memory as a whole), then
+// zero_skip_impl's sums. p: kh, kw, pt, pl, pool k, pool s, pool p.
+std::vector<torch::Tensor> conv_pool_weight_grad(const torch::Tensor& x, const torch::Tensor& gp,
+                                                 const torch::Tensor& idx, const torch::Tensor& skip,
+                                                 const std::vector<int64_t>& p) {
+  TORCH_CHECK(p.size() == 7, "conv_pool_weight_grad: needs kh, kw, pt, pl, pool k, pool s, pool p");
+  TORCH_CHECK(x.dim() == 4 && gp.dim() == 4 && gp.is_contiguous() && idx.is_contiguous() &&
+                  idx.scalar_type() == torch::kUInt8 && idx.sizes() == gp.sizes() &&
+                  x.scalar_type() == gp.scalar_type() && x.size(0) == gp.size(0) && skip.dim() == 1 &&
+                  skip.size(0) == x.size(1) && skip.scalar_type() == x.scalar_type(),
+              "conv_pool_weight_grad: x (Nb, C, H, W), contiguous gp and idx (Nb, Ph, Pw, M) and skip (C,)");
+  const int64_t Nb = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t kh = p[0], kw = p[1], pk = p[4], ps = p[5], pp = p[6];
+  const int64_t Oh = H + 2 * p[2] - kh + 1, Ow = W + 2 * p[3] - kw + 1;
+  const int64_t Ph = gp.size(1), Pw = gp.size(2), M = gp.size(3), K = C * kh * kw;
+  TORCH_CHECK(Ph == (Oh + 2 * pp - pk) / ps + 1 && Pw == (Ow + 2 * pp - pk) / ps + 1,
+              "conv_pool_weight_grad: gp's size is not the pooled output's");
+  const std::vector<int64_t> q = {kh, kw, 1, 1, p[2], p[3], 1, 1};
+  auto sk = skip.contiguous();
+  const bool shifted = bool(sk.ne(0).any().item<bool>());
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), Nb));
+  const int64_t rows = K + 1 + (shifted ? Oh * Ow : 0);
+  auto part = torch::zeros({nt, rows, M}, gp.options());
+  const int64_t s[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  auto sum = part.select(0, 0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_pool_weight_grad", [&] {
+    const scalar_t* G = gp.data_ptr<scalar_t>();
+    const uint8_t* I = idx.data_ptr<uint8_t>();
+    const int64_t OM = Oh * Ow * M;
+    // the max-pool's backward for image b, in buf: each pooled gradient added at its maximum
+    auto grad_of = [&](int64_t b, scalar_t* buf) {
+      route_pooled<scalar_t>(G + b * Ph * Pw * M, I + b * Ph * Pw * M, buf, Oh, Ow, Ph, Pw, M, pk, ps, pp);
+      return (const scalar_t*)buf;
+    };
+    zero_skip_impl<scalar_t>(x.data_ptr<scalar_t>(), grad_of, true, sk.data_ptr<scalar_t>(),
+                             part.data_ptr<scalar_t>(), Nb, C, H, W, Oh, Ow, M, s, q, nt, shifted);
+    for (int64_t th = 1; th < nt; ++th) sum.add_(part.select(0, th));  // in thread order
+    if (shifted) zero_skip_finish<scalar_t>(sum.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), C, H, W, Oh, Ow, M, q);
+  });
+  return {sum.narrow(0, 0, K).t().contiguous().view({M, C, kh, kw}), sum.select(0, K).clone()};
 }
 
 }  // namespace
@@ -2286,4 +2522,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pixel_scales_backward", &pixel_scales_backward, "per-pixel chain: the per-pixel scales' gradient");
   m.def("zero_skip_weight_grad", &zero_skip_weight_grad,
         "an exact convolution's weight and bias gradients without the products of zero inputs");
+  m.def("conv_pool_forward", &conv_pool_forward, "conv -> max-pool (-> ReLU) of a first block: (out, window index)");
+  m.def("conv_pool_weight_grad", &conv_pool_weight_grad, "the block's weight and bias gradients from the pooled one");
 }
