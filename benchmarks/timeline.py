@@ -18,7 +18,10 @@ real digits, batch 128, channels-last, foreach Adam 1e-3). In the reuse model co
 own compiled module with the main job's config (measured policy, extended L values, norm
 centroid, fitted planes, max error 0.32, norms constant in the backward); conv1 stays the
 stock convolution, which is what the main job's compiled model runs there (its measured
-policy keeps conv1 exact: no candidate is faster). The two steps are timed interleaved,
+policy keeps conv1 exact: no candidate is faster). Since session 29 the main job runs conv1,
+pool1 and its ReLU as one op (docs/policies.md, "The first block in one pass"), which has no
+segment boundaries inside; this script times them as separate segments, as session 28's main
+job ran them (``benchmarks/step.py`` times the whole step with the block). The two steps are timed interleaved,
 ``--repeats`` rounds of ``--steps`` steps each after warm-up steps; each figure is the median
 over all timed steps. The marks are contiguous, so in each step the segments add up to the
 step; their medians add up to about the median step.
