@@ -414,7 +414,7 @@ def build_parser():
         default="on",
         help="measured policy: an exact first layer (its input needs no gradient) and the max-pool and ReLU "
         "after it run as one op where this times faster than the layers (on, the default: conv1 + pool1 + ReLU "
-        "here; the same values up to float rounding; docs/policies.md, \"The first block in one pass\"); "
+        'here; the same values up to float rounding; docs/policies.md, "The first block in one pass"); '
         "off: as the layers (the main job before session 29)",
     )
     p.add_argument("--L", type=int, default=None, help="fixed L for every layer (strategies cr/fixed)")
