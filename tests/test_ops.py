@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from reuse_compiler.runtime import extension, kernels
+from reuse_compiler.runtime import kernels
 from reuse_compiler.runtime.geometry import Geometry, block_kind
 from reuse_compiler.runtime.kernels import slot_keys
 from reuse_compiler.runtime.reference import lsh_planes, reference_reuse_conv2d
 
-from conftest import run_chain
+from conftest import kernel_backend, run_chain
 
 # (C, M, kernel, stride, padding (t, b, l, r), dilation, L)
 SHAPES = [
@@ -44,13 +44,8 @@ EXACT_SHAPES = [
 @pytest.fixture(autouse=True, params=["cpp", "torch"])
 def backend(request):
     """Every test here runs on the C++ kernels and on the plain-PyTorch kernels."""
-    if request.param == "cpp" and extension.get() is None:
-        pytest.skip("C++ kernels unavailable")
-    old = extension.set_enabled(request.param == "cpp")
-    kernels.REQUIRE_EXTENSION = request.param == "cpp"  # no silent fallback on the C++ backend
-    yield request.param
-    kernels.REQUIRE_EXTENSION = False
-    extension.set_enabled(old)
+    with kernel_backend(request.param):
+        yield request.param
 
 
 def _inputs(C, M, k, dtype=torch.float64, Nb=3, H=9, W=8):

@@ -17,21 +17,18 @@ from reuse_compiler import calibration as cal
 from reuse_compiler.models import cifarnet
 from reuse_compiler.passes.conv_rewrite import rewritten_graph
 from reuse_compiler.plan import LayerPlan
-from reuse_compiler.runtime import extension, kernels
+from reuse_compiler.runtime import extension
 from reuse_compiler.runtime.ops import exact_conv2d, zero_skip_conv2d
 from reuse_compiler.runtime.reference import reference_weight_grad
+
+from conftest import kernel_backend
 
 
 @pytest.fixture(autouse=True, params=["cpp", "torch"])
 def backend(request):
     """Every kernel test runs on the C++ kernel and on the fallback (ATen's own gradients)."""
-    if request.param == "cpp" and extension.get() is None:
-        pytest.skip("C++ kernels unavailable")
-    old = extension.set_enabled(request.param == "cpp")
-    kernels.REQUIRE_EXTENSION = request.param == "cpp"
-    yield request.param
-    kernels.REQUIRE_EXTENSION = False
-    extension.set_enabled(old)
+    with kernel_backend(request.param):
+        yield request.param
 
 
 # (C, M, kernel, stride, padding (top, left), dilation)
