@@ -1296,9 +1296,15 @@ def zero_skip_conv2d_grad(
     return kernels.zero_skip_weight_grad(x, dy, weight, stride, padding, dilation, skip)
 
 
+def _weight_grads_like(weight, dy):
+    """Fake (dW, db) of an exact layer's weight-gradient op: dW as ``weight``, contiguous, and db
+    of ``dy``'s channels."""
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), dy.new_empty(dy.shape[1])
+
+
 @zero_skip_conv2d_grad.register_fake
 def _(x, dy, weight, stride, padding, dilation, skip=None):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format), dy.new_empty(dy.shape[1])
+    return _weight_grads_like(weight, dy)
 
 
 def _zero_skip_setup(ctx, inputs, output):
@@ -1428,7 +1434,7 @@ def conv_pool_grad(
 
 @conv_pool_grad.register_fake
 def _(x, g, idx, weight, padding, pool, skip=None):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format), g.new_empty(g.shape[1])
+    return _weight_grads_like(weight, g)
 
 
 def _conv_pool_setup(ctx, inputs, output):

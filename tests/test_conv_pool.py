@@ -21,7 +21,7 @@ from reuse_compiler.passes.conv_rewrite import rewritten_graph
 from reuse_compiler.runtime.ops import conv_pool, conv_pool_block
 from reuse_compiler.runtime.reference import reference_conv_pool
 
-from conftest import kernel_backend
+from conftest import adam_steps, digits_like, fake_calibrate, kernel_backend
 
 
 @pytest.fixture(autouse=True, params=["cpp", "torch"])
@@ -200,26 +200,6 @@ def test_pool_block_finds_the_pattern():
     assert pool_block(gm, "c") is None  # two users (and a ceil-mode pool)
 
 
-def _digits_like(n=8):
-    """Inputs that are mostly one value, as normalised digits are (their blank background)."""
-    x = torch.full((n, 1, 28, 28), -0.42)
-    x[:, :, 8:20, 10:18] = torch.rand(n, 1, 12, 8) * 3
-    return x
-
-
-def _fake_calibrate(
-    row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True, zero_skip=False
-):
-    """Every candidate slower than exact, the zero-skipping weight gradient faster."""
-    cands = [
-        {"L": L, "H": H, "ms": 20.0, "ratio": 2.0, "ratio_min": 2.0, "r_c": 0.1, "predicted": 0.5, "error": 0.3}
-        for L, H in row.candidates
-    ]
-    skip = cal.zero_skip_values(row, x) if zero_skip else None
-    zs = None if skip is None else {"ms": 6.0, "ratio": 0.6, "ratio_min": 0.6, "skip": skip}
-    return {"exact_ms": 10.0, "input_grad": input_grad, "candidates": cands, "zero_skip": zs}
-
-
 def _fake_block(ms):
     """calibrate_block with the one op at ``ms`` against stock's 20 ms and zero-skip's 15 ms."""
 
@@ -241,11 +221,11 @@ def _fake_block(ms):
 def test_the_measured_policy_picks_it_and_the_rewrite_emits_it(monkeypatch, backend):
     if backend != "cpp":
         pytest.skip("the measured policy times it only with the C++ kernels")
-    monkeypatch.setattr(cal, "calibrate", _fake_calibrate)
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate(0.6))
     monkeypatch.setattr(cal, "calibrate_block", _fake_block(8.0))
     torch.manual_seed(0)
     model = cifarnet(in_channels=1, image_size=28, width=0.25)
-    x = _digits_like()
+    x = digits_like()
     gm = reuse_compile(model, x, config=ReuseConfig(policy="measured"))
     row = gm.reuse_plan["conv1"]
     assert row.exact and row.fused_block and row.time_ratio == 0.4
@@ -257,16 +237,9 @@ def test_the_measured_policy_picks_it_and_the_rewrite_emits_it(monkeypatch, back
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
     # two Adam steps: the parameters of the unfused model
     y = torch.arange(8) % 10
-    params = []
-    for m in (model, gm):
-        m = copy.deepcopy(m)
-        opt = torch.optim.Adam(m.parameters(), 1e-3)
-        for _ in range(2):
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-        params.append(list(m.parameters()))
-    for a, b in zip(*params):  # (Adam's first steps magnify rounding: ~1e-5 in a weight of ~0.02)
+    for a, b in zip(
+        adam_steps(model, x, y), adam_steps(gm, x, y)
+    ):  # (Adam's first steps magnify rounding: ~1e-5 in a weight of ~0.02)
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
     gm2 = pickle.loads(pickle.dumps(gm))  # re-traces its code: conv_pool_block records itself
     assert "conv_pool_block" in gm2.code
@@ -279,11 +252,11 @@ def test_it_is_not_picked_when_slow_or_off(monkeypatch, backend, ms, fuse_pool):
     """Slower than the zero-skipping layers (16 against 15 ms), or ``fuse_pool=False``."""
     if backend != "cpp":
         pytest.skip("one backend is enough")
-    monkeypatch.setattr(cal, "calibrate", _fake_calibrate)
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate(0.6))
     monkeypatch.setattr(cal, "calibrate_block", _fake_block(ms))
     gm = reuse_compile(
         cifarnet(in_channels=1, image_size=28, width=0.25),
-        _digits_like(),
+        digits_like(),
         config=ReuseConfig(policy="measured", fuse_pool=fuse_pool),
     )
     assert gm.reuse_plan["conv1"].exact_kernel == "zero-skip" and "conv_pool_block" not in gm.code
@@ -299,7 +272,7 @@ def test_calibrate_block_times_the_three_ways(tmp_path, monkeypatch, backend):
         pytest.skip("timed only with the C++ kernels")
     monkeypatch.setenv("REUSE_COMPILER_CACHE", str(tmp_path))
     model = cifarnet(in_channels=1, image_size=28, width=0.25)
-    x = _digits_like()
+    x = digits_like()
     gm = trace(model, (x,))
     row = next(r for r in reuse_compile(model, x, config=ReuseConfig(policy="paper")).reuse_plan if r.name == "conv1")
     block = pool_block(gm, "conv1")
@@ -317,23 +290,13 @@ def test_torch_compile_runs_it(monkeypatch, backend):
     formulas trace, and two Adam steps give eager's parameters."""
     if backend != "cpp":
         pytest.skip("one backend is enough")
-    monkeypatch.setattr(cal, "calibrate", _fake_calibrate)
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate(0.6))
     monkeypatch.setattr(cal, "calibrate_block", _fake_block(8.0))
     torch._dynamo.reset()
     torch.manual_seed(0)
-    x, y = _digits_like(), torch.arange(8) % 10
+    x, y = digits_like(), torch.arange(8) % 10
     gm = reuse_compile(cifarnet(in_channels=1, image_size=28, width=0.25), x, config=ReuseConfig(policy="measured"))
     assert gm.reuse_plan["conv1"].fused_block
-    params = {}
-    for name in ("eager", "compiled"):
-        m = copy.deepcopy(gm)
-        f = torch.compile(m, backend="aot_eager") if name == "compiled" else m
-        opt = torch.optim.Adam(m.parameters(), 1e-3)
-        for _ in range(2):
-            opt.zero_grad()
-            F.cross_entropy(f(x), y).backward()
-            opt.step()
-        params[name] = list(m.parameters())
-    for a, b in zip(params["eager"], params["compiled"]):
+    for a, b in zip(adam_steps(gm, x, y), adam_steps(gm, x, y, compile=True)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()

@@ -21,7 +21,7 @@ from reuse_compiler.runtime import extension
 from reuse_compiler.runtime.ops import exact_conv2d, zero_skip_conv2d
 from reuse_compiler.runtime.reference import reference_weight_grad
 
-from conftest import kernel_backend
+from conftest import adam_steps, digits_like, fake_calibrate, kernel_backend
 
 
 @pytest.fixture(autouse=True, params=["cpp", "torch"])
@@ -148,38 +148,13 @@ def test_common_values_and_when_they_are_timed():
         )
 
 
-def _fake_calibrate(ratio):
-    """A calibration with injected timings: every candidate slower than exact, the zero-skipping
-    weight gradient at ``ratio`` of exact where it is timed."""
-
-    def fake(
-        row, x, weight, bias, repeats, centroid, input_grad, seed, hashing="random", norm_grad=True, zero_skip=False
-    ):
-        cands = [
-            {"L": L, "H": H, "ms": 20.0, "ratio": 2.0, "ratio_min": 2.0, "r_c": 0.1, "predicted": 0.5, "error": 0.3}
-            for L, H in row.candidates
-        ]
-        skip = cal.zero_skip_values(row, x) if zero_skip else None
-        zs = None if skip is None else {"ms": 10 * ratio, "ratio": ratio, "ratio_min": ratio, "skip": skip}
-        return {"exact_ms": 10.0, "input_grad": input_grad, "candidates": cands, "zero_skip": zs}
-
-    return fake
-
-
-def _digits_like(n=8):
-    """Inputs that are mostly one value, as normalised digits are (their blank background)."""
-    x = torch.full((n, 1, 28, 28), -0.42)
-    x[:, :, 8:20, 10:18] = torch.rand(n, 1, 12, 8) * 3
-    return x
-
-
 def test_the_measured_policy_picks_it_and_the_rewrite_emits_it(monkeypatch):
     if extension.get() is None:
         pytest.skip("timed only with the C++ kernels")
-    monkeypatch.setattr(cal, "calibrate", _fake_calibrate(0.6))
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate(0.6))
     torch.manual_seed(0)
     model = cifarnet(in_channels=1, image_size=28, width=0.25)
-    x = _digits_like()
+    x = digits_like()
     gm = reuse_compile(model, x, config=ReuseConfig(policy="measured", fuse_pool=False))
     row = gm.reuse_plan["conv1"]
     assert row.exact and row.exact_kernel == "zero-skip" and row.time_ratio == 0.6
@@ -204,10 +179,10 @@ def test_the_measured_policy_picks_it_and_the_rewrite_emits_it(monkeypatch):
 
 @pytest.mark.parametrize(("ratio", "zero_skip", "expected"), [(0.99, True, "stock"), (0.6, False, "stock")])
 def test_it_is_not_picked_when_slow_or_off(monkeypatch, ratio, zero_skip, expected):
-    monkeypatch.setattr(cal, "calibrate", _fake_calibrate(ratio))
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate(ratio))
     gm = reuse_compile(
         cifarnet(in_channels=1, image_size=28, width=0.25),
-        _digits_like(),
+        digits_like(),
         config=ReuseConfig(policy="measured", zero_skip=zero_skip, fuse_pool=False),
     )
     assert gm.reuse_plan["conv1"].exact_kernel == expected and "exact_conv2d" not in gm.code
@@ -223,23 +198,13 @@ def test_torch_compile_runs_it(monkeypatch, backend):
     autograd formulas trace, and two Adam steps give eager's parameters."""
     if backend != "cpp":
         pytest.skip("one backend is enough")
-    monkeypatch.setattr(cal, "calibrate", _fake_calibrate(0.6))
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate(0.6))
     torch._dynamo.reset()
     torch.manual_seed(0)
-    x, y = _digits_like(), torch.arange(8) % 10
+    x, y = digits_like(), torch.arange(8) % 10
     gm = reuse_compile(
         cifarnet(in_channels=1, image_size=28, width=0.25), x, config=ReuseConfig(policy="measured", fuse_pool=False)
     )
-    params = {}
-    for name in ("eager", "compiled"):
-        m = copy.deepcopy(gm)
-        f = torch.compile(m, backend="aot_eager") if name == "compiled" else m
-        opt = torch.optim.Adam(m.parameters(), 1e-3)
-        for _ in range(2):
-            opt.zero_grad()
-            F.cross_entropy(f(x), y).backward()
-            opt.step()
-        params[name] = list(m.parameters())
-    for a, b in zip(params["eager"], params["compiled"]):
+    for a, b in zip(adam_steps(gm, x, y), adam_steps(gm, x, y, compile=True)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
