@@ -245,6 +245,30 @@ def _autocast_tag(x: torch.Tensor) -> list:
     return [("autocast", str(torch.get_autocast_dtype(dev)), "output cast")]
 
 
+def _timed_rounds(fns, repeats: int, device: torch.device) -> tuple[list[list[float]], int]:
+    """Each of ``fns`` timed in interleaved rounds after a warm-up round: (seconds per fn per
+    round, rounds). ``fns[0]`` is the baseline: a short one gets more rounds (a few ms is within
+    the machine's noise): at least ``repeats``, up to MAX_ROUNDS, about MIN_EXACT_S of its time
+    in all. On CUDA the work is asynchronous: each timing waits for the device before and after."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for fn in fns:  # warm-up round
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    fns[0]()
+    sync()
+    rounds = max(repeats, min(MAX_ROUNDS, math.ceil(MIN_EXACT_S / max(time.perf_counter() - t0, 1e-6))))
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[i].append(time.perf_counter() - t0)
+    return times, rounds
+
+
 def calibrate(
     row,
     x: torch.Tensor,
@@ -332,25 +356,7 @@ def calibrate(
     if skip is not None:  # last: index -> its fn
         zs_index = len(fns)
         fns.append(_zero_skip_fn(x, w, b, row, skip, input_grad))
-    times = [[] for _ in fns]
-    # on CUDA the work is asynchronous: each timing waits for the device before and after
-    sync = (lambda: torch.cuda.synchronize(x.device)) if x.device.type == "cuda" else (lambda: None)
-    for fn in fns:  # warm-up round
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    fns[0]()
-    sync()
-    # short layers get more rounds (a few ms is within the machine's noise): at least
-    # `repeats`, up to MAX_ROUNDS, about MIN_EXACT_S of exact's time in all
-    rounds = max(repeats, min(MAX_ROUNDS, math.ceil(MIN_EXACT_S / max(time.perf_counter() - t0, 1e-6))))
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[i].append(time.perf_counter() - t0)
+    times, rounds = _timed_rounds(fns, repeats, x.device)
     exact_ms = statistics.median(times[0]) * 1e3
     out = []
     with torch.no_grad():
@@ -445,7 +451,6 @@ def calibrate_block(row, x: torch.Tensor, weight: torch.Tensor, bias, block: dic
     cache."""
     w = weight.detach()
     b = None if bias is None else bias.detach()
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     pool = [block["kernel"], block["stride"], block["padding"], block["relu"] is not None]
     key = json.dumps(
         [
@@ -455,8 +460,7 @@ def calibrate_block(row, x: torch.Tensor, weight: torch.Tensor, bias, block: dic
             extension.fingerprint(),
             str(x.dtype),
             list(x.shape),
-            list(x.stride()),
-            "channels_last" if cl else "contiguous",
+            list(x.stride()),  # the layout
             list(w.shape),
             list(w.stride()),
             row.padding,
@@ -474,17 +478,7 @@ def calibrate_block(row, x: torch.Tensor, weight: torch.Tensor, bias, block: dic
     fns = [_block_fn(x, w, b, row, block), _block_fn(x, w, b, row, block, skip, fused=True)]
     if skip is not None:
         fns.append(_block_fn(x, w, b, row, block, skip))
-    for fn in fns:  # warm-up round
-        fn()
-    t0 = time.perf_counter()
-    fns[0]()
-    rounds = max(repeats, min(MAX_ROUNDS, math.ceil(MIN_EXACT_S / max(time.perf_counter() - t0, 1e-6))))
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
+    times, rounds = _timed_rounds(fns, repeats, x.device)
     med = [statistics.median(t) * 1e3 for t in times]
     result = {
         "ms": med[1],

@@ -898,6 +898,11 @@ def fold_taps(rows: torch.Tensor, g: Geometry) -> torch.Tensor:
     return out
 
 
+def _skip_tensor(x, skip) -> torch.Tensor:
+    """The C++ kernels' common values: ``skip`` (C floats) as a tensor of x's dtype, or zeros."""
+    return x.new_zeros(x.shape[1]) if skip is None else torch.tensor(skip, dtype=x.dtype)
+
+
 def zero_skip_weight_grad(x, dy, weight, stride, padding, dilation, skip=None):
     """The weight and bias gradients (dW, db) of the exact ``F.conv2d(x, W, b, stride, padding,
     dilation)`` (groups 1; ``padding`` (top, left) of a symmetric padding) for the output
@@ -911,7 +916,7 @@ def zero_skip_weight_grad(x, dy, weight, stride, padding, dilation, skip=None):
     if ext is not None:
         kh, kw = weight.shape[2:]
         gy = dy.permute(0, 2, 3, 1).contiguous()  # (Nb, Oh, Ow, M): free for a channels-last dy
-        sk = x.new_zeros(x.shape[1]) if skip is None else torch.tensor(skip, dtype=x.dtype)
+        sk = _skip_tensor(x, skip)
         dw, db = ext.zero_skip_weight_grad(x, gy, sk, [kh, kw, *stride, *padding, *dilation])
         if bool(torch.isfinite(db).all()):
             return dw, db
@@ -940,7 +945,7 @@ def conv_pool_forward(x, weight, bias, padding, pool, relu, skip=None):
     common values' outputs (F.conv2d's sums, regrouped); without it, the reference's stock ops."""
     ext = _ext(x, weight, bias)
     if ext is not None and x.dtype == weight.dtype:
-        sk = x.new_zeros(x.shape[1]) if skip is None else torch.tensor(skip, dtype=x.dtype)
+        sk = _skip_tensor(x, skip)
         return tuple(ext.conv_pool_forward(x, weight, bias, sk, [*padding, *pool, int(relu)]))
     from .reference import reference_conv_pool
 
@@ -971,7 +976,7 @@ def conv_pool_weight_grad(x, gp, idx, weight, padding, pool, skip=None):
     kh, kw = weight.shape[2:]
     ext = _ext(x, gp) if x.dtype in (torch.float32, torch.float64) and x.dtype == gp.dtype else None
     if ext is not None:
-        sk = x.new_zeros(x.shape[1]) if skip is None else torch.tensor(skip, dtype=x.dtype)
+        sk = _skip_tensor(x, skip)
         dw, db = ext.conv_pool_weight_grad(x, gp.contiguous(), idx.contiguous(), sk, [kh, kw, *padding, *pool])
         if bool(torch.isfinite(db).all()):
             return dw, db

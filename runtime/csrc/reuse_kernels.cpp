@@ -1809,6 +1809,31 @@ void zero_skip_finish(T* sum, const T* Sk, int64_t C, int64_t H, int64_t W, int6
     }
 }
 
+// The weight and bias gradients both ops share: zero_skip_impl's per-thread sums, added in
+// thread order, plus the common values' terms (zero_skip_finish); (dW (M, C, kh, kw), db (M)).
+// make_grad_of(T{}) gives the per-image gradient callable for x's dtype T; scratch as in
+// zero_skip_impl; p: kh, kw, sh, sw, pt, pl, dh, dw.
+template <typename MakeGradOf>
+std::vector<torch::Tensor> zero_skip_sums(const torch::Tensor& x, const torch::Tensor& skip, int64_t Oh, int64_t Ow,
+                                          int64_t M, const std::vector<int64_t>& p, bool scratch,
+                                          MakeGradOf make_grad_of) {
+  const int64_t Nb = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = C * p[0] * p[1];
+  auto sk = skip.contiguous();
+  const bool shifted = bool(sk.ne(0).any().item<bool>());
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), Nb));
+  const int64_t rows = K + 1 + (shifted ? Oh * Ow : 0);
+  auto part = torch::zeros({nt, rows, M}, x.options());  // each thread's dW (K, M), db and S
+  const int64_t s[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  auto sum = part.select(0, 0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zero_skip_sums", [&] {
+    zero_skip_impl<scalar_t>(x.data_ptr<scalar_t>(), make_grad_of(scalar_t(0)), scratch, sk.data_ptr<scalar_t>(),
+                             part.data_ptr<scalar_t>(), Nb, C, H, W, Oh, Ow, M, s, p, nt, shifted);
+    for (int64_t th = 1; th < nt; ++th) sum.add_(part.select(0, th));  // in thread order
+    if (shifted) zero_skip_finish<scalar_t>(sum.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), C, H, W, Oh, Ow, M, p);
+  });
+  return {sum.narrow(0, 0, K).t().contiguous().view({M, C, p[0], p[1]}), sum.select(0, K).clone()};
+}
+
 std::vector<torch::Tensor> zero_skip_weight_grad(const torch::Tensor& x, const torch::Tensor& gy,
                                                  const torch::Tensor& skip, const std::vector<int64_t>& p) {
   TORCH_CHECK(p.size() == 8, "zero_skip_weight_grad: needs kh, kw, sh, sw, pt, pl, dh, dw");
@@ -1816,25 +1841,13 @@ std::vector<torch::Tensor> zero_skip_weight_grad(const torch::Tensor& x, const t
                   x.size(0) == gy.size(0) && skip.dim() == 1 && skip.size(0) == x.size(1) &&
                   skip.scalar_type() == x.scalar_type(),
               "zero_skip_weight_grad: x (Nb, C, H, W), a contiguous gy (Nb, Oh, Ow, M) and skip (C,), of x's dtype");
-  const int64_t Nb = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Oh = gy.size(1), Ow = gy.size(2), M = gy.size(3), K = C * p[0] * p[1];
-  auto sk = skip.contiguous();
-  const bool shifted = bool(sk.ne(0).any().item<bool>());
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), Nb));
-  const int64_t rows = K + 1 + (shifted ? Oh * Ow : 0);
-  auto part = torch::zeros({nt, rows, M}, gy.options());  // each thread's dW (K, M), db and S
-  const int64_t s[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-  auto sum = part.select(0, 0);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zero_skip_weight_grad", [&] {
-    const scalar_t* G = gy.data_ptr<scalar_t>();
-    const int64_t OM = Oh * Ow * M;
-    auto grad_of = [G, OM](int64_t b, scalar_t*) { return G + b * OM; };
-    zero_skip_impl<scalar_t>(x.data_ptr<scalar_t>(), grad_of, false, sk.data_ptr<scalar_t>(),
-                             part.data_ptr<scalar_t>(), Nb, C, H, W, Oh, Ow, M, s, p, nt, shifted);
-    for (int64_t th = 1; th < nt; ++th) sum.add_(part.select(0, th));  // in thread order
-    if (shifted) zero_skip_finish<scalar_t>(sum.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), C, H, W, Oh, Ow, M, p);
-  });
-  return {sum.narrow(0, 0, K).t().contiguous().view({M, C, p[0], p[1]}), sum.select(0, K).clone()};
+  const int64_t Oh = gy.size(1), Ow = gy.size(2), M = gy.size(3), OM = Oh * Ow * M;
+  auto grads = [&](auto zero) {  // image b's gradient: its rows of gy
+    using T = decltype(zero);
+    const T* G = gy.data_ptr<T>();
+    return [G, OM](int64_t b, T*) { return G + b * OM; };
+  };
+  return zero_skip_sums(x, skip, Oh, Ow, M, p, false, grads);
 }
 
 // ----------------------------------------------------------------------------- conv + max-pool
@@ -2035,35 +2048,22 @@ std::vector<torch::Tensor> conv_pool_weight_grad(const torch::Tensor& x, const t
                   x.scalar_type() == gp.scalar_type() && x.size(0) == gp.size(0) && skip.dim() == 1 &&
                   skip.size(0) == x.size(1) && skip.scalar_type() == x.scalar_type(),
               "conv_pool_weight_grad: x (Nb, C, H, W), contiguous gp and idx (Nb, Ph, Pw, M) and skip (C,)");
-  const int64_t Nb = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t kh = p[0], kw = p[1], pk = p[4], ps = p[5], pp = p[6];
-  const int64_t Oh = H + 2 * p[2] - kh + 1, Ow = W + 2 * p[3] - kw + 1;
-  const int64_t Ph = gp.size(1), Pw = gp.size(2), M = gp.size(3), K = C * kh * kw;
+  const int64_t Oh = x.size(2) + 2 * p[2] - kh + 1, Ow = x.size(3) + 2 * p[3] - kw + 1;
+  const int64_t Ph = gp.size(1), Pw = gp.size(2), M = gp.size(3);
   TORCH_CHECK(Ph == (Oh + 2 * pp - pk) / ps + 1 && Pw == (Ow + 2 * pp - pk) / ps + 1,
               "conv_pool_weight_grad: gp's size is not the pooled output's");
   const std::vector<int64_t> q = {kh, kw, 1, 1, p[2], p[3], 1, 1};
-  auto sk = skip.contiguous();
-  const bool shifted = bool(sk.ne(0).any().item<bool>());
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), Nb));
-  const int64_t rows = K + 1 + (shifted ? Oh * Ow : 0);
-  auto part = torch::zeros({nt, rows, M}, gp.options());
-  const int64_t s[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-  auto sum = part.select(0, 0);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_pool_weight_grad", [&] {
-    const scalar_t* G = gp.data_ptr<scalar_t>();
+  auto grads = [&](auto zero) {  // max_pool2d's backward for image b, in buf: each pooled gradient at its maximum
+    using T = decltype(zero);
+    const T* G = gp.data_ptr<T>();
     const uint8_t* I = idx.data_ptr<uint8_t>();
-    const int64_t OM = Oh * Ow * M;
-    // the max-pool's backward for image b, in buf: each pooled gradient added at its maximum
-    auto grad_of = [&](int64_t b, scalar_t* buf) {
-      route_pooled<scalar_t>(G + b * Ph * Pw * M, I + b * Ph * Pw * M, buf, Oh, Ow, Ph, Pw, M, pk, ps, pp);
-      return (const scalar_t*)buf;
+    return [=](int64_t b, T* buf) {
+      route_pooled<T>(G + b * Ph * Pw * M, I + b * Ph * Pw * M, buf, Oh, Ow, Ph, Pw, M, pk, ps, pp);
+      return (const T*)buf;
     };
-    zero_skip_impl<scalar_t>(x.data_ptr<scalar_t>(), grad_of, true, sk.data_ptr<scalar_t>(),
-                             part.data_ptr<scalar_t>(), Nb, C, H, W, Oh, Ow, M, s, q, nt, shifted);
-    for (int64_t th = 1; th < nt; ++th) sum.add_(part.select(0, th));  // in thread order
-    if (shifted) zero_skip_finish<scalar_t>(sum.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), C, H, W, Oh, Ow, M, q);
-  });
-  return {sum.narrow(0, 0, K).t().contiguous().view({M, C, kh, kw}), sum.select(0, K).clone()};
+  };
+  return zero_skip_sums(x, skip, Oh, Ow, M, q, true, grads);
 }
 
 }  // namespace
