@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import extension
-from .geometry import Geometry
+from .geometry import Geometry, conv_out_size
 from .reference import pack_bits
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "zero_skip_weight_grad",
     "conv_pool_forward",
     "conv_pool_weight_grad",
+    "conv_pool_sizes",
 ]
 
 # Above this many table slots the clustering sorts instead of counting.
@@ -953,6 +954,16 @@ def conv_pool_forward(x, weight, bias, padding, pool, relu, skip=None):
     return out.permute(0, 2, 3, 1).contiguous(), idx
 
 
+def conv_pool_sizes(x, weight, padding, pool) -> tuple[int, int, int, int]:
+    """(Oh, Ow, Ph, Pw): the convolution's output size (stride 1, ``padding`` (top, left) on
+    both sides) and the max-pool's (``pool`` = k, s, p; floor mode) of conv_pool's block."""
+    kh, kw = weight.shape[2:]
+    k, s, p = pool
+    Oh = conv_out_size(x.shape[2] + 2 * padding[0], kh, 1, 1)
+    Ow = conv_out_size(x.shape[3] + 2 * padding[1], kw, 1, 1)
+    return Oh, Ow, conv_out_size(Oh + 2 * p, k, s, 1), conv_out_size(Ow + 2 * p, k, s, 1)
+
+
 def _route_pooled(gp, idx, Oh, Ow, pool):
     """max_pool2d's backward from conv_pool_forward's window positions: the convolution output's
     gradient (Nb, M, Oh, Ow) from the pooled one gp (Nb, Ph, Pw, M)."""
@@ -980,7 +991,7 @@ def conv_pool_weight_grad(x, gp, idx, weight, padding, pool, skip=None):
         dw, db = ext.conv_pool_weight_grad(x, gp.contiguous(), idx.contiguous(), sk, [kh, kw, *padding, *pool])
         if bool(torch.isfinite(db).all()):
             return dw, db
-    Oh, Ow = x.shape[2] + 2 * padding[0] - kh + 1, x.shape[3] + 2 * padding[1] - kw + 1
+    Oh, Ow, _, _ = conv_pool_sizes(x, weight, padding, pool)
     dy = _route_pooled(gp, idx, Oh, Ow, pool)
     _, dw, db = torch.ops.aten.convolution_backward(
         dy, x, weight, [weight.shape[0]], [1, 1], list(padding), [1, 1], False, [0, 0], 1, [False, True, True]

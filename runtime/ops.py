@@ -1356,13 +1356,6 @@ def exact_conv2d(x, weight, bias, stride: list[int], padding: list[int], dilatio
 # --------------------------------------------------------------------------- conv_pool
 
 
-def _block_shapes(x, weight, padding, pool):
-    Nb, M, kh, kw = x.shape[0], weight.shape[0], weight.shape[2], weight.shape[3]
-    k, s, p = pool
-    Oh, Ow = x.shape[2] + 2 * padding[0] - kh + 1, x.shape[3] + 2 * padding[1] - kw + 1
-    return Nb, M, (Oh + 2 * p - k) // s + 1, (Ow + 2 * p - k) // s + 1
-
-
 def _channels_last(t: torch.Tensor) -> bool:
     """Whether a 4-D tensor is laid out channels-last (its channel stride 1; a single channel's
     tensor by its own strides, as ``model.to(memory_format=torch.channels_last)`` leaves them)."""
@@ -1411,9 +1404,9 @@ def conv_pool(
 
 @conv_pool.register_fake
 def _(x, weight, bias, padding, pool, relu, skip=None):
-    Nb, M, Ph, Pw = _block_shapes(x, weight, padding, pool)
-    out = x.new_empty(Nb, Ph, Pw, M)
-    return _block_output(out, x, weight), x.new_empty(Nb, Ph, Pw, M, dtype=torch.uint8)
+    _, _, Ph, Pw = kernels.conv_pool_sizes(x, weight, padding, pool)
+    shape = (x.shape[0], Ph, Pw, weight.shape[0])
+    return _block_output(x.new_empty(shape), x, weight), x.new_empty(shape, dtype=torch.uint8)
 
 
 @torch.library.custom_op("reuse::conv_pool_grad", mutates_args=())
